@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "vtprune" / "_version.py").read_text(), version)
+
+setup(
+    name="vtprune",
+    version=version["__version__"],
+    description="Training-free visual token pruning and merging for Hugging Face vision-language models",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # One import namespace over four top-level folders.
+    package_dir={
+        "vtprune": "vtprune",
+        "vtprune.strategies": "vtprune/strategies",
+        "vtprune.patches": "patches",
+        "vtprune.cuda": "cuda",
+        "vtprune.eval": "eval",
+    },
+    packages=["vtprune", "vtprune.strategies", "vtprune.patches", "vtprune.cuda", "vtprune.eval"],
+    include_package_data=True,
+    package_data={"vtprune.eval": ["models/**/*", "tasks/*.yaml", "results/*"]},
+    install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", "pillow>=10"],
+    extras_require={
+        "test": ["pytest>=8"],
+        "eval": ["matplotlib>=3.7", "tqdm>=4.60"],
+        "lmms": ["lmms-eval>=0.7"],
+        "demo": ["gradio>=5"],
+        "flash": ["flash-attn>=2.6"],
+        "triton": ["triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["vtprune = vtprune.cli:main"]},
+)

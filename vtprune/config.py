@@ -1,0 +1,119 @@
+"""The one typed configuration: a pruner is a list of stages, each a method at a decoder layer with a budget."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+from .strategies.base import check_options, get_method
+
+DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
+POSITIONS = ("original", "renumber")
+# Options every method accepts: they change what the engine does with the selection, not the selection.
+ENGINE_OPTIONS = {"merge": False}
+
+
+@dataclass
+class StageConfig:
+    """One pruning stage: ``method`` chooses visual tokens entering decoder layer ``layer``.
+
+    ``keep_ratio`` is the fraction of the visual tokens entering this stage that are kept; ``keep_tokens`` an
+    absolute count per sample (capped at the number present). ``options`` go to the method.
+    """
+
+    method: str = "divprune"
+    layer: int = 0
+    keep_ratio: Optional[float] = None
+    keep_tokens: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+    def budget(self, n: int) -> int:
+        """Tokens kept out of ``n`` entering the stage: round(ratio * n), at least 1, at most n."""
+        if n == 0:
+            return 0
+        if self.keep_tokens is not None:
+            return min(self.keep_tokens, n)
+        return min(n, max(1, int(math.floor(self.keep_ratio * n + 0.5))))
+
+
+@dataclass
+class PrunerConfig:
+    """Everything ``apply_pruner`` takes. ``schedule`` (a list of stage dicts or StageConfig) overrides the
+    single-stage fields ``method``/``layer``/``keep_ratio``/``keep_tokens``/``options``."""
+
+    method: str = "divprune"
+    keep_ratio: Optional[float] = None
+    keep_tokens: Optional[int] = None
+    layer: int = 0
+    schedule: Optional[list] = None
+    positions: str = "original"
+    options: dict = field(default_factory=dict)
+
+    def stages(self) -> list[StageConfig]:
+        if self.schedule is None:
+            raw = [StageConfig(self.method, self.layer, self.keep_ratio, self.keep_tokens, dict(self.options))]
+        else:
+            if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
+                raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
+            raw = [_as_stage(s) for s in self.schedule]
+        return [_validated(s) for s in raw]
+
+
+_STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options")
+
+
+def _as_stage(item: Any) -> StageConfig:
+    if isinstance(item, StageConfig):
+        return replace(item, options=dict(item.options))
+    if not isinstance(item, dict):
+        raise ValueError(f"each schedule stage must be a dict or StageConfig, got {item!r}")
+    unknown = set(item) - set(_STAGE_KEYS)
+    if unknown:
+        # Unrecognised keys are treated as method options, like apply_pruner's **options.
+        opts = {k: item[k] for k in unknown}
+        item = {k: v for k, v in item.items() if k not in unknown}
+        item["options"] = {**item.get("options", {}), **opts}
+    return StageConfig(**item)
+
+
+def _validated(stage: StageConfig) -> StageConfig:
+    method = get_method(stage.method)  # raises ValueError listing the methods
+    if stage.keep_ratio is not None and stage.keep_tokens is not None:
+        raise ValueError(f"give keep_ratio or keep_tokens, not both (got keep_ratio={stage.keep_ratio}, "
+                         f"keep_tokens={stage.keep_tokens})")
+    if stage.keep_ratio is None and stage.keep_tokens is None:
+        stage = replace(stage, keep_ratio=DEFAULT_KEEP_RATIO)
+    if stage.keep_ratio is not None:
+        if isinstance(stage.keep_ratio, bool) or not isinstance(stage.keep_ratio, (int, float)) \
+                or not 0.0 < stage.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be a number in (0, 1], got {stage.keep_ratio!r}")
+    if stage.keep_tokens is not None:
+        if isinstance(stage.keep_tokens, bool) or not isinstance(stage.keep_tokens, int) or stage.keep_tokens < 1:
+            raise ValueError(f"keep_tokens must be an integer >= 1, got {stage.keep_tokens!r}")
+    if isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer < 0:
+        raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
+    if stage.layer < method.min_layer:
+        raise ValueError(f"method {stage.method!r} scores tokens with layer K-1 and needs layer >= "
+                         f"{method.min_layer}, got layer={stage.layer}")
+    engine = {k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS}
+    rest = {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
+    options = {**ENGINE_OPTIONS, **engine, **check_options(method, rest)}
+    if not isinstance(options["merge"], bool):
+        raise ValueError(f"merge must be True or False, got {options['merge']!r}")
+    return replace(stage, options=options)
+
+
+def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], num_layers: int, family: str) -> None:
+    """Checks that need the model: layer range, stage order, position mode."""
+    if cfg.positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {cfg.positions!r}")
+    if cfg.positions == "renumber" and family.startswith("qwen"):
+        raise ValueError("positions='renumber' is defined for 1-D RoPE models (LLaVA family); Qwen's M-RoPE gives "
+                         "image tokens 3-D positions, so use positions='original'")
+    for s in stages:
+        if s.layer >= num_layers:
+            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder "
+                             f"layers), got layer={s.layer}")
+    layers = [s.layer for s in stages]
+    if layers != sorted(set(layers)):
+        raise ValueError(f"schedule stages must be at strictly increasing layers, got {layers}")

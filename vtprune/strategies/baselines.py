@@ -1,0 +1,72 @@
+"""Baselines: seeded random selection, uniform spatial pooling, and FastV's last-token attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import SelectionInputs, register
+
+
+@register("random", options={"seed": 0}, description="uniformly random subset, seeded")
+def random_select(inputs: SelectionInputs, k: int, seed: int | None = 0) -> torch.Tensor:
+    """Random subset of ``k`` of the ``N`` tokens per row. Returns [batch, k] (ascending).
+
+    Each row draws from its own generator seeded with ``seed`` so a row's choice does not depend on its
+    batch neighbours (batched equals per-sample).
+    """
+    b, n = inputs.batch, inputs.num_tokens
+    out = []
+    for _ in range(b):
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        out.append(torch.randperm(n, generator=gen)[:k].sort().values)
+    return torch.stack(out).to(inputs.features.device)
+
+
+def grid_subsample(height: int, width: int, k: int) -> torch.Tensor:
+    """Exactly ``k`` raster indices spread uniformly over a ``height x width`` grid. Returns [k] (ascending).
+
+    Takes the evenly spaced sub-grid whose size is closest to ``k`` without exceeding it, then fills the
+    remainder with evenly spaced tokens among those not yet taken.
+    """
+    n = height * width
+    gh = max(1, min(height, round(height * math.sqrt(k / n))))
+    gw = max(1, min(width, k // gh))
+    rows = ((torch.arange(gh) + 0.5) * height / gh).long()
+    cols = ((torch.arange(gw) + 0.5) * width / gw).long()
+    chosen = (rows[:, None] * width + cols[None, :]).flatten()
+    rest = k - chosen.numel()
+    if rest > 0:
+        free = torch.ones(n, dtype=torch.bool)
+        free[chosen] = False
+        candidates = free.nonzero().flatten()
+        pick = ((torch.arange(rest) + 0.5) * candidates.numel() / rest).long()
+        chosen = torch.cat([chosen, candidates[pick]])
+    return chosen.sort().values
+
+
+@register("pool", needs=("grid",), description="uniform spatial subsampling of the token grid")
+def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
+    """Uniform spatial subsampling. Uses each row's (height, width) grid when it covers all ``N`` tokens,
+    otherwise evenly spaced positions along the token sequence. Returns [batch, k] (ascending)."""
+    n = inputs.num_tokens
+    out = []
+    for row in range(inputs.batch):
+        hw = inputs.grid[row] if inputs.grid is not None else None
+        if hw is not None and hw[0] * hw[1] == n:
+            out.append(grid_subsample(hw[0], hw[1], k))
+        else:
+            out.append(((torch.arange(k) + 0.5) * n / k).long())
+    return torch.stack(out).to(inputs.features.device)
+
+
+@register("fastv", needs=("attention",), min_layer=1, description="top-k by last-token attention at layer K-1")
+def fastv_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
+    """FastV: the ``k`` tokens with the highest last-token attention (head mean) at layer K-1.
+
+    attention: [batch, N]. Returns [batch, k] (ascending). Ties break towards the earlier token.
+    """
+    scores = inputs.attention.float()
+    # A stable sort makes ties deterministic across batch layouts.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return order.sort(dim=-1).values

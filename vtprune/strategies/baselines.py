@@ -60,13 +60,19 @@ def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     return torch.stack(out).to(inputs.features.device)
 
 
-@register("fastv", needs=("attention",), min_layer=1, description="top-k by last-token attention at layer K-1")
-def fastv_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
+@register("fastv", needs=("attention", "pad_mask"), min_layer=1, options={"debias": None, "debias_curve": None},
+          description="top-k by last-token attention at layer K-1")
+def fastv_select(inputs: SelectionInputs, k: int, debias: str | None = None, debias_curve=None) -> torch.Tensor:
     """FastV: the ``k`` tokens with the highest last-token attention (head mean) at layer K-1.
 
-    attention: [batch, N]. Returns [batch, k] (ascending). Ties break towards the earlier token.
+    attention: [batch, N]; pad_mask: [batch, N] or None. Returns [batch, k] (ascending). Ties break towards
+    the earlier token. debias (arXiv 2508.17807): None, "position" (divide out the recency trend, per sample
+    or by the curve saved at ``debias_curve``), "sink" (padding patches to 0, attention sinks to the median)
+    or "both". The budget cap for padding is the engine's job (``debias.padding_cap``).
     """
-    scores = inputs.attention.float()
+    from .debias import debias_scores  # local: this function is the only part of the file that uses it
+
+    scores = debias_scores(inputs.attention, debias, curve=debias_curve, pad_mask=inputs.pad_mask)
     # A stable sort makes ties deterministic across batch layouts.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=-1).values

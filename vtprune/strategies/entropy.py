@@ -1,0 +1,99 @@
+"""EntropyPrune (arXiv 2602.17196): keep the visual tokens whose per-head query states carry the most
+matrix entropy, pruning at the layer after the visual "entropy collapse"."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import SelectionInputs, register
+
+
+def _spectral_entropy(gram: torch.Tensor, log_base: float) -> torch.Tensor:
+    """Entropy of the trace-normalised eigenvalues of symmetric PSD gram [..., M, M] (float64) / log_base."""
+    lam = torch.linalg.eigvalsh(gram).clamp_min(0)  # tiny negative eigenvalues are rounding error
+    total = lam.sum(dim=-1, keepdim=True)
+    p = lam / torch.where(total > 0, total, torch.ones_like(total))
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    return -plogp.sum(dim=-1) / log_base
+
+
+def entropy_scores(queries: torch.Tensor) -> torch.Tensor:
+    """Normalised matrix entropy of each token's per-head query states.
+
+    queries: [batch, N, H, d_head]. Returns [batch, N] float64 in [0, 1).
+    For token t, R = Z_t - mean over heads (H x d_head). The covariance R^T R / H (d_head x d_head) and the
+    dual Gram R R^T / H (H x H) share their non-zero eigenvalues, so the smaller H x H problem is solved.
+    Score = -sum(l log l) / log H with l the eigenvalues clamped at 0 and normalised to sum 1.
+    """
+    if queries.dim() != 4 or queries.shape[2] < 2:
+        raise ValueError(f"queries must be [batch, N, H, d_head] with H >= 2; got shape {tuple(queries.shape)}")
+    heads = queries.shape[2]
+    z = queries.double()
+    r = z - z.mean(dim=2, keepdim=True)
+    gram = r @ r.transpose(-1, -2) / heads
+    return _spectral_entropy(gram, math.log(heads))
+
+
+@register("entropy", needs=("queries",), min_layer=1, description="top-k matrix entropy of per-head queries")
+def entropy_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
+    """EntropyPrune: the ``k`` tokens with the highest query-state entropy at layer K-1.
+
+    queries: [batch, N, H, d_head]. Returns [batch, k] (ascending). Ties break towards the earlier token.
+    """
+    if inputs.queries is None:
+        raise ValueError("entropy needs inputs.queries ([batch, N, H, d_head]); got None")
+    n = inputs.num_tokens
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
+    scores = entropy_scores(inputs.queries)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return order.sort(dim=-1).values
+
+
+def layer_average_keep(num_layers: int, layer: int, n_visual: int, target_avg: float) -> int:
+    """Tokens to keep from layer ``layer`` on so that the average over all layers is ``target_avg``.
+
+    With N tokens in layers [0, K) and k in [K, L): (K*N + (L-K)*k) / L = T gives
+    k = floor((L*T - K*N) / (L - K)), clamped to [1, N]. E.g. L=32, K=2, N=576, T=128 -> 98.
+    """
+    if num_layers < 1 or not 0 <= layer < num_layers:
+        raise ValueError(f"need num_layers >= 1 and 0 <= layer < num_layers; got num_layers={num_layers}, "
+                         f"layer={layer}")
+    if n_visual < 1 or not 0 < target_avg <= n_visual:
+        raise ValueError(f"need n_visual >= 1 and 0 < target_avg <= n_visual; got n_visual={n_visual}, "
+                         f"target_avg={target_avg}")
+    num = num_layers * target_avg - layer * n_visual
+    den = num_layers - layer
+    keep = num // den if isinstance(num, int) else math.floor(num / den)  # exact for integers
+    return int(min(max(keep, 1), n_visual))
+
+
+def matrix_entropy(x: torch.Tensor) -> float:
+    """Normalised matrix entropy of a set of token representations x: [N, D], in [0, 1].
+
+    Tokens are centred (the shared mean direction carries no diversity) and scaled to unit norm (hidden-state
+    norms grow with depth and a few tokens have outsized norms), so Gram = X X^T / N has trace 1; the entropy
+    of its eigenvalues (float64) is divided by log(min(N, D)). 0 = all tokens alike, 1 = isotropic.
+    """
+    if x.dim() != 2 or min(x.shape) < 2:
+        raise ValueError(f"x must be [N, D] with N >= 2 and D >= 2; got shape {tuple(x.shape)}")
+    n, d = x.shape
+    x = x.double()
+    x = torch.nn.functional.normalize(x - x.mean(dim=0), dim=-1)
+    # Same non-zero spectrum either way; use the smaller side.
+    gram = x @ x.T if n <= d else x.T @ x
+    return float(_spectral_entropy(gram / n, math.log(min(n, d))))
+
+
+def collapse_layer(entropies: list[float]) -> int:
+    """The layer after the sharpest entropy drop: i + 1 for the largest entropies[i] - entropies[i+1].
+
+    ``entropies[l]`` is the entropy of the visual tokens entering decoder layer l (``hidden_states[l]``), so a
+    drop between l and l+1 happens inside layer l and pruning at layer l + 1 (scoring with layer l's queries)
+    comes right after it. Ties go to the earliest drop.
+    """
+    if len(entropies) < 2:
+        raise ValueError(f"need at least 2 per-layer entropies; got {len(entropies)}")
+    drops = [entropies[i] - entropies[i + 1] for i in range(len(entropies) - 1)]
+    return max(range(len(drops)), key=lambda i: (drops[i], -i)) + 1

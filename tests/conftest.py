@@ -1,0 +1,64 @@
+import functools
+
+import pytest
+import torch
+
+from vtprune.testing import FAMILIES, tiny_batch, tiny_images, tiny_model, tiny_processor
+
+torch.set_num_threads(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family, attn):
+    return tiny_model(family, attn)
+
+
+@functools.lru_cache(maxsize=None)
+def _processor(family):
+    return tiny_processor(family)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def attn(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family, attn):
+    m = _model(family, attn)
+    yield m
+    # A failed test must not leave a patch behind for the next one.
+    if hasattr(m, "_vtprune_pruner"):
+        import vtprune
+
+        vtprune.remove_pruner(m)
+
+
+def make_batch(family, n, seed=0):
+    """n samples, one image each, questions of different lengths so rows are left padded."""
+    return tiny_batch(family, _processor(family), tiny_images(n, seed=seed))
+
+
+def row(batch, i):
+    """Sample i of a processor batch, alone and without its left padding."""
+    keep = batch["attention_mask"][i].bool()
+    out = {}
+    for k, v in batch.items():
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[k] = v[i : i + 1, keep]
+    if "image_grid_thw" in batch:
+        thw = batch["image_grid_thw"]
+        sizes = thw.prod(-1).tolist()
+        start = sum(sizes[:i])
+        out["pixel_values"] = batch["pixel_values"][start : start + sizes[i]]
+        out["image_grid_thw"] = thw[i : i + 1]
+    else:
+        out["pixel_values"] = batch["pixel_values"][i : i + 1]
+    if "image_sizes" in batch:
+        out["image_sizes"] = batch["image_sizes"][i : i + 1]
+    return out

@@ -1,6 +1,10 @@
 """Qwen2-VL and Qwen2.5-VL: native-resolution images merged 2x2 by the patch merger, M-RoPE positions."""
 from __future__ import annotations
 
+import copy
+
+import torch
+
 from .base import Adapter
 
 
@@ -27,6 +31,31 @@ class Qwen2VLAdapter(Adapter):
                     i += 1
         return out
 
+    def projector_module(self):
+        return self.base.visual.merger
+
+    def projector_fn(self):
+        # The sensitivity is taken through the merger's MLP on the normalised, 2x2-grouped patch rows.
+        return copy.deepcopy(self.base.visual.merger.mlp).float()
+
+    def projector_rows(self, captured, call):
+        merger = self.base.visual.merger
+        rows = merger.ln_q(captured).view(-1, merger.hidden_size).float()
+        return rows[self._merged_order(call, rows.device)]
+
+    def _merged_order(self, call, device):
+        return slice(None)  # Qwen2-VL merges patches already in raster order
+
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
+
+    def _merged_order(self, call, device):
+        # Qwen2.5-VL's tower runs in window order and un-permutes after the merger; do the same here.
+        from transformers.vision_utils import get_vision_window_index
+
+        visual = self.base.visual
+        window_index, _ = get_vision_window_index(call["image_grid_thw"], spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size,
+                                                  kwargs={})
+        return torch.argsort(window_index.to(device))

@@ -539,7 +539,7 @@ def test_merge_kept_duplicates_keep_their_own_slot():
 def test_registry_entries():
     assert {"divprune", "zoo", "entropy", "fastv"} <= set(list_methods())
     assert get_method("divprune").options == {"keep_newlines": False}
-    assert get_method("zoo").needs == {"projector"}
+    assert get_method("zoo").needs == {"projector", "newline_mask"}
     assert get_method("zoo").options == {"m": 64, "h": 0.01, "seed": 0, "chunk_rows": 8192}
     assert get_method("entropy").min_layer == 1 and get_method("entropy").needs == {"queries"}
     assert get_method("fastv").options == {"debias": None, "debias_curve": None}

@@ -19,14 +19,15 @@ _REFUSED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "ma
 
 
 def apply_pruner(model, method: str = "divprune", keep_ratio: Optional[float] = None,
-                 keep_tokens: Optional[int] = None, layer: int = 0, schedule: Optional[list] = None,
+                 keep_tokens: Optional[int] = None, layer: Optional[int] = None, schedule: Optional[list] = None,
                  positions: str = "original", *, config: Optional[PrunerConfig] = None, replace: bool = False,
                  **options):
     """Patch this model instance so prefill and ``generate()`` run on the kept visual tokens. Returns ``model``.
 
     ``keep_ratio``: fraction of the visual tokens entering the stage that are kept (default 0.25 when neither it
     nor ``keep_tokens``, an absolute count per sample, is given). ``layer``: 0 prunes before the language model,
-    K >= 1 inside it from decoder layer K on. ``schedule``: a list of stages (dicts with method, layer,
+    K >= 1 inside it from decoder layer K on; None (default) is the method's own (0 for input-stage methods,
+    2 for fastv, the family's entropy-collapse layer for entropy). ``schedule``: a list of stages (dicts with method, layer,
     keep_ratio/keep_tokens, options) for multi-stage pruning. ``positions``: "original" keeps each kept token's
     position ids, "renumber" makes them contiguous (LLaVA family). ``options`` go to the method.
     ``config``: a PrunerConfig instead of the keyword arguments. ``replace=True`` swaps an existing pruner.

@@ -10,7 +10,10 @@ from .strategies.base import check_options, get_method
 DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
 POSITIONS = ("original", "renumber")
 # Options every method accepts: they change what the engine does with the selection, not the selection.
-ENGINE_OPTIONS = {"merge": False}
+ENGINE_OPTIONS = {"merge": False, "budget": "plain"}
+BUDGETS = ("plain", "layer_average")
+# Where each method prunes when no layer is given: FastV's K=2; EntropyPrune's per-family collapse layer.
+DEFAULT_LAYER = {"fastv": 2}
 
 
 @dataclass
@@ -22,7 +25,7 @@ class StageConfig:
     """
 
     method: str = "divprune"
-    layer: int = 0
+    layer: Optional[int] = None  # None: the method's default (0 for input-stage methods)
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
     options: dict = field(default_factory=dict)
@@ -44,10 +47,17 @@ class PrunerConfig:
     method: str = "divprune"
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
-    layer: int = 0
+    layer: Optional[int] = None
     schedule: Optional[list] = None
     positions: str = "original"
     options: dict = field(default_factory=dict)
+
+    def resolved_stages(self, num_layers: int, family: str, model=None) -> list[StageConfig]:
+        """Stages with default layers filled in, validated against a model of ``num_layers`` decoder layers."""
+        stages = [s if s.layer is not None else replace(s, layer=default_layer(s.method, family, model))
+                  for s in self.stages()]
+        validate_against_model(self, stages, num_layers, family)
+        return stages
 
     def stages(self) -> list[StageConfig]:
         if self.schedule is None:
@@ -90,17 +100,27 @@ def _validated(stage: StageConfig) -> StageConfig:
     if stage.keep_tokens is not None:
         if isinstance(stage.keep_tokens, bool) or not isinstance(stage.keep_tokens, int) or stage.keep_tokens < 1:
             raise ValueError(f"keep_tokens must be an integer >= 1, got {stage.keep_tokens!r}")
-    if isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer < 0:
+    if stage.layer is not None and (isinstance(stage.layer, bool) or not isinstance(stage.layer, int)
+                                    or stage.layer < 0):
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
-    if stage.layer < method.min_layer:
-        raise ValueError(f"method {stage.method!r} scores tokens with layer K-1 and needs layer >= "
-                         f"{method.min_layer}, got layer={stage.layer}")
     engine = {k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS}
     rest = {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
     options = {**ENGINE_OPTIONS, **engine, **check_options(method, rest)}
     if not isinstance(options["merge"], bool):
         raise ValueError(f"merge must be True or False, got {options['merge']!r}")
+    if options["budget"] not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {options['budget']!r}")
     return replace(stage, options=options)
+
+
+def default_layer(method: str, family: str, model=None) -> int:
+    if method == "entropy":
+        from .calibrate import DEFAULT_ENTROPY_LAYER
+
+        # A layer found by vtprune.calibrate.find_collapse_layer on this model wins over the paper's value.
+        found = getattr(model, "_vtprune_collapse_layer", None)
+        return found if found is not None else DEFAULT_ENTROPY_LAYER.get(family, 2)
+    return DEFAULT_LAYER.get(method, 0)
 
 
 def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], num_layers: int, family: str) -> None:
@@ -111,6 +131,13 @@ def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], num_lay
         raise ValueError("positions='renumber' is defined for 1-D RoPE models (LLaVA family); Qwen's M-RoPE gives "
                          "image tokens 3-D positions, so use positions='original'")
     for s in stages:
+        min_layer = get_method(s.method).min_layer
+        if s.layer < min_layer:
+            raise ValueError(f"method {s.method!r} scores tokens with layer K-1 and needs layer >= {min_layer}, "
+                             f"got layer={s.layer}")
+        if "projector" in get_method(s.method).needs and s.layer != 0:
+            raise ValueError(f"method {s.method!r} scores tokens through the projector and runs at layer 0 only, "
+                             f"got layer={s.layer}")
         if s.layer >= num_layers:
             raise ValueError(f"layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder "
                              f"layers), got layer={s.layer}")

@@ -10,7 +10,6 @@ Decode (non-empty cache): the 2D mask that ``generate`` grows over the original 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,8 +17,9 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from . import capture, ops
-from .config import PrunerConfig, StageConfig, validate_against_model
-from .strategies.base import SelectionInputs, get_method
+from .config import PrunerConfig, StageConfig
+from .stage import Captured, Sequence, run_stage
+from .strategies.base import get_method
 
 
 @dataclass
@@ -29,22 +29,7 @@ class _StageRun:
     layer: int
     kept_mask: torch.Tensor  # [B, L_out] long: the 2D mask after this stage (0 on dummy/pad slots)
     shift: Optional[torch.Tensor] = None  # [B] renumbering offset (positions="renumber")
-    overrides: dict = field(default_factory=dict)  # tensors every layer from this stage on receives (prefill)
-    stats: dict = field(default_factory=dict)
-
-
-def keep_layout(keep: torch.Tensor):
-    """Right-aligned gather index for rows keeping different numbers of tokens.
-
-    keep: [B, L] bool. Returns (index [B, L'] long, valid [B, L'] bool) with L' = max kept per row; each row's
-    kept positions in order, preceded by dummy slots (valid False) so rows stay rectangular and left padded.
-    """
-    b, length = keep.shape
-    n_out = int(keep.sum(1).max())
-    ar = torch.arange(length, device=keep.device)
-    key = keep.long() * (length + ar)  # dropped first (key 0), then kept in original order
-    index = key.sort(dim=1, stable=True).indices[:, length - n_out:]
-    return index, keep.gather(1, index)
+    overrides: dict = field(default_factory=dict)  # tensors every layer from this stage on receives
 
 
 class Pruner:
@@ -52,14 +37,17 @@ class Pruner:
 
     def __init__(self, model, adapter, cfg: PrunerConfig):
         self.model, self.adapter, self.cfg = model, adapter, cfg
-        self.stages: list[StageConfig] = cfg.stages()
-        validate_against_model(cfg, self.stages, len(adapter.layers), adapter.family)
+        self.stages: list[StageConfig] = cfg.resolved_stages(len(adapter.layers), adapter.family, model)
         self.methods = [get_method(s.method) for s in self.stages]
-        self._handles = []
-        self._captures = []
+        needs = set().union(*(m.needs for m in self.methods))
+        self._needs_pad = "pad_mask" in needs
+        self._projector = adapter.projector_fn() if "projector" in needs else None
+        self._handles, self._captures = [], []
         self.generate_call: dict = {}  # image metadata given to the running generate() call
         self.stats: list[dict] = []
-        self._reset()
+        self._pre_projector = None
+        self._reset_prefill()
+        self.active = False
 
     # ---------------------------------------------------------------- install / remove
     def install(self):
@@ -79,6 +67,8 @@ class Pruner:
                 self._captures.append(capture.attach(prev, self))
             if "queries" in method.needs:
                 self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
+        if self._projector is not None:
+            self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
 
     def remove(self):
         for h in self._handles:
@@ -87,37 +77,27 @@ class Pruner:
             capture.detach(token)
         self._handles, self._captures = [], []
 
-    # ---------------------------------------------------------------- per-call state
-    def _reset(self):
-        self.call: dict = {}
-        self.active = False  # the last prefill pruned something; decode steps must follow it
-        self.prefill = False
-        self.runs: dict[int, _StageRun] = {}
-        self.vis: Optional[torch.Tensor] = None  # [B, L_cur] visual flags of the current sequence
-        self.mask2d: Optional[torch.Tensor] = None  # [B, L_cur]
-        self.prompt_len = 0
-        self.fed = 0  # tokens fed after the prefill
-        self.next_pos: Optional[torch.Tensor] = None  # [B] next original position id
-        self.new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
-        self._attention = None
-        self._queries = None
-
+    # ---------------------------------------------------------------- capture callbacks
     def wants_attention(self) -> bool:
         return self.prefill
 
     def record_attention(self, probs: torch.Tensor):
-        self._attention = probs
+        self.captured.attention = probs
 
     def _queries_hook(self, module, args, output):
         if self.prefill:
-            self._queries = output
+            heads = self.adapter.text_config.num_attention_heads
+            self.captured.queries = output.view(*output.shape[:2], heads, -1)
+
+    def _projector_hook(self, module, args):
+        # Images are encoded before the prefill (inside generate(), or in the body's forward).
+        self._pre_projector = args[0].detach()
 
     # ---------------------------------------------------------------- hooks
     def _body_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        empty = cache is None or cache.get_seq_length() == 0
-        if empty:
+        if cache is None or cache.get_seq_length() == 0:
             # generate() encodes images before prefill and passes mm_encoder_outputs instead of the image
             # metadata, so fall back to what its wrapper saw.
             self.call = {key: kwargs.get(key) if kwargs.get(key) is not None else self.generate_call.get(key)
@@ -148,7 +128,7 @@ class Pruner:
         if cache is None or cache.get_seq_length() == 0:
             return self._prefill(kwargs, embeds)
         if self.active:
-            return self._decode(kwargs, embeds, cache)
+            return self._decode(kwargs, embeds)
         return None
 
     def _prefill(self, kwargs, embeds):
@@ -162,37 +142,53 @@ class Pruner:
         mask = kwargs.get("attention_mask")
         if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
             raise NotImplementedError("vtprune needs a 2D attention mask (or none) on prefill, got "
-                                      f"{type(mask).__name__} of dim {getattr(mask, 'dim', lambda: '?')()}")
+                                      f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}")
         b, length = vis.shape
         self.active, self.prefill, self.prompt_len = True, True, length
-        self.vis = vis
-        self.mask2d = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long,
-                                                                     device=embeds.device)
+        mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
+        self.seq = Sequence(vis=vis, mask=mask, newline=self.adapter.newline_mask(embeds, vis),
+                            pad=self.adapter.pad_mask(self.call, vis) if self._needs_pad else None)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, embeds.device)
         self.next_pos = self._max_pos(pos) + 1
-        kwargs = dict(kwargs, attention_mask=self.mask2d, position_ids=pos)
-        stage0 = [i for i, s in enumerate(self.stages) if s.layer == 0]
-        if not stage0:
+        kwargs = dict(kwargs, attention_mask=mask, position_ids=pos)
+        if self.stages[0].layer != 0:
             return (), kwargs
-        i = stage0[0]
-        index, valid = self._select(i, embeds, SelectionInputs(features=None))
-        run = self.runs[self.stages[i].layer]
-        new_embeds = self._gather_hidden(embeds, index, i)
+        if self._projector is not None and self._pre_projector is not None:
+            self.captured.pre_projector = self.adapter.projector_rows(self._pre_projector, self.call)
+            self.captured.projector = self._projector
+        self.captured.grids = self.adapter.grids(self.call, vis.sum(1).tolist())
+        index, embeds = self._run(0, embeds)
+        run = self.runs[0]
         new_pos = ops.gather_last(pos, index)
         if self.cfg.positions == "renumber":
-            new_pos, run.shift = self._renumber(new_pos)
-        kwargs.update(inputs_embeds=new_embeds, attention_mask=self.mask2d, position_ids=new_pos)
+            new_pos, run.shift = self._renumber()
+        kwargs.update(inputs_embeds=ops.gather_tokens(embeds, index), attention_mask=self.seq.mask,
+                      position_ids=new_pos)
         return (), kwargs
 
     def _reset_prefill(self):
-        self.active, self.prefill = False, False
-        self.runs, self.stats = {}, []
-        self.fed, self.new_cols = 0, None
-        self._attention = self._queries = None
+        self.call = getattr(self, "call", {})
+        self.active = self.prefill = False
+        self.runs: dict[int, _StageRun] = {}
+        self.stats = []
+        self.captured = Captured()
+        self.seq: Optional[Sequence] = None
+        self.prompt_len = self.fed = 0  # tokens fed after the prefill
+        self.next_pos: Optional[torch.Tensor] = None  # [B] next original position id
+        self.new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
 
-    def _decode(self, kwargs, embeds, cache):
+    def _run(self, i: int, hidden):
+        stage = self.stages[i]
+        index, hidden, self.seq, stats = run_stage(stage, self.methods[i], hidden, self.seq, self.captured,
+                                                   len(self.adapter.layers))
+        self.stats.append(stats)
+        self.runs[stage.layer] = _StageRun(stage.layer, kept_mask=self.seq.mask)
+        self.captured = Captured()  # scores are aligned to the sequence before this stage
+        return index, hidden
+
+    def _decode(self, kwargs, embeds):
         self.prefill = False
         b, q = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
@@ -219,10 +215,11 @@ class Pruner:
         return (), kwargs
 
     def _make_layer_hook(self, layer_idx: int):
+        stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
+
         def hook(module, args, kwargs):
             if not self.active:
                 return None
-            stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
             hidden = args[0] if args else kwargs["hidden_states"]
             kwargs = dict(kwargs)
             if stage_i is not None:
@@ -240,33 +237,24 @@ class Pruner:
         return hook
 
     def _current_run(self, layer_idx: int) -> Optional[_StageRun]:
-        layers = [s.layer for s in self.stages if 0 < s.layer <= layer_idx and s.layer in self.runs]
+        layers = [layer for layer in self.runs if 0 < layer <= layer_idx]
         return self.runs[max(layers)] if layers else None
 
-    # ---------------------------------------------------------------- stages
+    # ---------------------------------------------------------------- in-LLM stages
     def _layer_stage(self, i: int, hidden, kwargs):
-        stage = self.stages[i]
-        attn = None
-        if self._attention is not None:
-            attn, self._attention = self._attention, None
-        queries = None
-        if self._queries is not None:
-            heads = self.adapter.text_config.num_attention_heads
-            queries = self._queries.view(*self._queries.shape[:2], heads, -1)
-            self._queries = None
-        index, valid = self._select(i, hidden, SelectionInputs(features=None), attention=attn, queries=queries)
-        run = self.runs[stage.layer]
-        new_hidden = self._gather_hidden(hidden, index, i)
+        index, hidden = self._run(i, hidden)
+        run = self.runs[self.stages[i].layer]
+        new_hidden = ops.gather_tokens(hidden, index)
         cos, sin = kwargs["position_embeddings"]
         pos = kwargs.get("position_ids")
         new_pos = ops.gather_last(pos, index) if pos is not None else None
         if self.cfg.positions == "renumber":
-            new_pos, run.shift = self._renumber(new_pos)
+            new_pos, run.shift = self._renumber()
             cos, sin = self.adapter.language_model.rotary_emb(new_hidden, new_pos)
         else:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
         run.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos,
-                         "attention_mask": self._layer_mask(stage.layer, new_hidden, self.mask2d, kwargs)}
+                         "attention_mask": self._layer_mask(run.layer, new_hidden, self.seq.mask, kwargs)}
         return new_hidden
 
     def _layer_decode(self, i: int, hidden, kwargs):
@@ -278,10 +266,11 @@ class Pruner:
         if run.shift is not None:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = (self.next_pos - hidden.shape[1])[:, None] + torch.arange(hidden.shape[1], device=hidden.device)
+                q = hidden.shape[1]
+                pos = (self.next_pos - q)[:, None] + torch.arange(q, device=hidden.device)
             pos = pos - run.shift[:, None]
-            cos_sin = self.adapter.language_model.rotary_emb(hidden, pos)
-            run.overrides.update(position_embeddings=cos_sin, position_ids=pos)
+            run.overrides.update(position_embeddings=self.adapter.language_model.rotary_emb(hidden, pos),
+                                 position_ids=pos)
 
     def _layer_mask(self, layer: int, hidden, mask2d, kwargs):
         """The mask this layer's attention expects, for a sequence described by ``mask2d`` and its own cache."""
@@ -294,71 +283,13 @@ class Pruner:
         return fn(config=cfg, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=None,
                   layer_idx=layer)
 
-    def _select(self, i: int, hidden, _unused, attention=None, queries=None):
-        """Choose tokens for stage ``i`` on the current sequence; updates vis/mask2d and records the run.
+    # ---------------------------------------------------------------- positions
+    def _renumber(self):
+        """Contiguous positions over the kept sequence (1-D RoPE). Returns (positions [B, L'], shift [B])."""
+        new = (self.seq.mask.cumsum(1) - 1).clamp(min=0)
+        return new, self.next_pos - (new.max(dim=1).values + 1)
 
-        hidden: [B, L_cur, D]. Returns (index [B, L'] into L_cur, valid [B, L'])."""
-        stage, method = self.stages[i], self.methods[i]
-        vis = self.vis
-        counts = vis.sum(1).tolist()
-        t0 = time.perf_counter()
-        keep = ~vis
-        kept_vis_idx: list[Optional[torch.Tensor]] = [None] * len(counts)
-        grids = self.adapter.grids(self.call, counts) if stage.layer == 0 else None
-        options = {k: v for k, v in stage.options.items() if k != "merge"}
-        # Rows sharing a visual count (and so a budget) are scored in one batched call.
-        for n in sorted(set(counts)):
-            rows = [r for r, c in enumerate(counts) if c == n]
-            k = stage.budget(n)
-            if n == 0:
-                continue
-            rows_t = torch.tensor(rows, device=hidden.device)
-            sub_vis = vis[rows_t]
-            feats = hidden[rows_t][sub_vis].view(len(rows), n, -1)
-            inputs = SelectionInputs(
-                features=feats,
-                attention=None if attention is None else attention[rows_t][sub_vis].view(len(rows), n),
-                queries=None if queries is None else queries[rows_t][sub_vis].view(len(rows), n, *queries.shape[2:]),
-                grid=None if grids is None else [grids[r] for r in rows],
-                seed=options.get("seed"),
-            )
-            self._check_inputs(method, inputs)
-            chosen = method.fn(inputs, k, **options).sort(dim=-1).values
-            positions = sub_vis.nonzero()[:, 1].view(len(rows), n)
-            kept_pos = positions.gather(1, chosen)
-            for j, r in enumerate(rows):
-                kept_vis_idx[r] = chosen[j]
-                keep[r, kept_pos[j]] = True
-        elapsed = time.perf_counter() - t0
-        index, valid = keep_layout(keep)
-        self.mask2d = self.mask2d.gather(1, index) * valid.long()
-        self.vis = vis.gather(1, index) & valid
-        self.runs[stage.layer] = _StageRun(stage.layer, kept_mask=self.mask2d)
-        kmax = max((len(x) for x in kept_vis_idx if x is not None), default=0)
-        kept = torch.full((len(counts), kmax), -1, dtype=torch.long, device=hidden.device)
-        for r, x in enumerate(kept_vis_idx):
-            if x is not None:
-                kept[r, : len(x)] = x
-        self.stats.append({"layer": stage.layer, "method": stage.method, "tokens_before": counts,
-                           "tokens_after": [0 if x is None else len(x) for x in kept_vis_idx],
-                           "kept_indices": kept, "select_time_s": elapsed,
-                           "backend": ops.last_backend()})
-        return index, valid
-
-    def _check_inputs(self, method, inputs):
-        for need in method.needs:
-            if need in ("attention", "queries") and getattr(inputs, need) is None:
-                raise RuntimeError(f"method {method.name!r} needs {need} from layer K-1 but none was captured")
-
-    def _gather_hidden(self, hidden, index, i):
-        return ops.gather_tokens(hidden, index)
-
-    def _renumber(self, pos):
-        """Contiguous positions over the kept sequence. pos: [B, L'] (1-D RoPE). Returns (new, shift [B])."""
-        new = (self.mask2d.cumsum(1) - 1).clamp(min=0)
-        shift = self.next_pos - (new.max(dim=1).values + 1)
-        return new, shift
-
-    def _max_pos(self, pos):
+    @staticmethod
+    def _max_pos(pos):
         p = pos if pos.dim() == 2 else pos[-3:].amax(dim=0)
         return p.amax(dim=-1)

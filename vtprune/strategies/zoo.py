@@ -63,7 +63,7 @@ def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(s.dtype).tiny), torch.ones_like(s))
 
 
-@register("zoo", needs=("projector",), options={"m": 64, "h": 0.01, "seed": 0, "chunk_rows": 8192},
+@register("zoo", needs=("projector", "newline_mask"), options={"m": 64, "h": 0.01, "seed": 0, "chunk_rows": 8192},
           description="zeroth-order projector sensitivity x greedy max-min diversity")
 def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, seed: int | None = 0,
                chunk_rows: int = 8192) -> torch.Tensor:
@@ -93,4 +93,7 @@ def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, se
     seed = inputs.seed if seed is None else seed
     sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed, chunk_rows=chunk_rows)
     weights = minmax_normalise(sens).to(inputs.features.device)
+    if inputs.newline_mask is not None:
+        # LLaVA-NeXT row separators are learned vectors with no projector input: least sensitive by definition.
+        weights = weights.masked_fill(inputs.newline_mask.to(weights.device), 0.0)
     return ops.greedy_maxmin(inputs.features, k, weights=weights)

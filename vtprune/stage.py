@@ -100,13 +100,13 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
         sub = vis[rows_t]
         positions = sub.nonzero()[:, 1].view(len(rows), n)
 
-        def take(t, extra=()):
-            return None if t is None else t[rows_t][sub].view(len(rows), n, *extra)
+        def take(t):
+            # One gather straight to [rows, n, ...]: no copy of whole rows first.
+            return None if t is None else t[rows_t[:, None], positions]
 
         pre = None if cap.pre_projector is None else torch.stack([_pre_rows(cap, seq, offsets, r) for r in rows])
         inputs = SelectionInputs(
-            features=take(hidden, (hidden.shape[-1],)), attention=take(cap.attention),
-            queries=None if cap.queries is None else take(cap.queries, cap.queries.shape[2:]),
+            features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),
             pre_projector=pre, projector=cap.projector,
             grid=None if cap.grids is None else [cap.grids[r] for r in rows],
             pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"))

@@ -26,8 +26,9 @@ setup(
     package_data={"vtprune.eval": ["models/**/*", "tasks/*.yaml", "results/*"]},
     install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", "pillow>=10"],
     extras_require={
-        "test": ["pytest>=8"],
-        "eval": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # torchvision: the Qwen2-VL processors build a video processor that needs it.
+        "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60"],
+        "eval": ["matplotlib>=3.7", "tqdm>=4.60", "torchvision"],
         "lmms": ["lmms-eval>=0.7"],
         "demo": ["gradio>=5"],
         "flash": ["flash-attn>=2.6"],

@@ -179,3 +179,13 @@ def test_transformers_version_gate():
     for bad in ("4.57.6", "5.19.1", "6.0.0"):
         with pytest.raises(ImportError, match=f"supports transformers >= 5.20, < 6.0; found {bad}"):
             check_transformers(bad)
+
+
+@torch.no_grad()
+def test_images_into_a_non_empty_cache_are_refused():
+    m = tiny_model("llava")
+    batch = make_batch("llava", 1)
+    vtprune.apply_pruner(m, method="random")
+    out = m(**batch, use_cache=True)
+    with pytest.raises(NotImplementedError, match="non-empty cache"):
+        m(**batch, past_key_values=out.cache, use_cache=True)

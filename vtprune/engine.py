@@ -104,11 +104,11 @@ class Pruner:
                          for key in ("image_grid_thw", "image_sizes", "pixel_values")}
             self.call["input_ids"] = input_ids
             return None
+        if kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image"):
+            raise NotImplementedError("vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
+                                      "reuse) are not supported; start a new cache for each prompt")
         if not self.active:
             return None
-        if kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image"):
-            raise NotImplementedError("vtprune: new images after a pruned prefill (multi-turn cache reuse) are "
-                                      "not supported; start a new cache for each prompt")
         if kwargs.get("position_ids") is None:
             # The model would derive positions from the (pruned) cache length: continue the original numbering.
             q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vtprune
 from vtprune import flops
-from vtprune.testing import FAMILIES, tiny_batch, tiny_images, tiny_model, tiny_processor
+from conftest import _model, _processor
+from vtprune.testing import FAMILIES, tiny_batch, tiny_images
 
 torch.set_num_threads(1)
 TOL = 0.02
@@ -36,16 +37,6 @@ SETUPS = {
                          dict(method="fastv", layer=2, keep_ratio=0.5)],
     "entropy1": [dict(method="entropy", layer=1, keep_ratio=0.5)],
 }
-
-
-@functools.lru_cache(maxsize=None)
-def _model(family, attn):
-    return tiny_model(family, attn)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor(family):
-    return tiny_processor(family)
 
 
 def measure(model, **inputs):

@@ -38,6 +38,11 @@ def _triton_available() -> bool:
     return triton_available()
 
 
+def clear_last() -> None:
+    """Forget which paths ran (the engine calls it at the start of each stage)."""
+    _LAST.clear()
+
+
 def last_backend() -> dict[str, str]:
     """Which path ran last for each op, e.g. ``{"gather": "torch", "greedy": "triton"}``."""
     return dict(_LAST)

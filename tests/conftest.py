@@ -1,7 +1,14 @@
 import functools
+import os
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before triton is first
+# imported (transformers imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from vtprune.testing import FAMILIES, tiny_batch, tiny_images, tiny_model, tiny_processor
 

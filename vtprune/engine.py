@@ -161,11 +161,11 @@ class Pruner:
         self.captured.grids = self.adapter.grids(self.call, vis.sum(1).tolist())
         index, embeds = self._run(0, embeds)
         run = self.runs[0]
-        new_pos = ops.gather_last(pos, index)
+        new_embeds, new_pos, _ = ops.compact(embeds, index, pos)
+        self.stats[-1]["backend"] = ops.last_backend()
         if self.cfg.positions == "renumber":
             new_pos, run.shift = self._renumber()
-        kwargs.update(inputs_embeds=ops.gather_tokens(embeds, index), attention_mask=self.seq.mask,
-                      position_ids=new_pos)
+        kwargs.update(inputs_embeds=new_embeds, attention_mask=self.seq.mask, position_ids=new_pos)
         return (), kwargs
 
     def _reset_prefill(self):
@@ -244,10 +244,9 @@ class Pruner:
     def _layer_stage(self, i: int, hidden, kwargs):
         index, hidden = self._run(i, hidden)
         run = self.runs[self.stages[i].layer]
-        new_hidden = ops.gather_tokens(hidden, index)
+        new_hidden, new_pos, _ = ops.compact(hidden, index, kwargs.get("position_ids"))
+        self.stats[-1]["backend"] = ops.last_backend()
         cos, sin = kwargs["position_embeddings"]
-        pos = kwargs.get("position_ids")
-        new_pos = ops.gather_last(pos, index) if pos is not None else None
         if self.cfg.positions == "renumber":
             new_pos, run.shift = self._renumber()
             cos, sin = self.adapter.language_model.rotary_emb(new_hidden, new_pos)

@@ -79,6 +79,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     the gathered Sequence, stats dict).
     """
     t0 = time.perf_counter()
+    ops.clear_last()
     vis = seq.vis
     counts = vis.sum(1).tolist()
     ks = row_budgets(stage, seq, num_layers)

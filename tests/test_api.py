@@ -189,3 +189,11 @@ def test_images_into_a_non_empty_cache_are_refused():
     out = m(**batch, use_cache=True)
     with pytest.raises(NotImplementedError, match="non-empty cache"):
         m(**batch, past_key_values=out.cache, use_cache=True)
+
+
+def test_labels_are_refused():
+    m = tiny_model("llava")
+    batch = make_batch("llava", 1)
+    vtprune.apply_pruner(m, method="random")
+    with pytest.raises(NotImplementedError, match="labels"):
+        m(**batch, labels=batch["input_ids"])

@@ -52,6 +52,7 @@ class Pruner:
     # ---------------------------------------------------------------- install / remove
     def install(self):
         body, lm = self.adapter.base, self.adapter.language_model
+        self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(body.register_forward_pre_hook(self._body_hook, with_kwargs=True))
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
@@ -94,6 +95,14 @@ class Pruner:
         self._pre_projector = args[0].detach()
 
     # ---------------------------------------------------------------- hooks
+    def _top_hook(self, module, args, kwargs):
+        if kwargs.get("labels") is not None and (kwargs.get("pixel_values") is not None
+                                                 or kwargs.get("mm_encoder_outputs")):
+            raise NotImplementedError("vtprune: labels (a loss) with pruning are not supported: logits cover text + "
+                                      "kept tokens only and no longer line up with labels; remove_pruner(model) "
+                                      "for training or scoring with labels")
+        return None
+
     def _body_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))

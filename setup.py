@@ -23,16 +23,23 @@ setup(
     },
     packages=["vtprune", "vtprune.strategies", "vtprune.patches", "vtprune.cuda", "vtprune.eval"],
     include_package_data=True,
-    package_data={"vtprune.eval": ["models/**/*", "tasks/*.yaml", "results/*"]},
+    package_data={"vtprune.eval": ["models/**/*", "tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl",
+                                   "results/*"]},
     install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", "pillow>=10"],
     extras_require={
         # torchvision: the Qwen2-VL processors build a video processor that needs it.
-        "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60"],
+        # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
+        "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60", "lmms-eval==0.7.3",
+                 "filelock>=3.24.2,<4"],
         "eval": ["matplotlib>=3.7", "tqdm>=4.60", "torchvision"],
-        "lmms": ["lmms-eval>=0.7"],
+        "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.24.2,<4"],
         "demo": ["gradio>=5"],
         "flash": ["flash-attn>=2.6"],
         "triton": ["triton>=3.0"],
     },
-    entry_points={"console_scripts": ["vtprune = vtprune.cli:main"]},
+    entry_points={
+        "console_scripts": ["vtprune = vtprune.cli:main"],
+        # lmms-eval 0.7.3 reads ModelManifests from this group (one entry registers both wrappers).
+        "lmms_eval.models": ["vtprune = vtprune.eval.lmms_plugin:lmms_eval_manifests"],
+    },
 )

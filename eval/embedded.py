@@ -1,0 +1,104 @@
+"""The small VLMs embedded in the package (trained by ``eval/train.py`` on the ``eval/data.py`` benchmark).
+
+``load_embedded(name)`` returns ``(model, processor)`` loaded offline from ``eval/models/<name>/``;
+``evaluate_accuracy`` measures exact-match accuracy (overall and per question type) with batched, left-padded,
+greedy ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .data import QUESTION_TYPES, Example, make_split, score
+
+MODELS_DIR = Path(__file__).parent / "models"
+EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
+DEFAULT_EVAL_SIZE = 1000  # examples of a named split when no list and no limit is given
+MAX_NEW_TOKENS = 3
+
+
+def model_dir(name: str) -> Path:
+    return MODELS_DIR / name
+
+
+def is_available(name: str) -> bool:
+    d = model_dir(name)
+    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
+
+
+def load_embedded(name: str, dtype: torch.dtype = torch.float32):
+    """Load an embedded model and its processor from the package folder (no network)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {EMBEDDED_MODELS}")
+    d = model_dir(name)
+    if not is_available(name):
+        raise FileNotFoundError(f"embedded model {name!r} is not present under {d}; run eval/train.py to build it")
+    processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True, dtype=dtype)
+    model.eval()
+    return model, processor
+
+
+def training_info(name: str) -> dict:
+    p = model_dir(name) / "training.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def build_prompt(processor, question: str) -> str:
+    """The prompt string for one question (the processor's chat template: image first, then the question)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _as_examples(split, limit):
+    if isinstance(split, str):
+        return make_split(split, limit or DEFAULT_EVAL_SIZE, seed=0)
+    ex = list(split)
+    return ex[:limit] if limit else ex
+
+
+@torch.no_grad()
+def predict(model, processor, examples: list[Example], batch_size: int = 16, blank: bool = False,
+            max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy short answers for a list of examples (left-padded batches)."""
+    tok = processor.tokenizer
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    preds: list[str] = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            images = [e.blank_image() if blank else e.image for e in chunk]
+            texts = [build_prompt(processor, e.question) for e in chunk]
+            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+            inputs = {k: (v.to(model.dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            new = out[:, inputs["input_ids"].shape[1]:]
+            preds.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old_side
+    return preds
+
+
+def evaluate_accuracy(model, processor, split="test", limit=None, batch_size: int = 16, blank: bool = False) -> dict:
+    """Exact-match accuracy: ``{"overall": acc, "n": n, "<qtype>": acc, ...}``.
+
+    ``split`` is a split name (``make_split(split, limit or 1000, seed=0)``) or a list of ``Example``.
+    ``blank=True`` replaces every image by an empty canvas of the same size (measures the answer prior the model
+    falls back to when it cannot see anything)."""
+    examples = _as_examples(split, limit)
+    preds = predict(model, processor, examples, batch_size=batch_size, blank=blank)
+    res: dict = {"n": len(examples)}
+    hits = [score(p, e.answer) for p, e in zip(preds, examples)]
+    res["overall"] = sum(hits) / max(1, len(hits))
+    for t in QUESTION_TYPES:
+        h = [x for x, e in zip(hits, examples) if e.qtype == t]
+        if h:
+            res[t] = sum(h) / len(h)
+    return res

@@ -1,0 +1,139 @@
+"""Accuracy versus FLOPs on the embedded models and benchmark: the engine behind ``vtprune eval``.
+
+Every configuration (model x method x budget) answers the same test questions with greedy decoding; a row
+records accuracy (overall and per question type), visual tokens kept per sample (from ``get_stats``), analytic
+prefill FLOPs per sample (real FLOPs, 2 per multiply-add, ``vtprune.flops``) and the measured prefill latency
+of one batch. The unpruned model is the 100 % row of every method.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Iterable, Optional
+
+import torch
+
+import vtprune
+
+from .data import QUESTION_TYPES, make_split, score
+from .embedded import EMBEDDED_MODELS, build_prompt, load_embedded, predict
+
+DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept
+DEFAULT_LIMIT = 500  # test questions per configuration when no --limit is given
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"budgets must be comma-separated percentages in (0, 100], got {text!r}") from None
+    bad = [v for v in values if not 0 < v <= 100]
+    if bad or not values:
+        raise ValueError(f"budgets must be percentages in (0, 100], got {text!r}")
+    return values
+
+
+def check_methods(methods: Iterable[str]) -> list[str]:
+    methods = list(methods)
+    unknown = [m for m in methods if m not in vtprune.list_methods()]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {vtprune.list_methods()}")
+    return methods
+
+
+def _inputs(model, processor, examples):
+    texts = [build_prompt(processor, e.question) for e in examples]
+    return processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
+
+
+@torch.no_grad()
+def _prefill_latency(model, inputs, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**inputs, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def evaluate_config(model, processor, examples, method: Optional[str], budget: float, batch_size: int,
+                    bar=None) -> dict:
+    """One row: ``method=None`` is the unpruned model."""
+    from vtprune.flops import count_prefill
+
+    if method is not None:
+        vtprune.apply_pruner(model, method=method, keep_ratio=budget / 100.0)
+    try:
+        hits, kept, before, flops = [], [], [], []
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            preds = predict(model, processor, chunk, batch_size=len(chunk))
+            hits += [score(p, e.answer) for p, e in zip(preds, chunk)]
+            stats = vtprune.get_stats(model) if method is not None else None
+            inputs = _inputs(model, processor, chunk)
+            n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+            before += n_vis
+            kept += stats[-1]["tokens_after"] if stats else n_vis
+            flops.append(count_prefill(model, inputs, stats)["total"])
+            if bar is not None:
+                bar.update(len(chunk))
+        latency = _prefill_latency(model, _inputs(model, processor, examples[:batch_size]))
+    finally:
+        if method is not None:
+            vtprune.remove_pruner(model)
+    row = {"method": method or "none", "keep_ratio": budget / 100.0, "budget_pct": budget,
+           "visual_tokens": statistics.mean(before), "kept_tokens": statistics.mean(kept),
+           "accuracy": sum(hits) / len(hits), "n": len(hits),
+           "prefill_flops": sum(flops) / len(examples), "prefill_latency_ms": 1e3 * latency,
+           "latency_batch": min(batch_size, len(examples))}
+    for t in QUESTION_TYPES:
+        h = [x for x, e in zip(hits, examples) if e.qtype == t]
+        if h:
+            row[f"acc_{t}"] = sum(h) / len(h)
+    return row
+
+
+def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optional[int] = None,
+                 batch_size: int = 16, progress: bool = True) -> list[dict]:
+    """All configurations on the embedded test split. Returns the result rows."""
+    models = list(models or EMBEDDED_MODELS)
+    unknown = [m for m in models if m not in EMBEDDED_MODELS]
+    if unknown:
+        raise ValueError(f"unknown embedded model(s) {unknown}; available: {EMBEDDED_MODELS}")
+    methods = check_methods(methods or vtprune.list_methods())
+    examples = make_split("test", limit or DEFAULT_LIMIT, seed=0)
+    pruned_budgets = [b for b in budgets if b < 100]
+    configs = [(None, 100.0)] + [(m, b) for m in methods for b in pruned_budgets]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(models) * len(configs) * len(examples), unit="q", desc="vtprune eval")
+    rows = []
+    try:
+        for name in models:
+            model, processor = load_embedded(name)
+            for method, budget in configs:
+                if bar is not None:
+                    bar.set_postfix_str(f"{name.split('-')[0]} {method or 'unpruned'} {budget:g}%")
+                row = evaluate_config(model, processor, examples, method, budget, batch_size, bar)
+                rows.append({"model": name, **row})
+    finally:
+        if bar is not None:
+            bar.close()
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """flops_ratio and latency_speedup relative to the unpruned row of the same model (and task)."""
+    key = lambda r: (r["model"], r.get("task"))  # noqa: E731
+    base = {key(r): r for r in rows if r["method"] == "none"}
+    out = []
+    for r in rows:
+        b, r = base.get(key(r)), dict(r)
+        if b is not None and r.get("prefill_flops") is not None and b.get("prefill_flops"):
+            r["flops_ratio"] = r["prefill_flops"] / b["prefill_flops"]
+        if b is not None and r.get("prefill_latency_ms") and b.get("prefill_latency_ms"):
+            r["latency_speedup"] = b["prefill_latency_ms"] / r["prefill_latency_ms"]
+        out.append(r)
+    return out

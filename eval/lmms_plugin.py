@@ -1,0 +1,573 @@
+"""lmms-eval model wrappers that run Hugging Face LLaVA and Qwen2.5-VL with vtprune's visual token pruning.
+
+Registered with lmms-eval (0.7.x) through the Python entry-point group ``lmms_eval.models`` as
+
+* ``vtprune_llava``      -- ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` checkpoints
+* ``vtprune_qwen2_5_vl`` -- ``Qwen2_5_VLForConditionalGeneration`` (and Qwen2-VL) checkpoints
+
+so that, once vtprune is installed with its entry points::
+
+    lmms-eval --model vtprune_llava \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,keep_ratio=0.25 \\
+        --tasks vtprune_sortofclevr --include_path <vtprune.eval.lmms_runner.TASKS_DIR>
+
+model_args (``key=value,...``; "0.25", "true", "12", "none" are converted to float / bool / int / None):
+
+* ``pretrained`` (required): HF id or local directory.
+* ``method`` (default ``divprune``; ``none`` runs the unpruned model), ``keep_ratio``, ``keep_tokens``, ``layer``,
+  ``positions``, ``schedule`` (a JSON list of stage dicts): passed to ``vtprune.apply_pruner``.
+* ``device`` (default ``cuda`` if available, else ``cpu``), ``device_map`` (e.g. ``auto``; single process only),
+  ``dtype`` (``auto``, ``float32``, ``bfloat16``, ``float16``), ``attn_implementation``, ``revision``,
+  ``trust_remote_code``.
+* ``batch_size`` (left-padded batched generation), ``max_new_tokens`` (overrides the task's value).
+* ``time_prefill`` (default false): time the uncached prefill of the first batch (median of 3, after a warm-up).
+  ``count_flops`` (default true): analytic prefill FLOPs per sample (``vtprune.flops.count_prefill``).
+* Any other key is a method option (e.g. ``keep_newlines=true``) and goes to ``apply_pruner``, which rejects
+  unknown ones with a clear error.
+
+Visual tokens kept per sample (``get_stats`` of the last stage; the image-token count when unpruned) are logged
+through lmms-eval's generation metrics, so the results JSON carries them under ``throughput``
+(``avg_kept_visual_tokens``, ``avg_visual_tokens``, ``avg_prefill_flops``); ``records`` / ``summary()`` give them
+per sample in-process (``vtprune.eval.lmms_runner.run_lmms``).
+
+Multi-GPU: under ``accelerate launch`` every process loads a full copy of the model on ``cuda:<local rank>`` and
+lmms-eval shards the documents by ``rank`` / ``world_size`` (data parallel, as lmms-eval's own HF wrappers do).
+FSDP / DeepSpeed sharding is refused. The pruning statistics in the results JSON are those of rank 0.
+This path is not exercised by the tests (no GPU there).
+
+Only this module (and the task's utils.py) imports lmms_eval; ``import vtprune`` never does.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any, Optional
+
+_MODULE = "vtprune.eval.lmms_plugin"
+
+
+def lmms_eval_manifests():
+    """The ``lmms_eval.models`` entry-point payload: one ModelManifest per wrapper.
+
+    Defined before any lmms_eval import so that lmms-eval can load it even while this module is being imported
+    (lmms-eval loads entry points while ``lmms_eval.models`` initialises)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="vtprune_llava", simple_class_path=f"{_MODULE}.VtpruneLlava"),
+            ModelManifest(model_id="vtprune_qwen2_5_vl", simple_class_path=f"{_MODULE}.VtpruneQwen25VL")]
+
+
+import torch  # noqa: E402
+from lmms_eval.api.model import lmms  # noqa: E402
+from lmms_eval.api.registry import register_model  # noqa: E402
+from loguru import logger  # noqa: E402
+
+import vtprune  # noqa: E402
+
+UNPRUNED = ("none", "baseline", "unpruned")  # method values that run the model without a pruner
+DEFAULT_MAX_NEW_TOKENS = 256
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------- argument parsing
+def coerce(value: Any) -> Any:
+    """A model_args string as Python: "true"/"false" -> bool, "none"/"null"/"" -> None, "12" -> 12,
+    "0.25" -> 0.25, anything else unchanged. Non-strings pass through."""
+    if not isinstance(value, str):
+        return value
+    s = value.strip()
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null", ""):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        return float(s)
+    except ValueError:
+        return s
+
+
+def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> Optional[int]:
+    value = coerce(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(f"model_arg {name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"model_arg {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _as_float(name: str, value: Any) -> Optional[float]:
+    value = coerce(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"model_arg {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    value = coerce(value)
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise ValueError(f"model_arg {name} must be true or false, got {value!r}")
+
+
+def _as_dtype(value: Any):
+    value = coerce(value)
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise ValueError(f"model_arg dtype must be one of auto, {', '.join(_DTYPES)}; got {value!r}")
+
+
+def pruning_settings(method: Any = "divprune", keep_ratio: Any = None, keep_tokens: Any = None, layer: Any = None,
+                     positions: Any = "original", schedule: Any = None, **options) -> Optional[dict]:
+    """apply_pruner keyword arguments from (string) model_args; None for the unpruned model."""
+    method = coerce(method)
+    if method is None or (isinstance(method, str) and method.lower() in UNPRUNED):
+        extra = {k: v for k, v in dict(keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
+                                       schedule=schedule, **options).items() if coerce(v) is not None}
+        if extra:
+            raise ValueError(f"method={method} runs the unpruned model; pruning settings {sorted(extra)} make no sense")
+        return None
+    if not isinstance(method, str):
+        raise ValueError(f"model_arg method must be a method name, got {method!r}")
+    schedule = coerce(schedule)
+    if isinstance(schedule, str):
+        try:
+            schedule = json.loads(schedule)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model_arg schedule must be a JSON list of stage dicts: {exc}") from None
+    return dict(method=method, keep_ratio=_as_float("keep_ratio", keep_ratio),
+                keep_tokens=_as_int("keep_tokens", keep_tokens, minimum=1), layer=_as_int("layer", layer, minimum=0),
+                positions=coerce(positions) or "original", schedule=schedule,
+                **{k: coerce(v) for k, v in options.items()})
+
+
+# ----------------------------------------------------------------------------------------------- the wrappers
+class VtpruneLMM(lmms):
+    """Shared logic of the vtprune lmms-eval wrappers (simple, i.e. doc_to_visual / doc_to_text, interface)."""
+
+    is_simple = True
+    family = "?"
+    model_types: tuple = ()
+    other_wrapper = ""
+
+    def __init__(self, pretrained: Optional[str] = None, method: Any = "divprune", keep_ratio: Any = None,
+                 keep_tokens: Any = None, layer: Any = None, positions: Any = "original", schedule: Any = None,
+                 device: Any = None, device_map: Any = None, batch_size: Any = 1, max_batch_size: Any = None,
+                 dtype: Any = "auto", max_new_tokens: Any = None, attn_implementation: Any = None,
+                 revision: Any = None, trust_remote_code: Any = False, time_prefill: Any = False,
+                 count_flops: Any = True, **options) -> None:
+        super().__init__()
+        from accelerate import Accelerator
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+        if not pretrained:
+            raise ValueError(f"{type(self).__name__} needs model_args pretrained=<HF id or local directory>")
+        self.pretrained = str(pretrained)
+        self.batch_size_per_gpu = _as_int("batch_size", batch_size, minimum=1) or 1
+        self.max_new_tokens = _as_int("max_new_tokens", max_new_tokens, minimum=1)
+        self.time_prefill = _as_bool("time_prefill", time_prefill)
+        self.count_flops = _as_bool("count_flops", count_flops)
+        del max_batch_size  # lmms-eval passes it for automatic batch sizing, which these wrappers do not do
+        # Validate the pruning settings before loading any weights (apply_pruner re-checks them on the model).
+        settings = pruning_settings(method, keep_ratio, keep_tokens, layer, positions, schedule, **options)
+        if settings is not None:
+            self._check(settings)
+
+        revision = coerce(revision)
+        trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
+        hub = dict(revision=revision, trust_remote_code=trust_remote_code) if revision else \
+            dict(trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(self.pretrained, **hub)
+        if config.model_type not in self.model_types:
+            hint = f"; use --model {self.other_wrapper}" if self.other_wrapper else ""
+            raise ValueError(f"{self.pretrained} is a {config.model_type!r} checkpoint but --model "
+                             f"{self.registered_name} takes {list(self.model_types)}{hint}")
+
+        # Device placement as lmms-eval's HF wrappers do it: one full model per process under accelerate launch.
+        self.accelerator = Accelerator()
+        device_map = coerce(device_map)
+        if self.accelerator.num_processes > 1:
+            from accelerate import DistributedType
+
+            if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.NO):
+                raise NotImplementedError(
+                    f"{self.registered_name} supports data-parallel accelerate launch only (one model copy per "
+                    f"GPU), not {self.accelerator.distributed_type}: vtprune patches one model instance")
+            if device_map:
+                raise ValueError("device_map cannot be combined with multi-process (accelerate launch) evaluation")
+            self._device = torch.device(f"cuda:{self.accelerator.local_process_index}")
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+        else:
+            device = coerce(device)
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self._rank, self._world_size = 0, 1
+
+        load = dict(hub, dtype=_as_dtype(dtype))
+        if attn_implementation is not None:
+            load["attn_implementation"] = coerce(attn_implementation)
+        if device_map and self.accelerator.num_processes == 1:
+            load["device_map"] = device_map
+        model = AutoModelForImageTextToText.from_pretrained(self.pretrained, **load)
+        if "device_map" not in load:
+            model.to(self._device)
+        self._model = model.eval()
+        self._config = model.config
+        self.processor = AutoProcessor.from_pretrained(self.pretrained, **hub)
+        self._tokenizer = self.processor.tokenizer
+        self._tokenizer.padding_side = "left"  # batched generation continues every row from its last column
+
+        self.pruning: Optional[dict] = None
+        self.records: list[dict] = []
+        self.prefill_latency_s: Optional[float] = None
+        self.prefill_latency_batch: Optional[int] = None
+        self._flops_failed = False
+        self.keep_loaded = False
+        self.reconfigure(settings)
+        logger.info(f"{self.registered_name}: {self.pretrained} on {self._device} "
+                    f"(rank {self._rank}/{self._world_size}), pruning {self.pruning or 'off'}")
+
+    # -- lmms-eval plumbing ---------------------------------------------------------------------------------------
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+        """As lmms-eval's, except that model_args win over the command line's --batch_size / --device (lmms-eval
+        would otherwise fail with a duplicate keyword when both are given)."""
+        from lmms_eval.utils import simple_parse_args_string
+
+        args = simple_parse_args_string(arg_string or "")
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+        return cls(**args, **extra)
+
+    @property
+    def registered_name(self) -> str:
+        return getattr(type(self), "name", type(self).__name__)
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    # -- pruning -------------------------------------------------------------------------------------------------
+    def reconfigure(self, settings: Optional[dict] = None, **model_args) -> None:
+        """Switch the pruning configuration of the loaded model (None / method=none: unpruned) and clear the
+        per-sample records. ``model_args`` are parsed like the command line's (``method="fastv", layer="2"``)."""
+        if model_args:
+            if settings is not None:
+                raise ValueError("pass either settings or model_args, not both")
+            settings = pruning_settings(**model_args)
+        if self.pruning is not None:
+            vtprune.remove_pruner(self._model)
+            self.pruning = None
+        if settings is not None:
+            clean = {k: v for k, v in settings.items() if v is not None}
+            try:
+                vtprune.apply_pruner(self._model, **clean)
+            except ValueError as exc:
+                raise ValueError(f"{self.registered_name}: invalid pruning model_args {clean}: {exc}. Wrapper "
+                                 f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option.") from exc
+            self.pruning = clean
+        self.records = []
+        self.prefill_latency_s = None
+        self.prefill_latency_batch = None
+
+    def _check(self, settings: dict) -> None:
+        clean = {k: v for k, v in settings.items() if v is not None}
+        fields = {k: clean.pop(k) for k in ("method", "keep_ratio", "keep_tokens", "layer", "schedule", "positions")
+                  if k in clean}
+        try:
+            vtprune.PrunerConfig(**fields, options=clean).stages()
+        except ValueError as exc:
+            given = {k: v for k, v in settings.items() if v is not None}
+            raise ValueError(f"{self.registered_name}: invalid pruning model_args {given}: {exc}. Wrapper "
+                             f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option.") from exc
+
+    def summary(self, tasks=None) -> dict:
+        """Means per sample over ``records`` (optionally only of the given task names): visual_tokens,
+        kept_tokens, prefill_flops (None if not counted), latency_s (generate() wall time per sample), n."""
+        recs = [r for r in self.records if tasks is None or r["task"] in set(tasks)]
+        out: dict = {"n": len(recs)}
+        for key in ("visual_tokens", "kept_tokens", "prefill_flops", "latency_s"):
+            vals = [r[key] for r in recs if r[key] is not None]
+            out[key] = statistics.fmean(vals) if vals and len(vals) == len(recs) else None
+        out["prefill_latency_s"] = self.prefill_latency_s
+        out["prefill_latency_batch"] = self.prefill_latency_batch
+        return out
+
+    # -- prompts and inputs --------------------------------------------------------------------------------------
+    def build_prompt(self, context: str, n_images: int) -> str:
+        """The processor's chat template with the images first, then the text (as eval/embedded.build_prompt);
+        a plain ``USER: <image> ... ASSISTANT:`` style prompt when the processor has no template."""
+        if getattr(self.processor, "chat_template", None):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                      add_generation_prompt=True, tokenize=False)
+        return self.fallback_prompt(context, n_images)
+
+    def fallback_prompt(self, context: str, n_images: int) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def _images(visuals, task: str) -> list:
+        from PIL import Image
+
+        out = []
+        for v in visuals or []:
+            if isinstance(v, Image.Image):
+                out.append(v.convert("RGB"))
+            else:
+                raise NotImplementedError(f"task {task}: vtprune wrappers take PIL images only (got {type(v).__name__};"
+                                          " videos and audio are not supported)")
+        return out
+
+    def _to_device(self, batch) -> dict:
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(self._device)
+                if torch.is_floating_point(v):
+                    v = v.to(self._model.dtype)
+            out[k] = v
+        return out
+
+    def _sync(self):
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def _generation_args(self, gen_kwargs: dict) -> tuple[dict, list]:
+        g = dict(gen_kwargs or {})
+        until = g.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        task_max_new = _as_int("max_new_tokens", g.pop("max_new_tokens", None))
+        max_new = self.max_new_tokens or task_max_new or DEFAULT_MAX_NEW_TOKENS
+        temperature = float(g.pop("temperature", 0) or 0)
+        do_sample = g.pop("do_sample", None)
+        do_sample = bool(do_sample) if do_sample is not None else temperature > 0
+        top_p = g.pop("top_p", None)
+        num_beams = int(g.pop("num_beams", 1) or 1)
+        if g:
+            logger.debug(f"{self.registered_name}: ignoring generation kwargs {sorted(g)}")
+        gc = self._model.generation_config
+        tok = self._tokenizer
+        pad = gc.pad_token_id if gc.pad_token_id is not None else tok.pad_token_id
+        eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
+        if pad is None:
+            pad = eos[0] if isinstance(eos, list) else eos
+        args = dict(max_new_tokens=max_new, do_sample=do_sample, num_beams=num_beams, pad_token_id=pad,
+                    eos_token_id=eos)
+        if do_sample:
+            args["temperature"] = temperature
+            if top_p is not None:
+                args["top_p"] = float(top_p)
+        return args, [u for u in until if u]
+
+    @torch.no_grad()
+    def _run_batch(self, items: list) -> list[str]:
+        """items: (context, gen_kwargs, images, task, doc_id), same gen_kwargs and image count."""
+        contexts = [it[0] for it in items]
+        images = [im for it in items for im in it[2]]
+        texts = [self.build_prompt(c, len(it[2])) for c, it in zip(contexts, items)]
+        batch = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+        inputs = self._to_device(batch)
+        gen_args, until = self._generation_args(items[0][1])
+
+        if self.time_prefill and self.prefill_latency_s is None:
+            times = []
+            for _ in range(4):  # the first run warms up (allocations, kernels) and is dropped
+                self._sync()
+                t0 = time.perf_counter()
+                self._model(**inputs, use_cache=False)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            self.prefill_latency_s = statistics.median(times[1:])
+            self.prefill_latency_batch = len(items)
+
+        self._sync()
+        t0 = time.perf_counter()
+        out = self._model.generate(**inputs, **gen_args)
+        self._sync()
+        elapsed = time.perf_counter() - t0
+
+        n = len(items)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        decoded = self._tokenizer.batch_decode(new, skip_special_tokens=True)
+        answers = []
+        for text in decoded:
+            for stop in until:
+                text = text.split(stop, 1)[0]
+            answers.append(text.strip())
+
+        image_token = getattr(self._config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(self._config, "image_token_index", None)
+        visual = (inputs["input_ids"] == image_token).sum(1).tolist() if image_token is not None else [0] * n
+        stats = vtprune.get_stats(self._model) if self.pruning is not None else None
+        if stats:
+            kept = [int(k) for k in stats[-1]["tokens_after"]]
+            if len(kept) != n:  # beam search expands rows: report the mean per sample
+                kept = [sum(kept) / len(kept)] * n
+        else:
+            kept = visual
+        flops = None
+        if self.count_flops and not self._flops_failed:
+            try:
+                from vtprune.flops import count_prefill
+
+                flops = count_prefill(self._model, inputs, stats)["total"] / n
+            except Exception as exc:  # e.g. a family the FLOPs model does not know
+                self._flops_failed = True
+                logger.warning(f"{self.registered_name}: prefill FLOPs not counted ({exc})")
+        pad = gen_args["pad_token_id"]
+        gen_tokens = int((new != pad).sum()) if pad is not None else int(new.numel())
+        for it, v, k in zip(items, visual, kept):
+            self.records.append({"task": it[3], "doc_id": it[4], "visual_tokens": v, "kept_tokens": k,
+                                 "prefill_flops": flops, "latency_s": elapsed / n, "gen_tokens": gen_tokens / n})
+        return answers
+
+    def generate_until(self, requests) -> list[str]:
+        from tqdm import tqdm
+
+        args = [req.args for req in requests]
+        # Same generation settings together, longest prompts first (less padding, early OOM).
+        def key(i):
+            return json.dumps(args[i][1] or {}, sort_keys=True, default=str), -len(args[i][0]), i
+
+        order = sorted(range(len(args)), key=key)
+        results: list[Optional[str]] = [None] * len(args)
+        start = len(self.records)
+        bar = tqdm(total=len(args), disable=self._rank != 0, desc=f"{self.registered_name} responding")
+        pos = 0
+        while pos < len(order):
+            g = key(order[pos])[0]
+            chunk = []
+            while pos < len(order) and len(chunk) < self.batch_size and key(order[pos])[0] == g:
+                chunk.append(order[pos])
+                pos += 1
+            items = []
+            for i in chunk:
+                context, gen_kwargs, doc_to_visual, doc_id, task, split = args[i]
+                doc = self.task_dict[task][split][doc_id]
+                visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+                items.append((context, gen_kwargs, self._images(visuals, task), task, doc_id))
+            # One processor call needs the same number of images per prompt.
+            by_count: dict[int, list] = {}
+            for i, it in zip(chunk, items):
+                by_count.setdefault(len(it[2]), []).append((i, it))
+            for group in by_count.values():
+                for i, answer in zip([i for i, _ in group], self._run_batch([it for _, it in group])):
+                    results[i] = answer
+                    self.cache_hook.add_partial("generate_until", (args[i][0], args[i][1]), answer)
+            bar.update(len(chunk))
+        bar.close()
+        self._log_metrics(self.records[start:])
+        return results
+
+    def _log_metrics(self, recs: list) -> None:
+        """Report pruning statistics through lmms-eval's generation metrics (results JSON: ``throughput``)."""
+        if not recs:
+            return
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        elapsed = sum(r["latency_s"] for r in recs)
+        tokens = sum(r["gen_tokens"] for r in recs)
+        extra = {"total_requests": len(recs),
+                 "kept_visual_tokens": statistics.fmean(r["kept_tokens"] for r in recs),
+                 "visual_tokens": statistics.fmean(r["visual_tokens"] for r in recs)}
+        if all(r["prefill_flops"] is not None for r in recs):
+            extra["prefill_flops"] = statistics.fmean(r["prefill_flops"] for r in recs)
+        log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens,
+                    avg_speed=tokens / elapsed if elapsed > 0 else 0.0, additional_metrics=extra)
+
+    def clean(self):
+        """lmms-eval calls this after every evaluation to free the model for LLM judges; ``keep_loaded = True``
+        (set by run_lmms, which reuses the model for every configuration) keeps it."""
+        if not self.keep_loaded:
+            return super().clean()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError(f"{self.registered_name} implements generate_until only: pick generation tasks "
+                                  "(output_type: generate_until), not loglikelihood / multiple-choice ones")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError(f"{self.registered_name} does not implement multi-round generation")
+
+
+_WRAPPER_ARGS = ("pretrained", "method", "keep_ratio", "keep_tokens", "layer", "positions", "schedule", "device",
+                 "device_map", "batch_size", "dtype", "max_new_tokens", "attn_implementation", "revision",
+                 "trust_remote_code", "time_prefill", "count_flops")
+
+
+@register_model("vtprune_llava")
+class VtpruneLlava(VtpruneLMM):
+    """LLaVA-1.5 / LLaVA-NeXT (HF) with vtprune."""
+
+    name = "vtprune_llava"
+    family = "llava"
+    model_types = ("llava", "llava_next")
+    other_wrapper = "vtprune_qwen2_5_vl"
+
+    def fallback_prompt(self, context: str, n_images: int) -> str:
+        tag = getattr(self.processor, "image_token", "<image>")
+        return "USER: " + "".join(f"{tag} " for _ in range(n_images)) + f"{context} ASSISTANT:"
+
+
+@register_model("vtprune_qwen2_5_vl")
+class VtpruneQwen25VL(VtpruneLMM):
+    """Qwen2.5-VL (and Qwen2-VL) with vtprune."""
+
+    name = "vtprune_qwen2_5_vl"
+    family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl", "qwen2_vl")
+    other_wrapper = "vtprune_llava"
+
+    def fallback_prompt(self, context: str, n_images: int) -> str:
+        tag = getattr(self.processor, "image_token", "<|image_pad|>")
+        return "".join(f"<|vision_start|> {tag} <|vision_end|> " for _ in range(n_images)) + context
+
+
+WRAPPERS = {"llava": VtpruneLlava, "llava_next": VtpruneLlava, "qwen2_5_vl": VtpruneQwen25VL,
+            "qwen2_vl": VtpruneQwen25VL}

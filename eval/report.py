@@ -1,0 +1,75 @@
+"""Writing results: the printed table, results.json, results.csv and the accuracy-vs-FLOPs Pareto plot."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = ("model", "method", "budget_pct", "kept_tokens", "accuracy", "prefill_flops", "flops_ratio",
+           "prefill_latency_ms", "latency_speedup")
+
+
+def label(r: dict) -> str:
+    """The panel/row name: the model, and the task when rows come from lmms-eval."""
+    return r["model"] + (f" [{r['task']}]" if r.get("task") else "")
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the main columns (FLOPs in GFLOPs per sample)."""
+    head = ("| model | method | budget | kept tokens | accuracy | prefill GFLOPs | FLOPs ratio | "
+            "latency ms | speedup |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        ratio = r.get("flops_ratio")
+        speed = r.get("latency_speedup")
+        flops = r.get("prefill_flops")
+        lines.append(
+            f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {r['kept_tokens']:.1f} | "
+            f"{100 * r['accuracy']:.1f} % | {'-' if flops is None else f'{flops / 1e9:.3f}'} | "
+            f"{'-' if ratio is None else f'{ratio:.3f}'} | {r.get('prefill_latency_ms', float('nan')):.1f} | "
+            f"{'-' if speed is None else f'{speed:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], output: Path, title: str = "accuracy vs prefill FLOPs") -> dict:
+    """results.json, results.csv, pareto.png under ``output``. Returns their paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output / "results.json", "csv": output / "results.csv", "plot": output / "pareto.png"}
+    paths["json"].write_text(json.dumps(rows, indent=2))
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    pareto_plot(rows, paths["plot"], title)
+    return paths
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(label(r) for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        mine = [r for r in rows if label(r) == name and r.get("prefill_flops") is not None]
+        base = [r for r in mine if r["method"] == "none"]
+        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "none"):
+            pts = sorted(base + [r for r in mine if r["method"] == method], key=lambda r: r["prefill_flops"])
+            ax.plot([r["prefill_flops"] / 1e9 for r in pts], [100 * r["accuracy"] for r in pts], marker="o",
+                    label=method)
+        for r in base:
+            ax.scatter([r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5)
+        ax.set_xscale("log")
+        ax.set_xlabel("prefill GFLOPs per sample (real FLOPs, log scale)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,235 @@
+"""lmms-eval integration: entry points, the embedded task, the wrappers through the real CLI and run_lmms.
+
+lmms-eval is optional for vtprune but installed by the `test` extra; in CI (CI or VTPRUNE_REQUIRE_LMMS set) a
+missing or unusable lmms-eval is a failure, elsewhere the tests that need it are skipped.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = ROOT / "eval" / "tasks" / "vtprune_sortofclevr"
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _lmms_problem():
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError as exc:
+        return f"lmms-eval is not installed ({exc}); pip install -e '.[test]'"
+    try:
+        import filelock._api  # noqa: F401  (lmms-eval 0.7.3's evaluator imports it; filelock 4 removed it)
+    except ImportError:
+        return "lmms-eval 0.7.3 needs filelock<4; pip install -e '.[test]'"
+    return None
+
+
+PROBLEM = _lmms_problem()
+requires_lmms = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
+
+
+def test_lmms_eval_usable():
+    if PROBLEM is None:
+        return
+    if os.environ.get("CI") or os.environ.get("VTPRUNE_REQUIRE_LMMS"):
+        pytest.fail(PROBLEM)
+    pytest.skip(PROBLEM)
+
+
+def _task_utils():
+    spec = importlib.util.spec_from_file_location("vtprune_sortofclevr_utils", TASK_DIR / "utils.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_task_jsonl_is_the_embedded_test_split():
+    from vtprune.eval.data import HEIGHT, WIDTH, make_split
+
+    utils = _task_utils()
+    docs = [json.loads(line) for line in (TASK_DIR / "test.jsonl").read_text().splitlines()]
+    assert docs == utils.rows(len(docs)) and len(docs) == utils.N_EXAMPLES
+    examples = make_split("test", 10, seed=0)
+    for doc, ex in zip(docs, examples):
+        assert (doc["question"], doc["answer"], doc["qtype"]) == (ex.question, ex.answer, ex.qtype)
+        (img,) = utils.doc_to_visual(doc)
+        assert img.size == (WIDTH, HEIGHT) and img.tobytes() == ex.image.tobytes()
+    assert utils.doc_to_text(docs[0]) == docs[0]["question"]
+    assert utils.process_results(docs[0], [f" {docs[0]['answer'].upper()} "]) == \
+        {"exact_match": 1.0, f"acc_{docs[0]['qtype']}": 1.0}
+    assert utils.process_results_first_word(docs[1], [f"{docs[1]['answer'].capitalize()}."])["exact_match"] == 1.0
+    with pytest.raises(ValueError, match="regenerate"):
+        utils.doc_to_visual({**docs[0], "answer": "nonsense"})
+
+
+def test_importing_vtprune_does_not_import_lmms_eval():
+    code = ("import sys, vtprune, vtprune.eval, vtprune.eval.lmms_runner; "
+            "bad = [m for m in sys.modules if m.startswith('lmms_eval')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, **OFFLINE})
+
+
+# --------------------------------------------------------------------------------------------- saved models
+_TEMPLATE = ("{% for message in messages %}{% for c in message['content'] %}{% if c['type'] == 'image' %}IMG "
+             "{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}USER: "
+             "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
+def _saved(family, tmp_path_factory):
+    """The embedded model of the family when it has been trained, else a tiny random one with a chat template."""
+    from vtprune.eval.embedded import is_available, model_dir
+
+    name = {"llava": "llava-tiny-sortofclevr", "qwen2_5_vl": "qwen2_5_vl-tiny-sortofclevr"}[family]
+    if is_available(name):
+        return model_dir(name)
+    from vtprune.testing import tiny_model, tiny_processor
+
+    out = tmp_path_factory.mktemp(f"tiny_{family}")
+    processor = tiny_processor(family)
+    img = "<image>" if family == "llava" else "<|vision_start|> <|image_pad|> <|vision_end|>"
+    processor.chat_template = _TEMPLATE.replace("IMG", img)
+    tiny_model(family).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _saved("llava", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _saved("qwen2_5_vl", tmp_path_factory)
+
+
+# --------------------------------------------------------------------------------------------- registration
+@requires_lmms
+def test_entry_point_registers_both_wrappers():
+    from importlib.metadata import entry_points
+
+    eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.value.startswith("vtprune.")]
+    assert eps, ("vtprune's lmms_eval.models entry point is not installed: "
+                 "pip install -e . (after setup.py declares it)")
+    from lmms_eval.models import get_model
+    from vtprune.eval.lmms_plugin import VtpruneLlava, VtpruneQwen25VL
+
+    assert get_model("vtprune_llava") is VtpruneLlava
+    assert get_model("vtprune_qwen2_5_vl") is VtpruneQwen25VL
+
+
+# --------------------------------------------------------------------------------------------- wrapper units
+@requires_lmms
+def test_model_args_are_parsed_and_checked(llava_dir):
+    from vtprune.eval.lmms_plugin import VtpruneLlava, VtpruneQwen25VL, coerce, pruning_settings
+
+    assert [coerce(x) for x in ("0.25", "true", "False", "12", "none", "divprune")] == \
+        [0.25, True, False, 12, None, "divprune"]
+    s = pruning_settings(method="fastv", keep_ratio="0.5", layer="2", keep_newlines="true")
+    assert (s["keep_ratio"], s["layer"], s["keep_newlines"]) == (0.5, 2, True)
+    assert pruning_settings(method="none") is None
+    with pytest.raises(ValueError, match="unpruned"):
+        pruning_settings(method="none", keep_ratio=0.5)
+    with pytest.raises(ValueError, match="integer"):
+        pruning_settings(keep_tokens="1.5")
+
+    lm = VtpruneLlava.create_from_arg_string(f"pretrained={llava_dir},method=divprune,keep_tokens=3,batch_size=2",
+                                             {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+    assert lm.batch_size == 2 and lm.pruning["keep_tokens"] == 3 and lm.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown option"):
+        lm.reconfigure(method="divprune", keep_ratio=0.5, no_such_option=1)
+    with pytest.raises(ValueError, match="vtprune_llava"):
+        VtpruneQwen25VL(pretrained=str(llava_dir))
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        lm.loglikelihood([])
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@requires_lmms
+def test_generate_until_matches_the_embedded_harness(llava_dir, monkeypatch):
+    """Same prompts and answers as eval/embedded.predict (batched, sorted, then restored to request order)."""
+    import vtprune
+    from vtprune.eval.data import make_split
+    from vtprune.eval.embedded import predict
+    from vtprune.eval.lmms_plugin import VtpruneLlava
+
+    utils = _task_utils()
+    docs = [json.loads(line) for line in (TASK_DIR / "test.jsonl").read_text().splitlines()[:6]]
+    examples = make_split("test", 6, seed=0)
+    lm = VtpruneLlava(pretrained=str(llava_dir), method="divprune", keep_ratio="0.5", batch_size=4, device="cpu",
+                      dtype="float32")
+    lm.task_dict = {"t": {"test": docs}}
+    gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
+    reqs = [_Req(d["question"], dict(gen), utils.doc_to_visual, i, "t", "test") for i, d in enumerate(docs)]
+    got = lm.generate_until(reqs)
+    want = predict(lm.model, lm.processor, examples, batch_size=1)
+    assert got == want
+    s = lm.summary()
+    assert s["n"] == 6 and s["kept_tokens"] == pytest.approx(sum(
+        max(1, int(0.5 * r["visual_tokens"] + 0.5)) for r in lm.records) / 6)
+    assert s["kept_tokens"] < s["visual_tokens"] and s["prefill_flops"] > 0
+    assert vtprune.get_config(lm.model).keep_ratio == 0.5
+
+    # Results come back in request order whatever the batching order.
+    monkeypatch.setattr(lm, "_run_batch", lambda items: [it[0] for it in items])
+    reqs = [_Req("x" * n, dict(gen), utils.doc_to_visual, i, "t", "test") for i, n in enumerate([3, 9, 1, 7, 5])]
+    assert lm.generate_until(reqs) == ["x" * n for n in [3, 9, 1, 7, 5]]
+
+
+# --------------------------------------------------------------------------------------------- end to end
+@requires_lmms
+def test_lmms_eval_cli_runs_the_embedded_task(llava_dir, tmp_path):
+    exe = Path(sys.executable).with_name("lmms-eval")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmms_eval"]
+    out = tmp_path / "out"
+    cmd += ["--model", "vtprune_llava",
+            "--model_args", f"pretrained={llava_dir},method=divprune,keep_ratio=0.25,device=cpu,dtype=float32",
+            "--tasks", "vtprune_sortofclevr", "--include_path", str(ROOT / "eval" / "tasks"),
+            "--limit", "4", "--batch_size", "2", "--output_path", str(out)]
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout[-4000:] + proc.stderr[-4000:]
+    files = list(out.glob("*/*_results.json"))  # lmms-eval exits 0 even when the evaluation failed
+    assert proc.returncode == 0 and len(files) == 1, log
+    res = json.loads(files[0].read_text())
+    task = res["results"]["vtprune_sortofclevr"]
+    assert 0.0 <= task["exact_match,none"] <= 1.0
+    assert res["n-samples"]["vtprune_sortofclevr"]["effective"] == 4
+    thr = res["throughput"]
+    n_vis = thr["avg_visual_tokens"]
+    assert n_vis > 0 and thr["avg_kept_visual_tokens"] == max(1, int(0.25 * n_vis + 0.5)) < n_vis
+    assert thr["avg_prefill_flops"] > 0
+
+
+@requires_lmms
+def test_run_lmms_in_process(qwen_dir, tmp_path, monkeypatch):
+    from vtprune.eval.lmms_runner import run_lmms
+
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "datasets"))
+    rows = run_lmms(str(qwen_dir), ["vtprune_sortofclevr"], ["divprune"], [50], limit=5,
+                    output_dir=tmp_path / "res", batch_size=3, device="cpu", dtype="float32")
+    assert [(r["method"], r["keep_ratio"]) for r in rows] == [("none", 1.0), ("divprune", 0.5)]
+    for r in rows:
+        assert r["model"] == Path(qwen_dir).name and r["task"] == "vtprune_sortofclevr"
+        assert r["metric"] == "exact_match" and 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 5
+        assert r["latency_s"] > 0 and r["prefill_latency_ms"] > 0 and r["prefill_flops"] > 0
+        assert "acc_shape" in r and "acc_nearest" in r
+    base, pruned = rows
+    assert base["kept_tokens"] == base["visual_tokens"] > pruned["kept_tokens"] > 0
+    assert pruned["prefill_flops"] < base["prefill_flops"]
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == \
+        [f"lmms_{Path(qwen_dir).name}_divprune_50.json", f"lmms_{Path(qwen_dir).name}_none_100.json"]

@@ -1,0 +1,65 @@
+"""The ``vtprune`` command line: ``vtprune eval`` (accuracy vs FLOPs) and ``vtprune methods``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _eval(args) -> int:
+    import torch
+
+    import vtprune
+
+    from .eval import harness, report
+
+    torch.set_num_threads(args.threads)
+    budgets = harness.parse_budgets(args.budgets)
+    methods = args.methods.split(",") if args.methods else None
+    output = Path(args.output or time.strftime("vtprune-eval-%Y%m%d-%H%M%S"))
+    if args.model or args.tasks:
+        if not (args.model and args.tasks):
+            raise SystemExit("vtprune eval: --model and --tasks go together (an HF id or path, and lmms-eval tasks)")
+        from .eval.lmms_runner import run_lmms
+
+        rows = run_lmms(args.model, args.tasks.split(","), harness.check_methods(methods or vtprune.list_methods()),
+                        budgets, args.limit, output, batch_size=args.batch_size)
+        rows = harness.add_ratios(rows)
+    else:
+        models = args.models.split(",") if args.models else None
+        rows = harness.run_embedded(models, methods, budgets, args.limit, args.batch_size,
+                                    progress=not args.no_progress)
+    paths = report.write_results(rows, output)
+    print(report.table(rows))
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['plot']}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for HF VLMs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="accuracy vs prefill FLOPs on the embedded models (or lmms-eval tasks)")
+    ev.add_argument("--models", help="embedded models, comma-separated (default: all)")
+    ev.add_argument("--methods", help="methods, comma-separated (default: all registered)")
+    ev.add_argument("--budgets", default="100,50,25,11,5.5", help="percent of visual tokens kept (default: %(default)s)")
+    ev.add_argument("--limit", type=int, help="test questions per configuration (default 500)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--output", help="results folder (default: a new vtprune-eval-<time> folder)")
+    ev.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--model", help="HF id or path of a real model, evaluated through lmms-eval")
+    ev.add_argument("--tasks", help="lmms-eval tasks, comma-separated (with --model)")
+    ev.set_defaults(fn=_eval)
+    me = sub.add_parser("methods", help="list the registered pruning methods")
+    me.set_defaults(fn=lambda args: print("\n".join(__import__("vtprune").list_methods())) or 0)
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"vtprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,3 +73,21 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> None:
+    """``python -m vtprune.eval.report OUTPUT RUN [RUN ...]``: merge the results.json of several runs (for example
+    one ``vtprune eval --models ...`` per model, run in parallel) into one table, JSON, CSV and plot."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("output", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+", help="folders holding results.json")
+    args = ap.parse_args(argv)
+    rows = [r for run in args.runs for r in json.loads((run / "results.json").read_text())]
+    write_results(rows, args.output)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

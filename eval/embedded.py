@@ -31,7 +31,7 @@ def is_available(name: str) -> bool:
 
 def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     """Load an embedded model and its processor from the package folder (no network)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; expected one of {EMBEDDED_MODELS}")
@@ -39,6 +39,8 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     if not is_available(name):
         raise FileNotFoundError(f"embedded model {name!r} is not present under {d}; run eval/train.py to build it")
     processor = AutoProcessor.from_pretrained(d, local_files_only=True)
+    # the PIL image backend is the one the models were trained with (the torchvision one resizes slightly differently)
+    processor.image_processor = AutoImageProcessor.from_pretrained(d, local_files_only=True, backend="pil")
     model = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True, dtype=dtype)
     model.eval()
     return model, processor

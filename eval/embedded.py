@@ -66,8 +66,9 @@ def _as_examples(split, limit):
 
 @torch.no_grad()
 def predict(model, processor, examples: list[Example], batch_size: int = 16, blank: bool = False,
-            max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy short answers for a list of examples (left-padded batches)."""
+            max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+    """Greedy short answers for a list of examples (left-padded batches). ``on_batch(inputs, chunk)`` is called
+    after each batch is generated (the harness reads pruning stats and FLOPs there)."""
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -83,6 +84,8 @@ def predict(model, processor, examples: list[Example], batch_size: int = 16, bla
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             new = out[:, inputs["input_ids"].shape[1]:]
             preds.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(inputs, chunk)
     finally:
         tok.padding_side = old_side
     return preds

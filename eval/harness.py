@@ -16,7 +16,7 @@ import torch
 import vtprune
 
 from .data import QUESTION_TYPES, make_split, score
-from .embedded import EMBEDDED_MODELS, build_prompt, load_embedded, predict
+from .embedded import EMBEDDED_MODELS, load_embedded, predict
 
 DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept
 DEFAULT_LIMIT = 500  # test questions per configuration when no --limit is given
@@ -41,11 +41,6 @@ def check_methods(methods: Iterable[str]) -> list[str]:
     return methods
 
 
-def _inputs(model, processor, examples):
-    texts = [build_prompt(processor, e.question) for e in examples]
-    return processor(images=[e.image for e in examples], text=texts, padding=True, return_tensors="pt")
-
-
 @torch.no_grad()
 def _prefill_latency(model, inputs, repeats: int = 3) -> float:
     times = []
@@ -63,24 +58,26 @@ def evaluate_config(model, processor, examples, method: Optional[str], budget: f
 
     if method is not None:
         vtprune.apply_pruner(model, method=method, keep_ratio=budget / 100.0)
+    kept, before, flops, first = [], [], [], []
+
+    def on_batch(inputs, chunk):
+        stats = vtprune.get_stats(model) if method is not None else None
+        n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        before.extend(n_vis)
+        kept.extend(stats[-1]["tokens_after"] if stats else n_vis)
+        flops.append(count_prefill(model, inputs, stats)["total"])
+        if not first:  # the latency is timed on the first batch
+            first.append(inputs)
+        if bar is not None:
+            bar.update(len(chunk))
+
     try:
-        hits, kept, before, flops = [], [], [], []
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            preds = predict(model, processor, chunk, batch_size=len(chunk))
-            hits += [score(p, e.answer) for p, e in zip(preds, chunk)]
-            stats = vtprune.get_stats(model) if method is not None else None
-            inputs = _inputs(model, processor, chunk)
-            n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
-            before += n_vis
-            kept += stats[-1]["tokens_after"] if stats else n_vis
-            flops.append(count_prefill(model, inputs, stats)["total"])
-            if bar is not None:
-                bar.update(len(chunk))
-        latency = _prefill_latency(model, _inputs(model, processor, examples[:batch_size]))
+        preds = predict(model, processor, examples, batch_size=batch_size, on_batch=on_batch)
+        latency = _prefill_latency(model, first[0])
     finally:
         if method is not None:
             vtprune.remove_pruner(model)
+    hits = [score(p, e.answer) for p, e in zip(preds, examples)]
     row = {"method": method or "none", "keep_ratio": budget / 100.0, "budget_pct": budget,
            "visual_tokens": statistics.mean(before), "kept_tokens": statistics.mean(kept),
            "accuracy": sum(hits) / len(hits), "n": len(hits),

@@ -197,3 +197,15 @@ def test_labels_are_refused():
     vtprune.apply_pruner(m, method="random")
     with pytest.raises(NotImplementedError, match="labels"):
         m(**batch, labels=batch["input_ids"])
+
+
+@torch.no_grad()
+def test_config_object_equals_keywords():
+    m = tiny_model("qwen2_5_vl")
+    batch = make_batch("qwen2_5_vl", 2)
+    vtprune.apply_pruner(m, config=vtprune.PrunerConfig(method="pool", keep_ratio=0.5, layer=1))
+    via_config = m(**batch).logits
+    vtprune.apply_pruner(m, method="pool", keep_ratio=0.5, layer=1, replace=True)
+    assert torch.equal(m(**batch).logits, via_config)
+    with pytest.raises(ValueError, match="not both"):
+        vtprune.apply_pruner(m, config=vtprune.PrunerConfig(), keep_ratio=0.3, replace=True)

@@ -40,7 +40,7 @@ class Pruner:
         self.stages: list[StageConfig] = cfg.resolved_stages(len(adapter.layers), adapter.family, model)
         self.methods = [get_method(s.method) for s in self.stages]
         needs = set().union(*(m.needs for m in self.methods))
-        self._needs_pad = "pad_mask" in needs
+        self._needs = needs  # per-token flags are computed on each prefill only for methods that read them
         self._projector = adapter.projector_fn() if "projector" in needs else None
         self._handles, self._captures = [], []
         self.generate_call: dict = {}  # image metadata given to the running generate() call
@@ -155,8 +155,10 @@ class Pruner:
         b, length = vis.shape
         self.active, self.prefill, self.prompt_len = True, True, length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
-        self.seq = Sequence(vis=vis, mask=mask, newline=self.adapter.newline_mask(embeds, vis),
-                            pad=self.adapter.pad_mask(self.call, vis) if self._needs_pad else None)
+        needs = self._needs
+        self.seq = Sequence(vis=vis, mask=mask,
+                            newline=self.adapter.newline_mask(embeds, vis) if "newline_mask" in needs else None,
+                            pad=self.adapter.pad_mask(self.call, vis) if "pad_mask" in needs else None)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, embeds.device)
@@ -167,7 +169,8 @@ class Pruner:
         if self._projector is not None and self._pre_projector is not None:
             self.captured.pre_projector = self.adapter.projector_rows(self._pre_projector, self.call)
             self.captured.projector = self._projector
-        self.captured.grids = self.adapter.grids(self.call, vis.sum(1).tolist())
+        if "grid" in self._needs:
+            self.captured.grids = self.adapter.grids(self.call, vis.sum(1).tolist())
         index, embeds = self._run(0, embeds)
         run = self.runs[0]
         new_embeds, new_pos, _ = ops.compact(embeds, index, pos)

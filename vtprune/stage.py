@@ -153,9 +153,9 @@ def _pad_rows(rows, device):
 
 
 def _check_needs(method: Method, inputs: SelectionInputs, stage: StageConfig):
-    for need in ("attention", "queries", "projector"):
-        if need in method.needs and getattr(inputs, need) is None:
+    missing = {"attention": inputs.attention is None, "queries": inputs.queries is None,
+               "projector": inputs.projector is None or inputs.pre_projector is None}
+    for need, absent in missing.items():
+        if need in method.needs and absent:
             where = "the projector inputs" if need == "projector" else f"{need} from layer {stage.layer - 1}"
             raise RuntimeError(f"method {method.name!r} needs {where}, which were not captured on this call")
-    if "projector" in method.needs and inputs.pre_projector is None:
-        raise RuntimeError(f"method {method.name!r} needs the projector inputs, which were not captured")

@@ -30,7 +30,7 @@ setup(
         # torchvision: the Qwen2-VL processors build a video processor that needs it.
         # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
         "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60", "lmms-eval==0.7.3",
-                 "filelock>=3.24.2,<4"],
+                 "filelock>=3.24.2,<4", "gradio>=5"],
         "eval": ["matplotlib>=3.7", "tqdm>=4.60", "torchvision"],
         "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.24.2,<4"],
         "demo": ["gradio>=5"],

@@ -1,4 +1,4 @@
-"""The ``vtprune`` command line: ``vtprune eval`` (accuracy vs FLOPs) and ``vtprune methods``."""
+"""The ``vtprune`` command line: ``vtprune eval`` (accuracy vs FLOPs), ``vtprune demo`` and ``vtprune methods``."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,19 @@ def _eval(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    import torch
+
+    from .demo import build_app, example_scenes, load_model
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    examples = example_scenes() if args.model.endswith("sortofclevr") else None
+    app = build_app(model, processor, examples, max_new_tokens=args.max_new_tokens)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for HF VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -51,12 +64,21 @@ def main(argv=None) -> int:
     ev.add_argument("--model", help="HF id or path of a real model, evaluated through lmms-eval")
     ev.add_argument("--tasks", help="lmms-eval tasks, comma-separated (with --model)")
     ev.set_defaults(fn=_eval)
+    de = sub.add_parser("demo", help="Gradio page comparing the original and the pruned model side by side")
+    de.add_argument("--model", default="llava-tiny-sortofclevr",
+                    help="embedded model name, HF id or local path (default: %(default)s)")
+    de.add_argument("--max-new-tokens", type=int, default=32)
+    de.add_argument("--host", default="127.0.0.1")
+    de.add_argument("--port", type=int, default=7860)
+    de.add_argument("--share", action="store_true", help="ask Gradio for a public link")
+    de.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
+    de.set_defaults(fn=_demo)
     me = sub.add_parser("methods", help="list the registered pruning methods")
     me.set_defaults(fn=lambda args: print("\n".join(__import__("vtprune").list_methods())) or 0)
     args = ap.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: a checkpoint that cannot be found or read
         print(f"vtprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

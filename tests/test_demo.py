@@ -1,0 +1,131 @@
+"""The side-by-side demo: both answers are the real ones, the overlay shows exactly the kept tokens, undo is exact."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vtprune
+from vtprune.api import _ATTR
+from vtprune.demo import build_app, compare, example_scenes, kept_visual_tokens, overlay
+from vtprune.eval.data import make_split
+from vtprune.eval.embedded import EMBEDDED_MODELS, build_prompt, is_available, load_embedded
+from vtprune.testing import image_prompt, tiny_images, tiny_model, tiny_processor
+
+pytestmark = pytest.mark.skipif(not all(map(is_available, EMBEDDED_MODELS)), reason="embedded models not built")
+
+
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def embedded(request):
+    return load_embedded(request.param)
+
+
+def _generate(model, processor, image, question, **settings):
+    batch = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt")
+    if settings:
+        vtprune.apply_pruner(model, **settings)
+    try:
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        stats = vtprune.get_stats(model) if settings else None
+    finally:
+        if settings:
+            vtprune.remove_pruner(model)
+    text = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return text, stats
+
+
+@pytest.mark.parametrize("method,ratio", [("divprune", 0.25), ("fastv", 0.11), ("random", 0.5)])
+def test_answers_are_those_of_the_unpatched_and_the_patched_model(embedded, method, ratio):
+    model, processor = embedded
+    e = make_split("test", 3, seed=0)[2]
+    opts = {"seed": 1} if method == "random" else {}
+    c = compare(model, processor, e.image, e.question, method=method, keep_ratio=ratio, max_new_tokens=3, **opts)
+    assert c.original.text == _generate(model, processor, e.image, e.question)[0]
+    pruned, stats = _generate(model, processor, e.image, e.question, method=method, keep_ratio=ratio, **opts)
+    assert c.pruned.text == pruned
+    assert torch.equal(c.stats[0]["kept_indices"], stats[0]["kept_indices"])
+    assert c.pruned.visual_tokens == stats[-1]["tokens_after"][0] < c.original.visual_tokens
+    assert c.flops_ratio < 1
+    assert getattr(model, _ATTR, None) is None and not model._forward_pre_hooks  # restored
+
+
+def test_keep_all_gives_the_original_answer_and_cost(embedded):
+    model, processor = embedded
+    for e in make_split("test", 5, seed=0):
+        c = compare(model, processor, e.image, e.question, method="pool", keep_ratio=1.0, max_new_tokens=3)
+        assert c.pruned.text == c.original.text
+        assert c.pruned.visual_tokens == c.original.visual_tokens
+
+
+def test_overlay_greys_exactly_the_dropped_cells(embedded):
+    model, processor = embedded
+    e = make_split("test", 1, seed=0)[0]
+    c = compare(model, processor, e.image, e.question, method="divprune", keep_ratio=0.25, max_new_tokens=1)
+    kept = kept_visual_tokens(c.stats, c.original.visual_tokens)
+    rows = 12 if model.config.model_type == "llava" else 10
+    cols = c.original.visual_tokens // rows
+    white = Image.new("RGB", c.overlay.size, (255, 255, 255))
+    marked = torch.from_numpy(np.array(overlay(white, (rows, cols), kept)))[..., 0]
+    h, w = c.overlay.size[1] // rows, c.overlay.size[0] // cols
+    centres = marked[h // 2::h, w // 2::w][:rows, :cols].flatten()
+    assert torch.equal((centres == 255).nonzero().flatten(), kept)
+    assert len(kept) == c.pruned.visual_tokens
+
+
+def test_kept_tokens_compose_across_stages():
+    stats = [{"kept_indices": torch.tensor([[0, 2, 5, 7, 8]])}, {"kept_indices": torch.tensor([[1, 3, -1]])}]
+    assert kept_visual_tokens(stats, 10).tolist() == [2, 7]
+
+
+def test_multi_crop_models_answer_without_an_overlay():
+    model, processor = tiny_model("llava_next"), tiny_processor("llava_next")
+    image = tiny_images(1)[0]
+    c = compare(model, processor, image, "q", method="random", keep_ratio=0.5, max_new_tokens=2,
+                prompt=image_prompt("llava_next"), seed=0)
+    assert c.overlay is None and c.pruned.visual_tokens < c.original.visual_tokens
+
+
+def test_bad_input_is_refused_with_the_reason(embedded):
+    model, processor = embedded
+    e = make_split("test", 1, seed=0)[0]
+    with pytest.raises(ValueError, match="question is empty"):
+        compare(model, processor, e.image, "  ")
+    vtprune.apply_pruner(model, method="random", keep_ratio=0.5)
+    try:
+        with pytest.raises(ValueError, match="unpatched model"):
+            compare(model, processor, e.image, e.question)
+    finally:
+        vtprune.remove_pruner(model)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        compare(model, processor, e.image, e.question, keep_ratio=1.5)
+    assert getattr(model, _ATTR, None) is None
+
+
+def test_gradio_app_runs_the_comparison(embedded):
+    pytest.importorskip("gradio")
+    model, processor = embedded
+    app = build_app(model, processor, example_scenes(2), max_new_tokens=3)
+    e = make_split("test", 2, seed=0)[1]
+    original, pruned, shown, summary = app.vtprune_run(e.image, e.question, "pool", 25, -1)
+    c = compare(model, processor, e.image, e.question, method="pool", keep_ratio=0.25, max_new_tokens=3)
+    assert (original, pruned) == (c.original.text, c.pruned.text)
+    assert np.array_equal(np.asarray(shown), np.asarray(c.overlay))
+    assert summary.startswith(f"pool: {c.pruned.visual_tokens} of {c.original.visual_tokens} visual tokens kept")
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="upload an image"):
+        app.vtprune_run(None, e.question, "pool", 25, -1)
+    with pytest.raises(gr.Error, match="unknown method"):
+        app.vtprune_run(e.image, e.question, "nope", 25, -1)
+
+
+def test_cli_demo_launches_the_page_and_names_a_bad_model(monkeypatch, capsys):
+    gr = pytest.importorskip("gradio")
+    from vtprune.cli import main
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw, app=self))
+    assert main(["demo", "--port", "7999"]) == 0
+    assert launched["server_port"] == 7999 and launched["server_name"] == "127.0.0.1" and not launched["share"]
+    assert hasattr(launched["app"], "vtprune_run")
+    assert main(["demo", "--model", "/nonexistent/vlm"]) == 2
+    assert "/nonexistent/vlm" in capsys.readouterr().err

@@ -3,12 +3,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vtprune.eval.data import make_split
+from vtprune.eval.embedded import (
+    EMBEDDED_MODELS,
+    build_prompt,
+    is_available,
+    load_embedded,
+)
 
 import vtprune
 from vtprune.api import _ATTR
 from vtprune.demo import build_app, compare, example_scenes, kept_visual_tokens, overlay
-from vtprune.eval.data import make_split
-from vtprune.eval.embedded import EMBEDDED_MODELS, build_prompt, is_available, load_embedded
 from vtprune.testing import image_prompt, tiny_images, tiny_model, tiny_processor
 
 pytestmark = pytest.mark.skipif(not all(map(is_available, EMBEDDED_MODELS)), reason="embedded models not built")

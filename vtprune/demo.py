@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import api
-from .strategies import list_methods
 from .flops import count_prefill
+from .strategies import list_methods
 
 
 @dataclass

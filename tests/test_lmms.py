@@ -129,7 +129,8 @@ def test_entry_point_registers_both_wrappers():
 # --------------------------------------------------------------------------------------------- wrapper units
 @requires_lmms
 def test_model_args_are_parsed_and_checked(llava_dir):
-    from vtprune.eval.lmms_plugin import VtpruneLlava, VtpruneQwen25VL, coerce, pruning_settings
+    from vtprune.eval.lmms_args import coerce, pruning_settings
+    from vtprune.eval.lmms_plugin import VtpruneLlava, VtpruneQwen25VL
 
     assert [coerce(x) for x in ("0.25", "true", "False", "12", "none", "divprune")] == \
         [0.25, True, False, 12, None, "divprune"]

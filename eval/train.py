@@ -1,7 +1,7 @@
 """Train the embedded small VLMs (real HF classes) on the procedural Sort-of-CLEVR set of ``eval/data.py``.
 
-    python -m vtprune.eval.train --model llava --seed 0 --out eval/models/llava-tiny-sortofclevr
-    python -m vtprune.eval.train --model qwen  --seed 0 --out eval/models/qwen2_5_vl-tiny-sortofclevr
+    python -m vtprune.eval.train --model llava --recipe --out eval/models/llava-tiny-sortofclevr
+    python -m vtprune.eval.train --model qwen  --recipe --out eval/models/qwen2_5_vl-tiny-sortofclevr
     (or ``python eval/train.py ...`` from the repository root)
 
 Recipe (see the shared note on training such a model on a CPU):
@@ -369,7 +369,8 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
 # Stage B: question answering + captions with the visual side frozen
 
 
-def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa_types=QUESTION_TYPES) -> str:
+def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
+                  with_caption: bool = True) -> str:
     """``qa_turns`` question turns (rounds of ``qa_types`` -- every question type once by default -- shuffled
     within the round, no question repeated), then the caption turn."""
     turns = []
@@ -387,7 +388,8 @@ def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa
                 seen.add(qa[0])
                 turns.append(qa)
                 break
-    turns.append((CAPTION_QUESTION, caption(scene)))
+    if with_caption:
+        turns.append((CAPTION_QUESTION, caption(scene)))
     q0, a0 = turns[0]
     text = build_prompt(processor, q0) + f" {a0} </s>"
     for q, a in turns[1:]:
@@ -412,11 +414,17 @@ def supervise_mask(ids: torch.Tensor, tok) -> torch.Tensor:
     return m
 
 
-def make_batch(processor, seed, step, batch, stream=2, qa_turns=len(QUESTION_TYPES), qa_types=QUESTION_TYPES):
+def make_batch(processor, seed, step, batch, stream=2, qa_turns=len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
+               blank_every: int = 0):
+    """One stage-B batch.  With ``blank_every = n``, every n-th sequence shows a blank canvas instead of its scene
+    and has no caption: its answers, those of the unseen scene, follow the answer distribution given the question,
+    so the model learns to fall back on that prior when the image shows nothing (instead of leaving the answer
+    format, which a blank or heavily pruned image otherwise provokes)."""
     tok = processor.tokenizer
     sc = scenes_for_step(seed, step, batch, stream)
-    texts = [sequence_text(processor, s, rng, qa_turns, qa_types) for s, rng in sc]
-    images = [render(s) for s, _ in sc]
+    blank = [blank_every > 0 and (step * batch + j) % blank_every == 0 for j in range(batch)]
+    texts = [sequence_text(processor, s, rng, qa_turns, qa_types, with_caption=not b) for (s, rng), b in zip(sc, blank)]
+    images = [render(None) if b else render(s) for (s, _), b in zip(sc, blank)]
     tok.padding_side = "right"
     inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
     tok.padding_side = "left"
@@ -441,19 +449,34 @@ def quick_eval(model, processor, examples, kind):
     return res
 
 
+def projector(model, kind):
+    """The module mapping vision features to LLM inputs: LLaVA's projector MLP, Qwen's patch merger."""
+    return model.model.multi_modal_projector if kind == "llava" else model.model.visual.merger
+
+
 def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every, out_dir, qa_turns, stream=2,
-            qa_types=QUESTION_TYPES):
+            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0):
+    """Question answering + captions.  The vision tower stays frozen; the projector trains at
+    ``projector_lr_scale * lr`` (0: frozen), as in LLaVA's own second stage, which lets the answers' loss amplify
+    the feature directions the questions key on."""
     if steps <= 0:
         return 0.0, None
     for m in visual_parts(model, kind):
         for p in m.parameters():
             p.requires_grad_(False)
         m.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    proj = list(projector(model, kind).parameters()) if projector_lr_scale > 0 else []
+    for p in proj:
+        p.requires_grad_(True)
+    proj_ids = {id(p) for p in proj}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    if proj:
+        groups.append({"params": proj, "weight_decay": 0.0, "lr": lr * projector_lr_scale})
+    params = params + proj
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -462,7 +485,8 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     torch.manual_seed(seed + 2)
     best = None
     for step in range(steps):
-        inputs = make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns, qa_types=qa_types)
+        inputs = make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns, qa_types=qa_types,
+                            blank_every=blank_every)
         out = model(**inputs)
         loss = out.loss
         opt.zero_grad(set_to_none=True)
@@ -494,7 +518,36 @@ def _previous_time(previous) -> float:
     return previous.get("train_time_s_including_previous_runs") or previous.get("time_s", {}).get("train_total", 0.0)
 
 
-def main(argv=None):
+# The runs that produced the shipped models, in order; each run after the first continues the previous one
+# (``--init-from``).  ``--recipe`` replays them.  The second LLaVA run re-weights the question mix towards colour and
+# side questions, which the first had not yet learned; Qwen's short second run adds blank-canvas sequences
+# (``--b-blank-every``) so that on an image showing nothing it answers from the prior instead of leaving the format.
+_FIRST = ("--a-steps 1500 --a-batch 32 --b-steps 2500 --b-batch 16 --qa-turns 12 "
+          "--qa-types shape,colour,side,count,nearest,colour,nearest,count --eval-every 250")
+RECIPES = {
+    "llava": [_FIRST, "--a-steps 0 --b-steps 2500 --b-batch 16 --qa-turns 12 "
+                      "--qa-types shape,colour,side,count,nearest,colour,side,nearest,colour,side --b-stream 3 "
+                      "--eval-every 250"],
+    "qwen": [_FIRST, "--a-steps 0 --b-steps 600 --b-batch 16 --b-lr 5e-4 --qa-turns 12 --b-blank-every 8 "
+                     "--b-stream 3 --eval-every 200"],
+}
+
+
+def run_recipe(kind: str, seed: int, out: Path, threads: int) -> dict:
+    """Replay ``RECIPES[kind]``: intermediate runs go to ``out/run<i>``, the last one to ``out``."""
+    info, previous = None, None
+    runs = RECIPES[kind]
+    for i, extra in enumerate(runs):
+        target = out if i == len(runs) - 1 else out / f"run{i + 1}"
+        argv = ["--model", kind, "--seed", str(seed), "--threads", str(threads), *extra.split(), "--out", str(target)]
+        if previous is not None:
+            argv += ["--init-from", str(previous)]
+        info = main(argv)
+        previous = target
+    return info
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["llava", "qwen"], required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -509,6 +562,10 @@ def main(argv=None):
     ap.add_argument("--qa-turns", type=int, default=12, help="question turns per training sequence")
     ap.add_argument("--qa-types", default=DEFAULT_QA_TYPES,
                     help="comma list of question types making one round of turns (repeats weight a type)")
+    ap.add_argument("--b-projector-lr-scale", type=float, default=0.0,
+                    help="stage-B learning rate of the projector / patch merger relative to the LLM's (0: frozen)")
+    ap.add_argument("--b-blank-every", type=int, default=0,
+                    help="every n-th stage-B sequence shows a blank canvas, answers kept, no caption (0: never)")
     ap.add_argument("--b-stream", type=int, default=2, help="seed stream of the stage-B scenes")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from a saved model folder (use with --a-steps 0 to continue stage B)")
@@ -516,11 +573,19 @@ def main(argv=None):
     ap.add_argument("--val-size", type=int, default=250)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    args = ap.parse_args(argv)
+    ap.add_argument("--recipe", action="store_true",
+                    help="replay the runs that produced the shipped model (RECIPES); other stage flags are ignored")
+    return ap
 
-    torch.set_num_threads(args.threads)
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+
     name = NAMES[args.model]
     out_dir = args.out or (Path(__file__).parent / "models" / name)
+    if args.recipe:
+        return run_recipe(args.model, args.seed, out_dir, args.threads)
+    torch.set_num_threads(args.threads)
     t_start = time.time()
 
     def log(msg):
@@ -547,7 +612,8 @@ def main(argv=None):
     assert all(t in QUESTION_TYPES for t in qa_types), qa_types
     val = make_split("validation", args.val_size, seed=args.seed)
     t_b, val_res = stage_b(model, args.model, processor, args.seed, args.b_steps, args.b_batch, args.b_lr, log,
-                           val, args.eval_every, out_dir, args.qa_turns, args.b_stream, qa_types)
+                           val, args.eval_every, out_dir, args.qa_turns, args.b_stream, qa_types,
+                           args.b_projector_lr_scale, args.b_blank_every)
     log(f"stage B done in {t_b:.0f}s")
     train_time = time.time() - t_start
 

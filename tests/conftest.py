@@ -7,6 +7,8 @@ import torch
 # imported (transformers imports it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The demo tests start a Gradio server: no usage reporting from test runs.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 

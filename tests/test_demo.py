@@ -134,3 +134,29 @@ def test_cli_demo_launches_the_page_and_names_a_bad_model(monkeypatch, capsys):
     assert hasattr(launched["app"], "vtprune_run")
     assert main(["demo", "--model", "/nonexistent/vlm"]) == 2
     assert "/nonexistent/vlm" in capsys.readouterr().err
+
+
+def test_served_page_answers_over_http(tmp_path):
+    pytest.importorskip("gradio")
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    model, processor = load_embedded("llava-tiny-sortofclevr")
+    app = build_app(model, processor, max_new_tokens=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        e = make_split("test", 3, seed=0)[2]
+        e.image.save(tmp_path / "scene.png")
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        original, pruned, shown, summary = client.predict(handle_file(str(tmp_path / "scene.png")), e.question,
+                                                          "divprune", 11, -1, api_name="/run")
+    finally:
+        app.close()
+    c = compare(model, processor, e.image, e.question, method="divprune", keep_ratio=0.11, max_new_tokens=3)
+    assert (original, pruned) == (c.original.text, c.pruned.text)
+    assert summary.startswith(f"divprune: {c.pruned.visual_tokens} of 144 visual tokens kept")
+    assert Image.open(shown).size == c.overlay.size

@@ -147,3 +147,28 @@ def test_in_llm_stage_equals_manual_layer_loop(family, layer):
                                position_ids=None if pos is None else pos[..., keep])
     logits = model.lm_head(lm.norm(hidden))
     torch.testing.assert_close(pruned, logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,layer", [("divprune", 0), ("fastv", 2)])
+def test_beam_search(family, method, layer):
+    model = _model(family, "sdpa")
+    batch = make_batch(family, 2)
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=2)
+    ref = model.generate(**batch, **beams)
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0, layer=layer)
+    try:
+        assert torch.equal(model.generate(**batch, **beams), ref)  # keep-all: the stock beam search
+        vtprune.apply_pruner(model, method=method, keep_ratio=0.4, layer=layer, replace=True)
+        both = model.generate(**batch, **beams)
+        kept = vtprune.get_stats(model)[0]["kept_indices"]  # prefill of 2 samples x 3 beams
+        alone = [model.generate(**row(batch, i), **beams) for i in range(2)]
+        # fastv re-chooses from each new last token when run without a cache, so only layer 0 compares there
+        uncached = model.generate(**batch, use_cache=False, **beams) if layer == 0 else both
+    finally:
+        vtprune.remove_pruner(model)
+    assert kept.shape[0] == 6 and all(torch.equal(kept[i], kept[i - i % 3]) for i in range(6))
+    for i in range(2):
+        n = alone[i].shape[1]
+        assert torch.equal(both[2 * i : 2 * i + 2, -n:], alone[i])
+    assert torch.equal(both, uncached)

@@ -17,7 +17,9 @@ Recipe (see the shared note on training such a model on a CPU):
 * Stage B -- visual side frozen; the LLM learns from sequences ``image, Q1 A1, Q2 A2, ..., "describe the scene" caption``
   (12 question turns drawn in shuffled rounds of ``DEFAULT_QA_TYPES``, caption last; every answer and caption token
   supervised).  The first turn of every sequence is exactly the evaluation prompt.  Captions list the objects left to
-  right with side, top/bottom and nearest neighbour, then the count of each shape.
+  right with side, top/bottom and nearest neighbour, then the count of each shape.  Options: blank-canvas sequences
+  (``--b-blank-every``) and a trainable projector (``--b-projector-lr-scale``, not used by the shipped models).
+* ``--recipe`` replays the recorded runs that produced the shipped models (``RECIPES``).
 * Evaluation on the test split (full images and blank images) with ``embedded.evaluate_accuracy``.
 """
 
@@ -236,7 +238,7 @@ REGIONS = ("background", "padding", "object")
 # Categorical targets of a token covering an object: every answer of the benchmark is one of these, read at the
 # object's tokens.  Making each one a crisp, linearly readable feature of the token turns every question into the
 # same "find the token by one attribute, read another" lookup, which the small LLM learns quickly (the joint
-# colour x shape class alone left shape and position weakly encoded; see the shared training note).
+# colour x shape class alone left shape and position weakly encoded; see eval/models/README.md).
 OBJECT_HEADS = {"colour": len(COLOUR_NAMES), "shape": len(SHAPES), "side": 2, "nearest": len(COLOUR_NAMES)}
 # Counts of each shape are a property of the whole scene: every token predicts them (as a ViT's tokens carry
 # global context), so a count is readable wherever the LLM looks.

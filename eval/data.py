@@ -304,17 +304,11 @@ def answer_prior(examples: list[Example]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Prompt format shared by training and evaluation
-
-IMAGE_TOKEN_LLAVA = "<image>"
-IMAGE_TOKEN_QWEN = "<|image_pad|>"
-
-
-def prompt_text(question: str, image_text: str) -> str:
-    """The single prompt format used for both training and evaluation: image first, then the question."""
-    return f"{image_text} question : {question} answer :"
+# Prompt format: the first turn is the processor's chat template (``eval/train.py: chat_template``, saved with each
+# model: image first, then " question : <q> answer :"); training sequences continue with further turns in the same
+# words.
 
 
 def turn_text(question: str) -> str:
-    """A follow-up question turn (training only; the first turn is exactly ``prompt_text``)."""
+    """A follow-up question turn of a training sequence (the first turn comes from the chat template)."""
     return f" question : {question} answer :"

@@ -5,9 +5,6 @@ import csv
 import json
 from pathlib import Path
 
-COLUMNS = ("model", "method", "budget_pct", "kept_tokens", "accuracy", "prefill_flops", "flops_ratio",
-           "prefill_latency_ms", "latency_speedup")
-
 
 def label(r: dict) -> str:
     """The panel/row name: the model, and the task when rows come from lmms-eval."""

@@ -58,6 +58,7 @@ from .data import (  # noqa: E402
     plural,
     random_scene,
     render,
+    turn_text,
 )
 from .embedded import build_prompt, evaluate_accuracy  # noqa: E402
 
@@ -304,9 +305,9 @@ class DenseHead(torch.nn.Module):
     def loss(self, feats, targets):
         """Total loss and a dict of per-target accuracies (attributes measured on object tokens only)."""
         region, attrs, count, obj_xy, is_obj, anchor, own = targets
-        l_region = F.cross_entropy(self.region(feats).flatten(0, 1), region.flatten())
-        loss = l_region
-        accs = {"region": (self.region(feats).argmax(-1) == region).float().mean().item()}
+        logits = self.region(feats)
+        loss = F.cross_entropy(logits.flatten(0, 1), region.flatten())
+        accs = {"region": (logits.argmax(-1) == region).float().mean().item()}
         for j, (name, head) in enumerate(zip(OBJECT_HEADS, self.attrs)):
             logits, tgt = head(feats), attrs[..., j]
             loss = loss + 2.0 * F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
@@ -395,7 +396,7 @@ def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa
     q0, a0 = turns[0]
     text = build_prompt(processor, q0) + f" {a0} </s>"
     for q, a in turns[1:]:
-        text += f" question : {q} answer : {a} </s>"
+        text += turn_text(q) + f" {a} </s>"
     return text
 
 

@@ -40,10 +40,11 @@ def _demo(args) -> int:
     import torch
 
     from .demo import build_app, example_scenes, load_model
+    from .eval.embedded import EMBEDDED_MODELS
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
-    examples = example_scenes() if args.model.endswith("sortofclevr") else None
+    examples = example_scenes() if args.model in EMBEDDED_MODELS else None  # scenes of their own benchmark
     app = build_app(model, processor, examples, max_new_tokens=args.max_new_tokens)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

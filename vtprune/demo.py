@@ -109,8 +109,8 @@ def compare(model, processor, image: Image.Image, question: str, method: str = "
     if not question or not question.strip():
         raise ValueError("question is empty: ask something about the image")
     image = image.convert("RGB")
-    text = prompt if prompt is not None else build_prompt(processor, question.strip())
-    batch = processor(images=[image], text=[text], return_tensors="pt")
+    prompt = prompt if prompt is not None else build_prompt(processor, question.strip())
+    batch = processor(images=[image], text=[prompt], return_tensors="pt")
     batch = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
              for k, v in batch.items()}
     tok = processor.tokenizer

@@ -1,21 +1,48 @@
 """What the engine needs to know about a model family. Adapters only locate tensors; they decide nothing."""
 from __future__ import annotations
 
-import copy
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 
-class Adapter:
-    """Locates the language model, its layers, the visual tokens and the projector of one model instance.
+# The word-level vocabulary of the tiny test models (vtprune.testing): the special tokens come first so the
+# families' tiny configs can name their ids.
+TINY_VOCAB = ["<pad>", "<unk>", "<s>", "<image>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+              "<|vision_end|>", "USER:", "ASSISTANT:", "what", "colour", "shape", "is", "the", "red", "blue",
+              "green", "circle", "square", "left", "right", "?", "a", "b", "c", "d", "e", "f", "g", "h"]
+TINY_IDS = {w: i for i, w in enumerate(TINY_VOCAB)}
 
-    Subclasses set ``family`` and ``position_kind`` ("1d" for [B, L] ids, "mrope" for Qwen's [3, B, L]) and
-    override what their family has: ``grids``, ``pad_mask``, ``newline_mask``, the projector accessors.
+
+def tiny_text_config(**over) -> dict:
+    """The decoder of every tiny test model: 4 layers, hidden 32, grouped-query attention."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2,
+                eos_token_id=1, tie_word_embeddings=False)
+    base.update(over)
+    return base
+
+
+def as_rows(x) -> list:
+    """A [n, c] tensor or nested list as a list of lists."""
+    return x.tolist() if torch.is_tensor(x) else [list(r) for r in x]
+
+
+class Adapter:
+    """Everything vtprune knows about one model family, and the accessors of one model instance.
+
+    Instance side (the engine): the language model, its layers, the visual tokens, grids, padding and newline
+    flags and the projector. Class side (FLOPs counting, tests, plugins; no model needed): ``model_types``
+    (the ``config.model_type`` values it serves), ``position_kind`` ("1d" for [B, L] ids, "mrope" for Qwen's
+    [3, B, L]), ``entropy_layer``, ``vision_flops`` / ``projector_dims`` / ``projector_rows_run`` and the tiny
+    random-weight model the tests build (``tiny_config``, ``model_class``, ``tiny_processor``, ``prompt_tag``).
     """
 
     family = "base"
+    model_types: tuple = ()
     position_kind = "1d"
+    entropy_layer = 2  # EntropyPrune's published collapse layer for the family (its released scripts)
+    prompt_tag = "<image>"  # the image placeholder in a hand-written prompt of the tiny test models
 
     def __init__(self, model):
         self.model = model
@@ -62,14 +89,45 @@ class Adapter:
         pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
         return pos if self.position_kind == "1d" else pos.unsqueeze(0).expand(3, -1, -1)
 
-    # Projector access for sensitivity methods (ZOO): the module whose input is captured, and how a captured
-    # input becomes [visual tokens of the batch in placement order, Din] rows for a float32 projector copy.
+    # Projector access for sensitivity methods (ZOO): the module whose input is captured, the part scored through,
+    # and how a captured input becomes [visual tokens of the batch in placement order, Din] rows for it.
     def projector_module(self) -> torch.nn.Module:
         return self.base.multi_modal_projector
 
-    def projector_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A float32 copy of the projector mapping [..., Din] -> [..., D] (finite differences need float32)."""
-        return copy.deepcopy(self.projector_module()).float()
+    def projector_mlp(self) -> torch.nn.Module:
+        """The live module mapping projector rows [..., Din] -> [..., D] that sensitivity is measured through."""
+        return self.projector_module()
 
     def projector_rows(self, captured: torch.Tensor, call: dict) -> torch.Tensor:
         return captured.reshape(-1, captured.shape[-1]).float()
+
+    # ------------------------------------------------------------------ family facts (no model instance needed)
+    @classmethod
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        """Real FLOPs of the vision tower (without the projector) on one batch of images."""
+        raise NotImplementedError(f"{cls.__name__} has no vision FLOPs model")
+
+    @classmethod
+    def projector_dims(cls, config) -> tuple:
+        """(d_in, d_hidden, d_out) of the projector's Linear -> act -> Linear, per output token."""
+        raise NotImplementedError(f"{cls.__name__} has no projector shape")
+
+    @classmethod
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        """How many rows the model runs through its projector for one batch of images."""
+        raise NotImplementedError(f"{cls.__name__} has no projector row count")
+
+    @classmethod
+    def model_class(cls):
+        """The ``*ForConditionalGeneration`` class of the family."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_config(cls, num_layers: int = 4):
+        """A tiny random-weight config of the family (vision 28 px, patch 7; text hidden 32) for tests."""
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_processor(cls, tokenizer):
+        """A real processor of the family around ``tokenizer``, with pixel settings matching ``tiny_config``."""
+        raise NotImplementedError

@@ -3,13 +3,91 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
+from .base import TINY_IDS, Adapter, as_rows, tiny_text_config
 
 _PAD_TOLERANCE = 0.02  # normalised units; the pad colour is the (rounded) image mean, so it maps to ~0
+_NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-class LlavaAdapter(Adapter):
+class ClipLlamaFamily(Adapter):
+    """What LLaVA-1.5 and LLaVA-NeXT share: a CLIP tower, a two-layer projector, a Llama decoder."""
+
+    @classmethod
+    def crops(cls, config, pixel_values, image_sizes) -> tuple[int, int, int]:
+        """(crops run through the tower, crop height, crop width) for pixel_values [n, 3, H, W]."""
+        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
+        return shape[0], shape[-2], shape[-1]
+
+    @classmethod
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        """CLIP runs every layer (even when vision_feature_layer picks an earlier one) over patches + CLS, once
+        per image or crop: conv patch embed, q/k/v/o, QKᵀ and AV, fc1 and fc2."""
+        if pixel_values is None:
+            return 0
+        n, height, width = cls.crops(config, pixel_values, image_sizes)
+        vc = config.vision_config
+        e, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
+        patches = (height // p) * (width // p)
+        t = patches + 1
+        conv = 2 * patches * vc.num_channels * p * p * e
+        layer = 2 * t * e * 4 * e + 4 * t * t * e + 2 * 2 * t * e * inter
+        return n * (conv + vc.num_hidden_layers * layer)
+
+    @classmethod
+    def projector_dims(cls, config) -> tuple:
+        layers = config.vision_feature_layer
+        d_in = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        d = config.get_text_config().hidden_size
+        return d_in, d, d
+
+    @classmethod
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        # Every crop's patch tokens (and CLS with the "full" strategy), before LLaVA-NeXT unpads.
+        if pixel_values is None:
+            return 0
+        n, height, width = cls.crops(config, pixel_values, image_sizes)
+        p = config.vision_config.patch_size
+        return n * ((height // p) * (width // p) + (0 if config.vision_feature_select_strategy == "default" else 1))
+
+    @classmethod
+    def tiny_config(cls, num_layers: int = 4):
+        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+        text = dict(model_type="llama", **tiny_text_config(num_hidden_layers=num_layers))
+        return cls._config_class()(vision_config=vision, text_config=text, image_token_id=TINY_IDS["<image>"],
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   **cls._tiny_extra())
+
+    @classmethod
+    def _tiny_extra(cls) -> dict:
+        return {}
+
+
+class LlavaAdapter(ClipLlamaFamily):
     family = "llava"
+    model_types = ("llava",)
+
+    @classmethod
+    def model_class(cls):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def _config_class(cls):
+        from transformers import LlavaConfig
+
+        return LlavaConfig
+
+    @classmethod
+    def tiny_processor(cls, tokenizer):
+        from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+        ip = LlavaImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                    do_pad=True, do_center_crop=False, **_NORM)
+        return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=7,
+                              vision_feature_select_strategy="default", image_token="<image>",
+                              num_additional_image_tokens=1)
 
     @property
     def side(self) -> int:

@@ -1,16 +1,17 @@
 """Qwen2-VL and Qwen2.5-VL: native-resolution images merged 2x2 by the patch merger, M-RoPE positions."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from .base import Adapter
+from .base import TINY_IDS, Adapter, as_rows, tiny_text_config
 
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
     position_kind = "mrope"
+    entropy_layer = 1
+    prompt_tag = "<|vision_start|> <|image_pad|> <|vision_end|>"
 
     def grids(self, call, counts):
         thw = call.get("image_grid_thw")
@@ -34,9 +35,9 @@ class Qwen2VLAdapter(Adapter):
     def projector_module(self):
         return self.base.visual.merger
 
-    def projector_fn(self):
+    def projector_mlp(self):
         # The sensitivity is taken through the merger's MLP on the normalised, 2x2-grouped patch rows.
-        return copy.deepcopy(self.base.visual.merger.mlp).float()
+        return self.base.visual.merger.mlp
 
     def projector_rows(self, captured, call):
         merger = self.base.visual.merger
@@ -47,8 +48,88 @@ class Qwen2VLAdapter(Adapter):
         return slice(None)  # Qwen2-VL merges patches already in raster order
 
 
+    # ------------------------------------------------------------------ family facts
+    @classmethod
+    def _dims(cls, vc) -> tuple[int, int]:
+        """(vision width E, merger output dim): Qwen2-VL names them embed_dim / hidden_size."""
+        return vc.embed_dim, vc.hidden_size
+
+    @classmethod
+    def _attention(cls, vc, t: int, h: int, w: int) -> list[int]:
+        """Attention FLOPs of each block for one image: every block attends within the frame."""
+        return [4 * vc.embed_dim * t * (h * w) ** 2] * vc.depth
+
+    @classmethod
+    def _mlp(cls, vc, n: int, e: int) -> int:
+        return 2 * 2 * n * e * int(e * vc.mlp_ratio)  # fc1, fc2
+
+    @classmethod
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        """Conv3d patch embed, then per block q/k/v/o, attention within each frame (or window) and the MLP;
+        image_grid_thw [n, 3] gives the patches in t, h, w."""
+        if image_grid_thw is None:
+            return 0
+        vc = config.vision_config
+        e, _ = cls._dims(vc)
+        total = 0
+        for t, h, w in as_rows(image_grid_thw):
+            n = t * h * w
+            total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * e
+            total += sum(2 * n * e * 4 * e + cls._mlp(vc, n, e) + attn for attn in cls._attention(vc, t, h, w))
+        return total
+
+    @classmethod
+    def projector_dims(cls, config) -> tuple:
+        e, d_out = cls._dims(config.vision_config)
+        q = e * config.vision_config.spatial_merge_size ** 2
+        return q, q, d_out
+
+    @classmethod
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+        if image_grid_thw is None:
+            return 0
+        return sum(t * h * w for t, h, w in as_rows(image_grid_thw)) // config.vision_config.spatial_merge_size ** 2
+
+    @classmethod
+    def model_class(cls):
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def _tiny_vision(cls) -> dict:
+        return dict(depth=2, hidden_size=32, embed_dim=32, num_heads=4, intermediate_size=64, patch_size=7,
+                    temporal_patch_size=1, spatial_merge_size=2, in_channels=3, out_hidden_size=32, hidden_act="silu")
+
+    @classmethod
+    def tiny_config(cls, num_layers: int = 4):
+        text = tiny_text_config(num_hidden_layers=num_layers, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+        return cls.model_class().config_class(
+            vision_config=cls._tiny_vision(), text_config=text, image_token_id=TINY_IDS["<|image_pad|>"],
+            video_token_id=TINY_IDS["<|video_pad|>"], vision_start_token_id=TINY_IDS["<|vision_start|>"],
+            vision_end_token_id=TINY_IDS["<|vision_end|>"])
+
+    @classmethod
+    def _processor_class(cls):
+        from transformers import Qwen2VLProcessor
+
+        return Qwen2VLProcessor
+
+    @classmethod
+    def tiny_processor(cls, tokenizer):
+        from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor  # the video one needs torchvision
+
+        ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14,
+                                      max_pixels=56 * 56, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
+        return cls._processor_class()(image_processor=ip, tokenizer=tokenizer,
+                                      video_processor=Qwen2VLVideoProcessor())
+
+
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
 
     def _merged_order(self, call, device):
         # Qwen2.5-VL's tower runs in window order and un-permutes after the merger; do the same here.
@@ -59,3 +140,39 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
                                                   window_size=visual.window_size, patch_size=visual.patch_size,
                                                   kwargs={})
         return torch.argsort(window_index.to(device))
+
+    @classmethod
+    def _dims(cls, vc) -> tuple[int, int]:
+        return vc.hidden_size, vc.out_hidden_size  # Qwen2.5-VL's names for (E, merger output)
+
+    @classmethod
+    def _mlp(cls, vc, n: int, e: int) -> int:
+        return 3 * 2 * n * e * vc.intermediate_size  # gate, up, down
+
+    @classmethod
+    def _attention(cls, vc, t: int, h: int, w: int) -> list[int]:
+        """Full attention within the frame in fullatt_block_indexes, within each window elsewhere. Windows are
+        ws×ws merged units tiled from the top-left corner, partial at the bottom/right edges."""
+        ms = vc.spatial_merge_size
+        ws = vc.window_size // ms // vc.patch_size
+        gh, gw = h // ms, w // ms
+        sizes = [min(ws, gh - i) * min(ws, gw - j) * ms * ms for i in range(0, gh, ws) for j in range(0, gw, ws)]
+        full = 4 * vc.hidden_size * t * (h * w) ** 2
+        window = 4 * vc.hidden_size * t * sum(s * s for s in sizes)
+        return [full if b in set(vc.fullatt_block_indexes) else window for b in range(vc.depth)]
+
+    @classmethod
+    def model_class(cls):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    @classmethod
+    def _tiny_vision(cls) -> dict:
+        return dict(super()._tiny_vision(), fullatt_block_indexes=[1], window_size=28)
+
+    @classmethod
+    def _processor_class(cls):
+        from transformers import Qwen2_5_VLProcessor
+
+        return Qwen2_5_VLProcessor

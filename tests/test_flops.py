@@ -184,7 +184,7 @@ def test_units_are_real_flops():
     step = flops.decode_step_flops(tc, 0)
     assert step["layers"] == 2 * weights + tc.num_hidden_layers * 4 * tc.hidden_size
     assert step["lm_head"] == 2 * model.lm_head.weight.numel()
-    with pytest.raises(ValueError, match="no scoring cost"):
+    with pytest.raises(ValueError, match="unknown method"):
         flops.scoring_flops("nope", 4, 2, 8)
     # The causal-halved attention is reported but not in the totals.
     full = flops.llm_prefill_flops(tc, 10)

@@ -251,19 +251,18 @@ def test_ops_dispatch_records_path():
     _, keep, target = _merge_inputs(2, 20, 6, 8, torch.float32, seed=62)
     for backend in ("triton", "torch"):
         ops.set_backend(backend)
-        g = ops.gather_tokens(hidden, index)
-        c = ops.compact(hidden, index, pos, None)
-        m = ops.merge_tokens(hidden, keep, target)
-        s = ops.greedy_maxmin(hidden, 5, None)
-        assert {op: ops.last_backend()[op] for op in ("gather", "compact", "merge", "greedy")} == dict.fromkeys(
-            ("gather", "compact", "merge", "greedy"), backend)
+        g, *ran_g = ops.gather_tokens(hidden, index, with_backend=True)
+        *c, ran_c = ops.compact(hidden, index, pos, None, with_backend=True)
+        *m, ran_m = ops.merge_tokens(hidden, keep, target, with_backend=True)
+        m = tuple(m)
+        s, ran_s = ops.greedy_maxmin(hidden, 5, None, with_backend=True)
+        assert [*ran_g, ran_c, ran_m, ran_s] == [backend] * 4
         assert torch.equal(g, ops.gather_tokens_reference(hidden, index))
         assert torch.equal(c[0], g) and torch.equal(c[1], ops.gather_last(pos, index)) and c[2] is None
         torch.testing.assert_close(m, ops.merge_tokens_reference(hidden, keep, target), atol=1e-5, rtol=1e-5)
         assert torch.equal(s, ops.greedy_maxmin_reference(hidden, 5))
     ops.set_backend(None)
-    ops.gather_tokens(hidden, index)
-    assert ops.last_backend()["gather"] == ("triton" if hidden.is_cuda else "torch")
+    assert ops.gather_tokens(hidden, index, with_backend=True)[1] == ("triton" if hidden.is_cuda else "torch")
     with pytest.raises(ValueError):
         ops.set_backend("cuda")
 

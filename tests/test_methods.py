@@ -58,7 +58,7 @@ def test_projector_rows_reproduce_the_visual_embeddings(family):
                                                              prepend=True)
     model(**batch)
     h.remove()
-    rows = pruner.adapter.projector_rows(pruner._pre_projector, pruner.call)
+    rows = pruner.adapter.projector_rows(pruner._local.pre_projector, pruner.state.call)
     vis = batch["input_ids"] == model.config.image_token_id
     embeds = lm_in["inputs_embeds"][vis]
     newline = pruner.adapter.newline_mask(lm_in["inputs_embeds"], vis)
@@ -66,7 +66,7 @@ def test_projector_rows_reproduce_the_visual_embeddings(family):
         assert newline.any()
         embeds = lm_in["inputs_embeds"][vis & ~newline]
     vtprune.remove_pruner(model)
-    torch.testing.assert_close(pruner._projector(rows), embeds.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pruner.projector()(rows), embeds.float(), rtol=1e-5, atol=1e-4)
 
 
 @torch.no_grad()
@@ -95,7 +95,9 @@ def test_merge_averages_pruned_tokens_into_kept():
     first_vis = int(vis.nonzero()[0])
     got = seen["hidden"][0, first_vis:first_vis + 4]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert (target != torch.arange(16).new_tensor(-1)).all() and len(set(target.tolist())) == 4
+    # The check has teeth: tokens were really averaged in (plain pruning would hand on the kept rows unchanged).
+    assert max(int((target == s).sum()) for s in range(4)) > 1
+    assert not torch.allclose(got, feats[kept], atol=1e-3)
 
 
 @torch.no_grad()

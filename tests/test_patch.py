@@ -163,12 +163,15 @@ def test_beam_search(family, method, layer):
         both = model.generate(**batch, **beams)
         kept = vtprune.get_stats(model)[0]["kept_indices"]  # prefill of 2 samples x 3 beams
         alone = [model.generate(**row(batch, i), **beams) for i in range(2)]
+        model(**batch)  # a plain prefill of the 2 samples chooses what each sample's beams share
+        plain = vtprune.get_stats(model)[0]["kept_indices"]
         # fastv re-chooses from each new last token when run without a cache, so only layer 0 compares there
-        uncached = model.generate(**batch, use_cache=False, **beams) if layer == 0 else both
+        uncached = model.generate(**batch, use_cache=False, **beams) if layer == 0 else None
     finally:
         vtprune.remove_pruner(model)
-    assert kept.shape[0] == 6 and all(torch.equal(kept[i], kept[i - i % 3]) for i in range(6))
+    assert kept.shape[0] == 6 and all(torch.equal(kept[i], plain[i // 3]) for i in range(6))
     for i in range(2):
         n = alone[i].shape[1]
         assert torch.equal(both[2 * i : 2 * i + 2, -n:], alone[i])
-    assert torch.equal(both, uncached)
+    if uncached is not None:
+        assert torch.equal(both, uncached)

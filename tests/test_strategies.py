@@ -226,8 +226,9 @@ def test_zoo_rejects_bad_inputs():
 
 # --------------------------------------------------------------------------------------------- EntropyPrune
 
-def naive_entropy(queries):
-    """Per token: eigenvalues of the d_head x d_head covariance of the head-centred query states."""
+def naive_entropy(queries, normalize=False):
+    """Per token: -sum(l log l) / log H over the eigenvalues of the d_head x d_head covariance of the head-centred
+    query states, taken as they are (EntropyPrune's released code) or normalised to sum 1."""
     b, n, heads, _ = queries.shape
     out = torch.zeros(b, n, dtype=torch.float64)
     for i in range(b):
@@ -235,7 +236,7 @@ def naive_entropy(queries):
             r = queries[i, t].double()
             r = r - r.mean(dim=0)
             lam = torch.linalg.eigvalsh(r.T @ r / heads).clamp(min=0)
-            p = lam / lam.sum()
+            p = lam / lam.sum() if normalize else lam
             p = p[p > 0]
             out[i, t] = -(p * p.log()).sum() / math.log(heads)
     return out
@@ -252,22 +253,36 @@ def structured_queries(b, n, heads, dh, seed):
 
 
 @pytest.mark.parametrize("heads,dh", [(8, 16), (16, 4), (4, 4)])
-def test_entropy_dual_gram_matches_covariance(heads, dh):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_entropy_dual_gram_matches_covariance(heads, dh, normalize):
     q, _ = structured_queries(2, 30, heads, dh, seed=heads)
-    torch.testing.assert_close(entropy.entropy_scores(q), naive_entropy(q), rtol=0, atol=1e-10)
+    q = q * 3  # eigenvalues above and below 1, where the released (unnormalised) score and the normalised differ
+    torch.testing.assert_close(entropy.entropy_scores(q, normalize), naive_entropy(q, normalize), rtol=0, atol=1e-9)
+
+
+def test_released_and_normalised_entropy_pick_differently():
+    q, _ = structured_queries(2, 40, 8, 16, seed=3)
+    q = q * torch.rand(2, 40, 1, 1, generator=gen(4)) * 4  # token magnitudes vary, as real query states do
+    feats = torch.zeros(2, 40, 4)
+    released = entropy.entropy_select(SelectionInputs(features=feats, queries=q), 10)
+    normalised = entropy.entropy_select(SelectionInputs(features=feats, queries=q), 10, normalize=True)
+    assert not torch.equal(released, normalised)
+    want = torch.sort(naive_entropy(q), dim=1, descending=True, stable=True).indices[:, :10].sort(dim=1).values
+    assert torch.equal(released, want)
 
 
 def test_entropy_select_top_k_and_batching():
     q, rich = structured_queries(3, 60, 8, 16, seed=0)
     feats = torch.zeros(3, 60, 4)
-    got = entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 6)
+    got = entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 6, normalize=True)
     for row in range(3):
         assert got[row].tolist() == sorted(rich[row].tolist())
         one = SelectionInputs(features=feats[row:row + 1], queries=q[row:row + 1].half())
-        assert torch.equal(got[row], entropy.entropy_select(one, 6)[0])
-    want = torch.sort(naive_entropy(q.half()), dim=1, descending=True, stable=True).indices[:, :20]
-    assert torch.equal(entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 20),
-                       want.sort(dim=1).values)
+        assert torch.equal(got[row], entropy.entropy_select(one, 6, normalize=True)[0])
+    for normalize in (False, True):
+        want = torch.sort(naive_entropy(q.half(), normalize), dim=1, descending=True, stable=True).indices[:, :20]
+        assert torch.equal(entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 20,
+                                                  normalize=normalize), want.sort(dim=1).values)
 
 
 def test_entropy_ties_go_to_earlier_tokens():
@@ -365,7 +380,6 @@ def test_find_collapse_layer_and_cache():
     assert calibrate.find_collapse_layer(model, []) == 3 and model.calls == calls  # cached, nothing run
     with pytest.raises(ValueError, match="image tokens"):
         calibrate.find_collapse_layer(model, [], cache=False)
-    assert calibrate.DEFAULT_ENTROPY_LAYER == {"llava": 2, "llava_next": 2, "qwen2_vl": 1, "qwen2_5_vl": 1}
 
 
 # --------------------------------------------------------------------------------------------- debiasing
@@ -532,14 +546,3 @@ def test_merge_kept_duplicates_keep_their_own_slot():
     assert target[0, keep[0]].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="empty"):
         merge.assign_to_kept(x, keep[:, :0])
-
-
-# --------------------------------------------------------------------------------------------- registry
-
-def test_registry_entries():
-    assert {"divprune", "zoo", "entropy", "fastv"} <= set(list_methods())
-    assert get_method("divprune").options == {"keep_newlines": False}
-    assert get_method("zoo").needs == {"projector", "newline_mask"}
-    assert get_method("zoo").options == {"m": 64, "h": 0.01, "seed": 0, "chunk_rows": 8192}
-    assert get_method("entropy").min_layer == 1 and get_method("entropy").needs == {"queries"}
-    assert get_method("fastv").options == {"debias": None, "debias_curve": None}

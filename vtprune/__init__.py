@@ -6,9 +6,10 @@
     vtprune.remove_pruner(model)
 """
 from ._version import __version__
-from .api import apply_pruner, get_config, get_stats, remove_pruner
+from .api import apply_pruner, get_config, get_pruner, get_stats, is_patched, paused, remove_pruner
 from .config import PrunerConfig, StageConfig
-from .strategies import list_methods
+from .stage import StageStats
+from .strategies import list_methods, register, unregister
 
-__all__ = ["PrunerConfig", "StageConfig", "__version__", "apply_pruner", "get_config", "get_stats", "list_methods",
-           "remove_pruner"]
+__all__ = ["PrunerConfig", "StageConfig", "StageStats", "__version__", "apply_pruner", "get_config", "get_pruner",
+           "get_stats", "is_patched", "list_methods", "paused", "register", "remove_pruner", "unregister"]

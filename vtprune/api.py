@@ -1,7 +1,7 @@
 """The public entry points: apply_pruner, remove_pruner, get_stats."""
 from __future__ import annotations
 
-import functools
+import contextlib
 from typing import Optional
 
 from .config import PrunerConfig
@@ -18,12 +18,13 @@ _REFUSED_GENERATE = {
 _REFUSED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
-def apply_pruner(model, method: str = "divprune", keep_ratio: Optional[float] = None,
+def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float] = None,
                  keep_tokens: Optional[int] = None, layer: Optional[int] = None, schedule: Optional[list] = None,
                  positions: str = "original", *, config: Optional[PrunerConfig] = None, replace: bool = False,
                  **options):
     """Patch this model instance so prefill and ``generate()`` run on the kept visual tokens. Returns ``model``.
 
+    ``method``: a registered method name (default ``"divprune"``; ``vtprune.list_methods()``).
     ``keep_ratio``: fraction of the visual tokens entering the stage that are kept (default 0.25 when neither it
     nor ``keep_tokens``, an absolute count per sample, is given). ``layer``: 0 prunes before the language model,
     K >= 1 inside it from decoder layer K on; None (default) is the method's own (0 for input-stage methods,
@@ -38,11 +39,12 @@ def apply_pruner(model, method: str = "divprune", keep_ratio: Optional[float] = 
     if config is None:
         config = PrunerConfig(method=method, keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
                               schedule=schedule, positions=positions, options=dict(options))
-    elif options or keep_ratio is not None or keep_tokens is not None or schedule is not None:
+    elif (options or method is not None or keep_ratio is not None or keep_tokens is not None or layer is not None
+          or schedule is not None or positions != "original"):
         raise ValueError("pass either config=PrunerConfig(...) or keyword settings, not both")
     if not isinstance(config, PrunerConfig):
         raise ValueError(f"config must be a vtprune.PrunerConfig, got {type(config).__name__}")
-    existing = getattr(model, _ATTR, None)
+    existing = get_pruner(model)
     if existing is not None and not replace:
         raise ValueError("this model is already patched by vtprune; call vtprune.remove_pruner(model) first or "
                          "pass replace=True")
@@ -57,13 +59,22 @@ def _install(model, config, existing):
         remove_pruner(model)
     pruner.install()
     setattr(model, _ATTR, pruner)
-    model.generate = _guarded_generate(model, type(model).generate.__get__(model))
+    model.generate = _GuardedGenerate(model)
     return model
 
 
-def _guarded_generate(model, generate):
-    @functools.wraps(generate)
-    def wrapper(*args, **kwargs):
+class _GuardedGenerate:
+    """``model.generate`` of a patched instance: refuses decoding modes the pruned cache breaks, and hands the
+    call's image metadata to the pruner. An object holding the model (not a closure), so that ``copy.deepcopy``
+    of the model gives a copy whose generate() runs the copy."""
+
+    def __init__(self, model):
+        self.model = model
+        self.__wrapped__ = type(model).generate
+        self.__doc__ = type(model).generate.__doc__
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
         for key, what in _REFUSED_GENERATE.items():
             if kwargs.get(key) is not None:
                 raise NotImplementedError(f"vtprune does not support {what} ({key}=...): pruned caches no longer "
@@ -76,19 +87,17 @@ def _guarded_generate(model, generate):
         for key in ("prompt_lookup_num_tokens", "prefill_chunk_size"):
             if getattr(gen_cfg, key, None) is not None:
                 raise NotImplementedError(f"vtprune does not support generation_config.{key}")
-        pruner = getattr(model, _ATTR)
-        pruner.generate_call = {k: kwargs.get(k) for k in ("image_grid_thw", "image_sizes", "pixel_values")}
+        pruner = get_pruner(model)
+        pruner.set_generate_call({k: kwargs.get(k) for k in ("image_grid_thw", "image_sizes", "pixel_values")})
         try:
-            return generate(*args, **kwargs)
+            return type(model).generate(model, *args, **kwargs)
         finally:
-            pruner.generate_call = {}
-
-    return wrapper
+            pruner.set_generate_call({})
 
 
 def remove_pruner(model):
     """Undo ``apply_pruner``: hooks removed, attention configs and ``generate`` restored. Returns ``model``."""
-    pruner = getattr(model, _ATTR, None)
+    pruner = get_pruner(model)
     if pruner is None:
         raise ValueError("this model is not patched by vtprune (nothing to remove)")
     pruner.remove()
@@ -97,20 +106,38 @@ def remove_pruner(model):
     return model
 
 
-def get_stats(model) -> list[dict]:
-    """One entry per stage of the last prefill: layer, method, tokens_before, tokens_after (lists, per row),
-    kept_indices (LongTensor [batch, k] into the visual tokens entering the stage, ascending; rows keeping
-    fewer tokens are padded with -1 on the right), select_time_s and backend."""
-    pruner = getattr(model, _ATTR, None)
-    if pruner is None:
-        raise ValueError("this model is not patched by vtprune")
-    return list(pruner.stats)
+def get_stats(model) -> list:
+    """What the calling thread's last prefill on ``model`` did: one ``StageStats`` per stage (readable as a dict):
+    layer, method, tokens_before, tokens_after (lists, per row), kept_indices (LongTensor [batch, k] into the
+    visual tokens entering the stage, ascending; rows keeping fewer tokens are padded with -1 on the right),
+    select_time_s, budget, merged and backend. Calls made in other threads do not change it."""
+    return _require(model).last_stats()
 
 
 def get_config(model) -> PrunerConfig:
-    pruner = getattr(model, _ATTR, None)
+    return _require(model).cfg
+
+
+def is_patched(model) -> bool:
+    return get_pruner(model) is not None
+
+
+def get_pruner(model):
+    """The ``Pruner`` patched on ``model`` (its ``stages``, ``methods``, ``adapter``), or None."""
+    return getattr(model, _ATTR, None)
+
+
+@contextlib.contextmanager
+def paused(model):
+    """``with vtprune.paused(model):`` runs the patched model unpruned in this thread (calibration, references)."""
+    with _require(model).paused():
+        yield model
+
+
+def _require(model):
+    pruner = get_pruner(model)
     if pruner is None:
         raise ValueError("this model is not patched by vtprune")
-    return pruner.cfg
+    return pruner
 
 

@@ -5,12 +5,10 @@ from typing import Iterable
 
 import torch
 
+import contextlib
+
+from .strategies.entropy import COLLAPSE_ATTR as _CACHE_ATTR
 from .strategies.entropy import collapse_layer, matrix_entropy
-
-# The released scripts' layers, per config.model_type.
-DEFAULT_ENTROPY_LAYER = {"llava": 2, "llava_next": 2, "qwen2_vl": 1, "qwen2_5_vl": 1}
-
-_CACHE_ATTR = "_vtprune_collapse_layer"
 
 
 def _image_token_id(config) -> int:
@@ -31,10 +29,15 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
     image_id = _image_token_id(model.config)
     device = getattr(model, "device", None)
     sums, count = None, 0
+    from .api import is_patched, paused
+
+    # A patched model is measured as it would run unpruned: the hidden states must cover every visual token.
+    unpruned = paused(model) if is_patched(model) else contextlib.nullcontext()
     for batch in batches:
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        hidden = model(**batch, output_hidden_states=True).hidden_states
+        with unpruned:
+            hidden = model(**batch, output_hidden_states=True).hidden_states
         visual = batch["input_ids"] == image_id  # [B, S]
         for row in range(visual.shape[0]):
             if int(visual[row].sum()) < 2:
@@ -52,7 +55,8 @@ def find_collapse_layer(model, batches: Iterable[dict], cache: bool = True) -> i
 
     Runs ``model(**batch, output_hidden_states=True)`` on each calibration batch, averages the visual
     tokens' matrix entropy per layer and returns the layer after the sharpest drop (see ``collapse_layer``).
-    Run it on a model without an active pruner: visual tokens are located through ``input_ids``.
+    On a patched model the calibration runs unpruned (``vtprune.paused``); visual tokens are located through
+    ``input_ids``.
     The last hidden state is left out: it has been through the final norm, and a layer there could not be
     pruned at anyway, so K is in [1, num_layers - 1].
     With ``cache=True`` the answer is stored on the model (``model._vtprune_collapse_layer``) and reused.

@@ -5,15 +5,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from .strategies.base import check_options, get_method
+from .strategies.base import BUDGETS, get_method
 
+DEFAULT_METHOD = "divprune"
 DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
 POSITIONS = ("original", "renumber")
 # Options every method accepts: they change what the engine does with the selection, not the selection.
-ENGINE_OPTIONS = {"merge": False, "budget": "plain"}
-BUDGETS = ("plain", "layer_average")
-# Where each method prunes when no layer is given: FastV's K=2; EntropyPrune's per-family collapse layer.
-DEFAULT_LAYER = {"fastv": 2}
+ENGINE_OPTIONS = ("merge", "budget")
 
 
 @dataclass
@@ -24,7 +22,7 @@ class StageConfig:
     absolute count per sample (capped at the number present). ``options`` go to the method.
     """
 
-    method: str = "divprune"
+    method: str = DEFAULT_METHOD
     layer: Optional[int] = None  # None: the method's default (0 for input-stage methods)
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
@@ -41,10 +39,11 @@ class StageConfig:
 
 @dataclass
 class PrunerConfig:
-    """Everything ``apply_pruner`` takes. ``schedule`` (a list of stage dicts or StageConfig) overrides the
-    single-stage fields ``method``/``layer``/``keep_ratio``/``keep_tokens``/``options``."""
+    """Everything ``apply_pruner`` takes, validated when constructed. ``schedule`` (a list of stage dicts or
+    StageConfig) replaces the single-stage fields ``method``/``layer``/``keep_ratio``/``keep_tokens``/``options``,
+    which must then be left unset."""
 
-    method: str = "divprune"
+    method: Optional[str] = None  # None: divprune
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
     layer: Optional[int] = None
@@ -52,21 +51,36 @@ class PrunerConfig:
     positions: str = "original"
     options: dict = field(default_factory=dict)
 
-    def resolved_stages(self, num_layers: int, family: str, model=None) -> list[StageConfig]:
-        """Stages with default layers filled in, validated against a model of ``num_layers`` decoder layers."""
-        stages = [s if s.layer is not None else replace(s, layer=default_layer(s.method, family, model))
-                  for s in self.stages()]
-        validate_against_model(self, stages, num_layers, family)
-        return stages
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {list(POSITIONS)}, got {self.positions!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a dict, got {self.options!r}")
+        if self.schedule is not None:
+            given = {k: v for k, v in (("method", self.method), ("keep_ratio", self.keep_ratio),
+                                       ("keep_tokens", self.keep_tokens), ("layer", self.layer)) if v is not None}
+            if given or self.options:
+                raise ValueError(f"schedule= replaces method/keep_ratio/keep_tokens/layer/options; got both "
+                                 f"schedule and {sorted(given) + (['options'] if self.options else [])}: put them "
+                                 "into the schedule's stages")
+        self.stages()  # every stage and option checked now, not at the first forward
 
     def stages(self) -> list[StageConfig]:
         if self.schedule is None:
-            raw = [StageConfig(self.method, self.layer, self.keep_ratio, self.keep_tokens, dict(self.options))]
+            raw = [StageConfig(self.method or DEFAULT_METHOD, self.layer, self.keep_ratio, self.keep_tokens,
+                               dict(self.options))]
         else:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
             raw = [_as_stage(s) for s in self.schedule]
         return [_validated(s) for s in raw]
+
+    def resolved_stages(self, adapter) -> list[StageConfig]:
+        """Stages with default layers filled in, validated against the model behind ``adapter``."""
+        stages = [s if s.layer is not None else replace(s, layer=get_method(s.method).default_layer(adapter))
+                  for s in self.stages()]
+        validate_against_model(self, stages, adapter)
+        return stages
 
 
 _STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options")
@@ -77,6 +91,8 @@ def _as_stage(item: Any) -> StageConfig:
         return replace(item, options=dict(item.options))
     if not isinstance(item, dict):
         raise ValueError(f"each schedule stage must be a dict or StageConfig, got {item!r}")
+    if not isinstance(item.get("options", {}), dict):
+        raise ValueError(f"a stage's options must be a dict, got {item['options']!r}")
     unknown = set(item) - set(_STAGE_KEYS)
     if unknown:
         # Unrecognised keys are treated as method options, like apply_pruner's **options.
@@ -87,7 +103,11 @@ def _as_stage(item: Any) -> StageConfig:
 
 
 def _validated(stage: StageConfig) -> StageConfig:
+    if not isinstance(stage.method, str):
+        raise ValueError(f"method must be a method name (a string), got {stage.method!r}")
     method = get_method(stage.method)  # raises ValueError listing the methods
+    if not isinstance(stage.options, dict):
+        raise ValueError(f"a stage's options must be a dict, got {stage.options!r}")
     if stage.keep_ratio is not None and stage.keep_tokens is not None:
         raise ValueError(f"give keep_ratio or keep_tokens, not both (got keep_ratio={stage.keep_ratio}, "
                          f"keep_tokens={stage.keep_tokens})")
@@ -103,9 +123,10 @@ def _validated(stage: StageConfig) -> StageConfig:
     if stage.layer is not None and (isinstance(stage.layer, bool) or not isinstance(stage.layer, int)
                                     or stage.layer < 0):
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
-    engine = {k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS}
+    engine = {"merge": False, "budget": method.budget}
+    engine.update({k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS})
     rest = {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
-    options = {**ENGINE_OPTIONS, **engine, **check_options(method, rest)}
+    options = {**engine, **method.check(rest)}
     if not isinstance(options["merge"], bool):
         raise ValueError(f"merge must be True or False, got {options['merge']!r}")
     if options["budget"] not in BUDGETS:
@@ -113,23 +134,13 @@ def _validated(stage: StageConfig) -> StageConfig:
     return replace(stage, options=options)
 
 
-def default_layer(method: str, family: str, model=None) -> int:
-    if method == "entropy":
-        from .calibrate import DEFAULT_ENTROPY_LAYER
-
-        # A layer found by vtprune.calibrate.find_collapse_layer on this model wins over the paper's value.
-        found = getattr(model, "_vtprune_collapse_layer", None)
-        return found if found is not None else DEFAULT_ENTROPY_LAYER.get(family, 2)
-    return DEFAULT_LAYER.get(method, 0)
-
-
-def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], num_layers: int, family: str) -> None:
+def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter) -> None:
     """Checks that need the model: layer range, stage order, position mode."""
-    if cfg.positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {cfg.positions!r}")
-    if cfg.positions == "renumber" and family.startswith("qwen"):
-        raise ValueError("positions='renumber' is defined for 1-D RoPE models (LLaVA family); Qwen's M-RoPE gives "
-                         "image tokens 3-D positions, so use positions='original'")
+    num_layers = len(adapter.layers)
+    if cfg.positions == "renumber" and adapter.position_kind != "1d":
+        raise ValueError(f"positions='renumber' is defined for 1-D RoPE models (LLaVA family); "
+                         f"{type(adapter.model).__name__} gives visual tokens {adapter.position_kind} positions, "
+                         "so use positions='original'")
     for s in stages:
         min_layer = get_method(s.method).min_layer
         if s.layer < min_layer:

@@ -10,6 +10,10 @@ Decode (non-empty cache): the 2D mask that ``generate`` grows over the original 
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,7 +22,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from . import capture, ops
 from .config import PrunerConfig, StageConfig
-from .stage import Captured, Sequence, run_stage
+from .stage import Captured, Sequence, StageStats, run_stage
 from .strategies.base import get_method
 
 
@@ -32,22 +36,64 @@ class _StageRun:
     overrides: dict = field(default_factory=dict)  # tensors every layer from this stage on receives
 
 
+@dataclass
+class CallState:
+    """Everything that belongs to one forward / ``generate()`` call: created at its prefill, read by its decode
+    steps. Each thread has its own current CallState, so concurrent calls on one model never see each other's."""
+
+    call: dict  # input_ids and the image metadata of this call
+    active: bool = False  # a stage ran on the prefill: decode steps need their masks/positions rebuilt
+    prefill: bool = False
+    runs: dict = field(default_factory=dict)  # layer -> _StageRun
+    stats: list = field(default_factory=list)  # StageStats, one per stage that ran
+    captured: Captured = field(default_factory=Captured)
+    seq: Optional[Sequence] = None
+    prompt_len: int = 0
+    fed: int = 0  # tokens fed after the prefill
+    next_pos: Optional[torch.Tensor] = None  # [B] next original position id
+    new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
+
+
+class _ThreadState(threading.local):
+    """Per-thread slots: the current call, what a generate() wrapper saw, the captured projector input."""
+
+    def __init__(self):
+        self.state: Optional[CallState] = None
+        self.generate_call: dict = {}
+        self.pre_projector: Optional[torch.Tensor] = None
+        self.paused = 0
+        self.selecting = False  # inside a stage: a strategy running the projector must not be captured
+
+
 class Pruner:
-    """The state and hooks of one patched model instance."""
+    """The configuration and hooks of one patched model instance. Per-call state lives in ``CallState``."""
 
     def __init__(self, model, adapter, cfg: PrunerConfig):
         self.model, self.adapter, self.cfg = model, adapter, cfg
-        self.stages: list[StageConfig] = cfg.resolved_stages(len(adapter.layers), adapter.family, model)
+        self.stages: list[StageConfig] = cfg.resolved_stages(adapter)
         self.methods = [get_method(s.method) for s in self.stages]
-        needs = set().union(*(m.needs for m in self.methods))
-        self._needs = needs  # per-token flags are computed on each prefill only for methods that read them
-        self._projector = adapter.projector_fn() if "projector" in needs else None
+        # Per-token flags are computed on each prefill only for methods that read them.
+        self._needs = set().union(*(m.needs for m in self.methods))
         self._handles, self._captures = [], []
-        self.generate_call: dict = {}  # image metadata given to the running generate() call
-        self.stats: list[dict] = []
-        self._pre_projector = None
-        self._reset_prefill()
-        self.active = False
+        self._local = _ThreadState()
+        self._lock = threading.Lock()
+        self._projector_cache = None  # (weights key, float32 copy) for projectors not in float32
+        self._warned_embeds = False
+
+    # ---------------------------------------------------------------- copies
+    def __deepcopy__(self, memo):
+        """A copy for a deep-copied model: same settings, hooks bound to the copy, no call in flight."""
+        new = Pruner.__new__(Pruner)
+        memo[id(self)] = new
+        fresh = {"_local": _ThreadState(), "_lock": threading.Lock(), "_projector_cache": None}
+        for key, value in self.__dict__.items():
+            setattr(new, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a model patched by vtprune cannot be pickled (torch.save / pickle): its hooks are bound "
+                        "to this process. Call vtprune.remove_pruner(model) before saving, and apply_pruner again "
+                        "after loading (or save model.state_dict(), which is unaffected)")
 
     # ---------------------------------------------------------------- install / remove
     def install(self):
@@ -68,7 +114,7 @@ class Pruner:
                 self._captures.append(capture.attach(prev, self))
             if "queries" in method.needs:
                 self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
-        if self._projector is not None:
+        if "projector" in self._needs:
             self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
 
     def remove(self):
@@ -78,21 +124,62 @@ class Pruner:
             capture.detach(token)
         self._handles, self._captures = [], []
 
+    # ---------------------------------------------------------------- per-call state
+    @property
+    def state(self) -> Optional[CallState]:
+        """The calling thread's current call (None before its first prefill)."""
+        return self._local.state
+
+    def last_stats(self) -> list:
+        state = self._local.state
+        return [] if state is None else list(state.stats)
+
+    def set_generate_call(self, call: dict) -> None:
+        self._local.generate_call = call
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Run the model unpruned in this thread (other threads are unaffected)."""
+        self._local.paused += 1
+        try:
+            yield
+        finally:
+            self._local.paused -= 1
+
+    def _live(self) -> Optional[CallState]:
+        return None if self._local.paused else self._local.state
+
+    def projector(self):
+        """The projector as the strategy scores through it: the live module when it is float32 (so weights changed
+        after apply_pruner are used), else a float32 copy refreshed whenever its weights change."""
+        module = self.adapter.projector_mlp()
+        params = list(module.parameters())
+        if all(p.dtype == torch.float32 for p in params):
+            return module
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        with self._lock:
+            if self._projector_cache is None or self._projector_cache[0] != key:
+                self._projector_cache = (key, copy.deepcopy(module).float())
+            return self._projector_cache[1]
+
     # ---------------------------------------------------------------- capture callbacks
     def wants_attention(self) -> bool:
-        return self.prefill
+        state = self._live()
+        return state is not None and state.prefill
 
     def record_attention(self, probs: torch.Tensor):
-        self.captured.attention = probs
+        self._local.state.captured.attention = probs
 
     def _queries_hook(self, module, args, output):
-        if self.prefill:
+        state = self._live()
+        if state is not None and state.prefill:
             heads = self.adapter.text_config.num_attention_heads
-            self.captured.queries = output.view(*output.shape[:2], heads, -1)
+            state.captured.queries = output.view(*output.shape[:2], heads, -1)
 
     def _projector_hook(self, module, args):
         # Images are encoded before the prefill (inside generate(), or in the body's forward).
-        self._pre_projector = args[0].detach()
+        if not (self._local.paused or self._local.selecting):
+            self._local.pre_projector = args[0].detach()
 
     # ---------------------------------------------------------------- hooks
     def _top_hook(self, module, args, kwargs):
@@ -104,24 +191,29 @@ class Pruner:
         return None
 
     def _body_hook(self, module, args, kwargs):
+        if self._local.paused:
+            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None or cache.get_seq_length() == 0:
             # generate() encodes images before prefill and passes mm_encoder_outputs instead of the image
             # metadata, so fall back to what its wrapper saw.
-            self.call = {key: kwargs.get(key) if kwargs.get(key) is not None else self.generate_call.get(key)
-                         for key in ("image_grid_thw", "image_sizes", "pixel_values")}
-            self.call["input_ids"] = input_ids
+            gen = self._local.generate_call
+            call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key)
+                    for key in ("image_grid_thw", "image_sizes", "pixel_values")}
+            call["input_ids"] = input_ids
+            self._local.state = CallState(call=call)
             return None
         if kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image"):
             raise NotImplementedError("vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
                                       "reuse) are not supported; start a new cache for each prompt")
-        if not self.active:
+        state = self._local.state
+        if state is None or not state.active:
             return None
         if kwargs.get("position_ids") is None:
             # The model would derive positions from the (pruned) cache length: continue the original numbering.
             q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
-            pos = self.next_pos[:, None] + torch.arange(q, device=self.next_pos.device)
+            pos = state.next_pos[:, None] + torch.arange(q, device=state.next_pos.device)
             kwargs = dict(kwargs, position_ids=pos if self.adapter.position_kind == "1d" else pos.expand(3, -1, -1))
             return args, kwargs
         return None
@@ -132,19 +224,26 @@ class Pruner:
             raise NotImplementedError("vtprune does not support static/compilable caches (cache_implementation="
                                       "'static'); use the default dynamic cache")
         embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
+        state = self._live()
+        if embeds is None or state is None:
             return None
         if cache is None or cache.get_seq_length() == 0:
-            return self._prefill(kwargs, embeds)
-        if self.active:
-            return self._decode(kwargs, embeds)
+            return self._prefill(state, kwargs, embeds)
+        if state.active:
+            return self._decode(state, kwargs, embeds)
         return None
 
-    def _prefill(self, kwargs, embeds):
-        self._reset_prefill()
-        input_ids = self.call.get("input_ids")
+    def _prefill(self, state: CallState, kwargs, embeds):
+        if state.active:  # the language model run again on the same body call (uncached re-entry): start over
+            state = self._local.state = CallState(call=state.call)
+        input_ids = state.call.get("input_ids")
         if input_ids is None or input_ids.shape[:2] != embeds.shape[:2]:
-            return None  # called without input_ids (inputs_embeds only): positions of images unknown
+            if not self._warned_embeds:
+                self._warned_embeds = True
+                warnings.warn("vtprune: this prefill was given inputs_embeds without input_ids, so the visual tokens "
+                              "cannot be located and nothing was pruned; pass input_ids (as the processor "
+                              "returns them)", stacklevel=4)
+            return None
         vis = self.adapter.visual_mask(input_ids)
         if not bool(vis.any()):
             return None
@@ -153,75 +252,69 @@ class Pruner:
             raise NotImplementedError("vtprune needs a 2D attention mask (or none) on prefill, got "
                                       f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}")
         b, length = vis.shape
-        self.active, self.prefill, self.prompt_len = True, True, length
+        state.active, state.prefill, state.prompt_len = True, True, length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
         needs = self._needs
-        self.seq = Sequence(vis=vis, mask=mask,
-                            newline=self.adapter.newline_mask(embeds, vis) if "newline_mask" in needs else None,
-                            pad=self.adapter.pad_mask(self.call, vis) if "pad_mask" in needs else None)
+        state.seq = Sequence(vis=vis, mask=mask,
+                             newline=self.adapter.newline_mask(embeds, vis) if "newline_mask" in needs else None,
+                             pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, embeds.device)
-        self.next_pos = self._max_pos(pos) + 1
+        state.next_pos = self._max_pos(pos) + 1
         kwargs = dict(kwargs, attention_mask=mask, position_ids=pos)
         if self.stages[0].layer != 0:
             return (), kwargs
-        if self._projector is not None and self._pre_projector is not None:
-            self.captured.pre_projector = self.adapter.projector_rows(self._pre_projector, self.call)
-            self.captured.projector = self._projector
-        if "grid" in self._needs:
-            self.captured.grids = self.adapter.grids(self.call, vis.sum(1).tolist())
-        index, embeds = self._run(0, embeds)
-        run = self.runs[0]
-        new_embeds, new_pos, _ = ops.compact(embeds, index, pos)
-        self.stats[-1]["backend"] = ops.last_backend()
+        pre = self._local.pre_projector
+        if "projector" in needs and pre is not None:
+            state.captured.pre_projector = self.adapter.projector_rows(pre, state.call)
+            state.captured.projector = self.projector()
+        if "grid" in needs:
+            state.captured.grids = self.adapter.grids(state.call, vis.sum(1).tolist())
+        index, embeds, stats = self._run(state, 0, embeds)
+        run = state.runs[0]
+        new_embeds, new_pos, _, ran = ops.compact(embeds, index, pos, with_backend=True)
+        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": ran}}))
         if self.cfg.positions == "renumber":
-            new_pos, run.shift = self._renumber()
-        kwargs.update(inputs_embeds=new_embeds, attention_mask=self.seq.mask, position_ids=new_pos)
+            new_pos, run.shift = self._renumber(state)
+        kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
         return (), kwargs
 
-    def _reset_prefill(self):
-        self.call = getattr(self, "call", {})
-        self.active = self.prefill = False
-        self.runs: dict[int, _StageRun] = {}
-        self.stats = []
-        self.captured = Captured()
-        self.seq: Optional[Sequence] = None
-        self.prompt_len = self.fed = 0  # tokens fed after the prefill
-        self.next_pos: Optional[torch.Tensor] = None  # [B] next original position id
-        self.new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
-
-    def _run(self, i: int, hidden):
+    def _run(self, state: CallState, i: int, hidden):
         stage = self.stages[i]
-        index, hidden, self.seq, stats = run_stage(stage, self.methods[i], hidden, self.seq, self.captured,
-                                                   len(self.adapter.layers))
-        self.stats.append(stats)
-        self.runs[stage.layer] = _StageRun(stage.layer, kept_mask=self.seq.mask)
-        self.captured = Captured()  # scores are aligned to the sequence before this stage
-        return index, hidden
+        self._local.selecting = True
+        try:
+            index, hidden, state.seq, stats = run_stage(stage, self.methods[i], hidden, state.seq, state.captured,
+                                                        len(self.adapter.layers))
+        finally:
+            self._local.selecting = False
+        state.runs[stage.layer] = _StageRun(stage.layer, kept_mask=state.seq.mask)
+        state.captured = Captured()  # scores are aligned to the sequence before this stage
+        return index, hidden, stats
 
-    def _decode(self, kwargs, embeds):
-        self.prefill = False
+    def _decode(self, state: CallState, kwargs, embeds):
+        state.prefill = False
         b, q = embeds.shape[:2]
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
                 raise NotImplementedError("vtprune needs a 2D attention mask on decode steps")
-            if mask.shape[1] != self.prompt_len + self.fed + q:
+            expected = state.prompt_len + state.fed + q
+            if mask.shape[1] != expected:
                 raise ValueError(f"attention_mask has {mask.shape[1]} columns; after the pruned prompt of "
-                                 f"{self.prompt_len} tokens and {self.fed} fed since, {self.prompt_len + self.fed + q}"
+                                 f"{state.prompt_len} tokens and {state.fed} fed since, {expected}"
                                  " were expected (reuse of a cache across prompts is not supported)")
-            self.new_cols = mask[:, self.prompt_len:].long()
+            state.new_cols = mask[:, state.prompt_len:].long()
         else:
-            self.new_cols = torch.ones(b, self.fed + q, dtype=torch.long, device=embeds.device)
-        self.fed += q
+            state.new_cols = torch.ones(b, state.fed + q, dtype=torch.long, device=embeds.device)
+        state.fed += q
         pos = kwargs.get("position_ids")
         if pos is not None:
-            self.next_pos = self._max_pos(pos) + 1
-        run0 = self.runs.get(0)
+            state.next_pos = self._max_pos(pos) + 1
+        run0 = state.runs.get(0)
         if run0 is None:
             return None
-        kwargs = dict(kwargs, attention_mask=torch.cat([run0.kept_mask, self.new_cols], dim=1))
+        kwargs = dict(kwargs, attention_mask=torch.cat([run0.kept_mask, state.new_cols], dim=1))
         if run0.shift is not None and pos is not None:
             kwargs["position_ids"] = pos - run0.shift[:, None]
         return (), kwargs
@@ -230,16 +323,17 @@ class Pruner:
         stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
 
         def hook(module, args, kwargs):
-            if not self.active:
+            state = self._live()
+            if state is None or not state.active:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
             kwargs = dict(kwargs)
             if stage_i is not None:
-                if self.prefill:
-                    hidden = self._layer_stage(stage_i, hidden, kwargs)
+                if state.prefill:
+                    hidden = self._layer_stage(state, stage_i, hidden, kwargs)
                 else:
-                    self._layer_decode(stage_i, hidden, kwargs)
-            current = self._current_run(layer_idx)
+                    self._layer_decode(state, stage_i, hidden, kwargs)
+            current = self._current_run(state, layer_idx)
             if current is None:
                 return None
             kwargs.update(current.overrides)
@@ -248,37 +342,38 @@ class Pruner:
 
         return hook
 
-    def _current_run(self, layer_idx: int) -> Optional[_StageRun]:
-        layers = [layer for layer in self.runs if 0 < layer <= layer_idx]
-        return self.runs[max(layers)] if layers else None
+    @staticmethod
+    def _current_run(state: CallState, layer_idx: int) -> Optional[_StageRun]:
+        layers = [layer for layer in state.runs if 0 < layer <= layer_idx]
+        return state.runs[max(layers)] if layers else None
 
     # ---------------------------------------------------------------- in-LLM stages
-    def _layer_stage(self, i: int, hidden, kwargs):
-        index, hidden = self._run(i, hidden)
-        run = self.runs[self.stages[i].layer]
-        new_hidden, new_pos, _ = ops.compact(hidden, index, kwargs.get("position_ids"))
-        self.stats[-1]["backend"] = ops.last_backend()
+    def _layer_stage(self, state: CallState, i: int, hidden, kwargs):
+        index, hidden, stats = self._run(state, i, hidden)
+        run = state.runs[self.stages[i].layer]
+        new_hidden, new_pos, _, ran = ops.compact(hidden, index, kwargs.get("position_ids"), with_backend=True)
+        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": ran}}))
         cos, sin = kwargs["position_embeddings"]
         if self.cfg.positions == "renumber":
-            new_pos, run.shift = self._renumber()
+            new_pos, run.shift = self._renumber(state)
             cos, sin = self.adapter.language_model.rotary_emb(new_hidden, new_pos)
         else:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
         run.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos,
-                         "attention_mask": self._layer_mask(run.layer, new_hidden, self.seq.mask, kwargs)}
+                         "attention_mask": self._layer_mask(run.layer, new_hidden, state.seq.mask, kwargs)}
         return new_hidden
 
-    def _layer_decode(self, i: int, hidden, kwargs):
-        run = self.runs.get(self.stages[i].layer)
+    def _layer_decode(self, state: CallState, i: int, hidden, kwargs):
+        run = state.runs.get(self.stages[i].layer)
         if run is None:
             return
-        mask2d = torch.cat([run.kept_mask, self.new_cols], dim=1)
+        mask2d = torch.cat([run.kept_mask, state.new_cols], dim=1)
         run.overrides = {"attention_mask": self._layer_mask(run.layer, hidden, mask2d, kwargs)}
         if run.shift is not None:
             pos = kwargs.get("position_ids")
             if pos is None:
                 q = hidden.shape[1]
-                pos = (self.next_pos - q)[:, None] + torch.arange(q, device=hidden.device)
+                pos = (state.next_pos - q)[:, None] + torch.arange(q, device=hidden.device)
             pos = pos - run.shift[:, None]
             run.overrides.update(position_embeddings=self.adapter.language_model.rotary_emb(hidden, pos),
                                  position_ids=pos)
@@ -295,10 +390,11 @@ class Pruner:
                   layer_idx=layer)
 
     # ---------------------------------------------------------------- positions
-    def _renumber(self):
+    @staticmethod
+    def _renumber(state: CallState):
         """Contiguous positions over the kept sequence (1-D RoPE). Returns (positions [B, L'], shift [B])."""
-        new = (self.seq.mask.cumsum(1) - 1).clamp(min=0)
-        return new, self.next_pos - (new.max(dim=1).values + 1)
+        new = (state.seq.mask.cumsum(1) - 1).clamp(min=0)
+        return new, state.next_pos - (new.max(dim=1).values + 1)
 
     @staticmethod
     def _max_pos(pos):

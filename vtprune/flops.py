@@ -22,7 +22,8 @@ over all num_attention_heads query heads (k/v are repeated, not shared in the ar
 
 Vision towers, as Hugging Face runs them: CLIP runs every layer (even when vision_feature_layer picks an
 earlier one) over patches + CLS, once per image or LLaVA-NeXT crop; Qwen2/2.5-VL attend within each image
-frame, Qwen2.5-VL's window blocks within each window. Videos (Qwen video_grid_thw) are not counted.
+frame, Qwen2.5-VL's window blocks within each window. Videos (Qwen video_grid_thw) are not counted. Each
+family's adapter (``vtprune.patches``) knows its tower's and projector's shapes; this module asks it.
 """
 from __future__ import annotations
 
@@ -30,139 +31,43 @@ from typing import Optional
 
 import torch
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-SCORING_METHODS = ("random", "pool", "divprune", "zoo", "fastv", "entropy")
 
 
-def _family(config) -> str:
-    kind = getattr(config, "model_type", None)
-    if kind not in FAMILIES:
-        raise ValueError(f"no FLOPs model for model_type {kind!r}; supported: {list(FAMILIES)}")
-    return kind
+def _adapter(config):
+    """The adapter class of the model's family, which knows its vision tower and projector FLOPs."""
+    from .patches import adapter_class
+
+    return adapter_class(config)
 
 
 def _text(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _shape(x):
-    return tuple(x.shape) if torch.is_tensor(x) else tuple(x)
-
-
-def _rows(x) -> list:
-    return x.tolist() if torch.is_tensor(x) else [list(r) for r in x]
-
-
 # ------------------------------------------------------------------------------------------- vision
-def _clip_per_image(vc, height: int, width: int) -> int:
-    """One CLIP forward on a height×width crop: conv patch embed + every encoder layer (HF runs all of them
-    even when vision_feature_layer selects an earlier hidden state), over T = patches + 1 (CLS) tokens."""
-    e, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
-    patches = (height // p) * (width // p)
-    t = patches + 1
-    conv = 2 * patches * vc.num_channels * p * p * e
-    layer = 2 * t * e * 4 * e + 4 * t * t * e + 2 * 2 * t * e * inter  # q,k,v,o; QKᵀ+AV; fc1+fc2
-    return conv + vc.num_hidden_layers * layer
-
-
-def _llava_crops(config, pixel_values, image_sizes) -> tuple[int, int, int]:
-    """(crops run through the tower, crop height, crop width). pixel_values: [n, 3, H, W] (LLaVA) or
-    [n, max_crops, 3, H, W] (LLaVA-NeXT, padded; the real count per image comes from image_sizes)."""
-    shape = _shape(pixel_values)
-    h, w = shape[-2:]
-    if config.model_type == "llava":
-        return shape[0], h, w
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    if image_sizes is None:
-        return shape[0] * shape[1], h, w
-    crops = sum(image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
-                for s in _rows(image_sizes))
-    return crops, h, w
-
-
-def _qwen_dims(vc, family: str):
-    """(vision width E, merger output dim): Qwen2-VL names them embed_dim / hidden_size, Qwen2.5-VL
-    hidden_size / out_hidden_size."""
-    if family == "qwen2_vl":
-        return vc.embed_dim, vc.hidden_size
-    return vc.hidden_size, vc.out_hidden_size
-
-
-def _qwen_windows(t: int, h: int, w: int, vc) -> list[int]:
-    """Patch counts of the attention windows of one image (Qwen2.5-VL window blocks), as HF tiles them:
-    windows of ws×ws merged units from the top-left corner, partial at the bottom/right edges."""
-    ms = vc.spatial_merge_size
-    ws = vc.window_size // ms // vc.patch_size
-    gh, gw = h // ms, w // ms
-    sizes = []
-    for i in range(0, gh, ws):
-        for j in range(0, gw, ws):
-            sizes.append(min(ws, gh - i) * min(ws, gw - j) * ms * ms)
-    return sizes * t
-
-
 def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
     """FLOPs of the vision tower (without the projector / patch merger) for one batch of images.
 
     LLaVA: pixel_values [n, 3, H, W]; LLaVA-NeXT: pixel_values [n, max_crops, 3, H, W] and image_sizes [n, 2]
     (crops counted per image as HF unpads them); Qwen2/2.5-VL: image_grid_thw [n, 3] (patches in t, h, w).
-    Tensors or plain shapes/lists are accepted.
+    Tensors or plain shapes/lists are accepted. The family's adapter does the counting.
     """
-    family = _family(config)
-    vc = config.vision_config
-    if family in ("llava", "llava_next"):
-        if pixel_values is None:
-            return 0
-        crops, h, w = _llava_crops(config, pixel_values, image_sizes)
-        return crops * _clip_per_image(vc, h, w)
-    if image_grid_thw is None:
-        return 0
-    e, _ = _qwen_dims(vc, family)
-    full_blocks = set(vc.fullatt_block_indexes) if family == "qwen2_5_vl" else set(range(vc.depth))
-    total = 0
-    for t, h, w in _rows(image_grid_thw):
-        n = t * h * w
-        total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * e  # Conv3d patch embed
-        if family == "qwen2_vl":
-            mlp = 2 * 2 * n * e * int(e * vc.mlp_ratio)  # fc1, fc2
-        else:
-            mlp = 3 * 2 * n * e * vc.intermediate_size  # gate, up, down
-        full = 4 * e * t * (h * w) ** 2  # attention within each frame
-        window = 4 * e * sum(s * s for s in _qwen_windows(t, h, w, vc)) if family == "qwen2_5_vl" else full
-        for block in range(vc.depth):
-            total += 2 * n * e * 4 * e + mlp + (full if block in full_blocks else window)
-    return total
+    return _adapter(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                         image_sizes=image_sizes)
 
 
 def projector_row_flops(config) -> int:
     """FLOPs of the projector (LLaVA) / patch merger (Qwen) for one output token."""
-    family = _family(config)
-    vc, tc = config.vision_config, _text(config)
-    if family in ("llava", "llava_next"):
-        layers = config.vision_feature_layer
-        d_in = vc.hidden_size * (1 if isinstance(layers, int) else len(layers))
-        return 2 * (d_in * tc.hidden_size + tc.hidden_size * tc.hidden_size)
-    e, d_out = _qwen_dims(vc, family)
-    q = e * vc.spatial_merge_size ** 2
-    return 2 * (q * q + q * d_out)
+    d_in, d_mid, d_out = _adapter(config).projector_dims(config)
+    return 2 * (d_in * d_mid + d_mid * d_out)
 
 
 def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
-    """FLOPs of the multi-modal projector (LLaVA: linear_1, linear_2 on every crop's patch tokens, before
-    LLaVA-NeXT unpads) or the Qwen patch merger (one row per spatial_merge_size² patches)."""
-    family = _family(config)
-    if family in ("llava", "llava_next"):
-        if pixel_values is None:
-            return 0
-        crops, h, w = _llava_crops(config, pixel_values, image_sizes)
-        p = config.vision_config.patch_size
-        per_crop = (h // p) * (w // p) + (0 if config.vision_feature_select_strategy == "default" else 1)
-        return crops * per_crop * projector_row_flops(config)
-    if image_grid_thw is None:
-        return 0
-    merged = sum(t * h * w for t, h, w in _rows(image_grid_thw)) // config.vision_config.spatial_merge_size ** 2
-    return merged * projector_row_flops(config)
+    """FLOPs of the multi-modal projector (LLaVA: every crop's patch tokens, before LLaVA-NeXT unpads) or the Qwen
+    patch merger (one row per spatial_merge_size² patches)."""
+    rows = _adapter(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                              image_sizes=image_sizes)
+    return rows * projector_row_flops(config)
 
 
 # ------------------------------------------------------------------------------------------- language model
@@ -239,49 +144,31 @@ def decode_step_flops(text_config, cache_len_per_layer, batch: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def scoring_flops(method: str, n: int, k: int, d: int, *, heads: Optional[int] = None,
-                  head_dim: Optional[int] = None, seq_len: Optional[int] = None, m: int = 64,
-                  projector_row: Optional[int] = None) -> int:
-    """A method's own selection cost for one row: ``n`` visual tokens in, ``k`` kept, feature width ``d``.
+def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_dim: int = 0, seq_len: int = 0,
+                  projector_row: int = 0, projector_dims: Optional[tuple] = None, **options) -> int:
+    """A method's own selection cost for one row: ``n`` visual tokens in, ``k`` kept, feature width ``d``, as the
+    method declared it (``register(..., flops=...)``; 0 when it declared none). ``options`` are the method's
+    (e.g. zoo's ``m``); missing ones take the method's defaults."""
+    from .strategies.base import ScoringShape, get_method
 
-    divprune: N×N cosine Gram 2N²D, plus k·N running-minimum updates (compares, counted as 1 each).
-    zoo: 2·m·N perturbed projector rows (``projector_row`` FLOPs each) + the divprune terms on the outputs.
-    fastv: last query row against ``seq_len`` keys at layer K-1, 2·H·L·d_head.
-    entropy: per token the H×H Gram of the centred per-head queries, 2·H²·d_head (the H×H eigensolver,
-    O(H³) per token, is not counted, as FlopCounterMode does not count it).
-    random / pool: 0.
-    """
-    diverse = 2 * n * n * d + k * n
-    if method in ("random", "pool"):
-        return 0
-    if method == "divprune":
-        return diverse
-    if method == "zoo":
-        if projector_row is None:
-            raise ValueError("zoo scoring needs projector_row (FLOPs of one projector row)")
-        return 2 * m * n * projector_row + diverse
-    if method == "fastv":
-        if heads is None or head_dim is None or seq_len is None:
-            raise ValueError("fastv scoring needs heads, head_dim and seq_len")
-        return 2 * heads * seq_len * head_dim
-    if method == "entropy":
-        if heads is None or head_dim is None:
-            raise ValueError("entropy scoring needs heads and head_dim")
-        return n * 2 * heads * heads * head_dim
-    raise ValueError(f"no scoring cost known for method {method!r}; known: {list(SCORING_METHODS)}")
+    spec = get_method(method)
+    shape = ScoringShape(n, k, d, heads, head_dim, seq_len, projector_row, projector_dims)
+    return int(spec.flops(shape, **{**spec.options, **options}))
 
 
 # ------------------------------------------------------------------------------------------- main entry
-def _visual_counts(config, input_ids) -> list[int]:
+def visual_counts(config, input_ids) -> list[int]:
+    """Visual tokens per row of ``input_ids`` [B, L]."""
     return (input_ids == config.image_token_id).sum(1).tolist()
 
 
 def _stage_options(model) -> dict:
-    """{layer: options} of the pruner patched on ``model`` (empty when it is not patched)."""
-    from .api import _ATTR
+    """{layer: method options} of the pruner patched on ``model`` (empty when it is not patched)."""
+    from .api import get_pruner
+    from .stage import method_options
 
-    pruner = getattr(model, _ATTR, None)
-    return {} if pruner is None else {s.layer: dict(s.options) for s in pruner.stages}
+    pruner = get_pruner(model) if not isinstance(model, type) and hasattr(model, "config") else None
+    return {} if pruner is None else {s.layer: method_options(s) for s in pruner.stages}
 
 
 def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
@@ -305,15 +192,16 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     _, _, heads, _, hd = _llm_dims(tc)
 
     options = _stage_options(model)
-    tokens = [{"layer": 0, "method": None, "seq_len": length, "visual": _visual_counts(config, input_ids)}]
+    tokens = [{"layer": 0, "method": None, "seq_len": length, "visual": visual_counts(config, input_ids)}]
     seq_lens = {0: length}
     scoring, cur = 0, length
     for st in sorted(stats or [], key=lambda s: s["layer"]):
         before, after = list(st["tokens_before"]), list(st["tokens_after"])
         opts = options.get(st["layer"], {})
+        proj = dict(projector_row=projector_row_flops(config), projector_dims=_adapter(config).projector_dims(config))
         for n, k in zip(before, after):
             scoring += scoring_flops(st["method"], n, k, tc.hidden_size, heads=heads, head_dim=hd, seq_len=cur,
-                                     m=opts.get("m", 64), projector_row=projector_row_flops(config))
+                                     **proj, **opts)
         # Each row keeps its non-visual slots (text, padding, earlier dummies) and its kept visual tokens;
         # rows are then right-aligned to the longest one.
         cur = max(cur - n + k for n, k in zip(before, after))

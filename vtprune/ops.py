@@ -3,7 +3,8 @@
 Each op has a PyTorch reference here (``*_reference``, the specification). The Triton kernels of ``vtprune.cuda``
 are used for CUDA tensors when Triton is importable, unless ``set_backend("torch")`` forces the references;
 ``set_backend("triton")`` forces the kernels, on CPU tensors too (which needs Triton's interpreter,
-``TRITON_INTERPRET=1``). ``last_backend()`` tells which path ran for each op.
+``TRITON_INTERPRET=1``). Called with ``with_backend=True``, each op also returns the path it ran ("torch" or
+"triton") as the last element of its result, so concurrent calls never share that record.
 
 | op               | reference                    | kernel                                   |
 | ---------------- | ---------------------------- | ---------------------------------------- |
@@ -17,7 +18,6 @@ from __future__ import annotations
 import torch
 
 _FORCED: str | None = None
-_LAST: dict[str, str] = {}
 
 
 def set_backend(name: str | None) -> None:
@@ -38,16 +38,6 @@ def _triton_available() -> bool:
     return triton_available()
 
 
-def clear_last() -> None:
-    """Forget which paths ran (the engine calls it at the start of each stage)."""
-    _LAST.clear()
-
-
-def last_backend() -> dict[str, str]:
-    """Which path ran last for each op, e.g. ``{"gather": "torch", "greedy": "triton"}``."""
-    return dict(_LAST)
-
-
 def _use_kernel(t: torch.Tensor) -> bool:
     """Kernel for CUDA tensors when Triton is importable; forced ``"triton"`` means any device."""
     if _FORCED == "torch":
@@ -57,18 +47,22 @@ def _use_kernel(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_available()
 
 
-def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _out(result, backend: str, with_backend: bool):
+    if not with_backend:
+        return result
+    return (*result, backend) if isinstance(result, tuple) else (result, backend)
+
+
+def gather_tokens(hidden: torch.Tensor, index: torch.Tensor, *, with_backend: bool = False):
     """Keep tokens along the sequence dim.
 
-    hidden: [B, L, D]; index: [B, L'] (long, into L). Returns [B, L', D].
+    hidden: [B, L, D]; index: [B, L'] (long, into L). Returns [B, L', D] (and the backend, see the module doc).
     """
     if _use_kernel(hidden):
         from vtprune.cuda.compact import compact as _kernel
 
-        _LAST["gather"] = "triton"
-        return _kernel(hidden, index)[0]
-    _LAST["gather"] = "torch"
-    return gather_tokens_reference(hidden, index)
+        return _out(_kernel(hidden, index)[0], "triton", with_backend)
+    return _out(gather_tokens_reference(hidden, index), "torch", with_backend)
 
 
 def gather_tokens_reference(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -82,7 +76,7 @@ def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def compact(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None):
+            attention_mask: torch.Tensor | None = None, *, with_backend: bool = False):
     """Keep tokens of the hidden states and, with them, of the position ids and attention mask (one launch).
 
     hidden: [B, L, D]; index: [B, L'] (into L); position_ids: [B, L] or [R, B, L] (Qwen's M-RoPE: R = 3, or 4 with
@@ -92,10 +86,8 @@ def compact(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tenso
     if _use_kernel(hidden):
         from vtprune.cuda.compact import compact as _kernel
 
-        _LAST["compact"] = "triton"
-        return _kernel(hidden, index, position_ids, attention_mask)
-    _LAST["compact"] = "torch"
-    return compact_reference(hidden, index, position_ids, attention_mask)
+        return _out(_kernel(hidden, index, position_ids, attention_mask), "triton", with_backend)
+    return _out(compact_reference(hidden, index, position_ids, attention_mask), "torch", with_backend)
 
 
 def compact_reference(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -112,7 +104,8 @@ def pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.transpose(1, 2)
 
 
-def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
+                  with_backend: bool = False):
     """Greedy max-min diversity selection on cosine distance, in pick order.
 
     features: [B, N, D]; weights: [B, N] or None. Returns [B, k] (long), the order tokens were picked.
@@ -125,10 +118,8 @@ def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None =
         from vtprune.cuda.greedy import MAX_N, greedy_maxmin as _kernel
 
         if features.shape[1] <= MAX_N:
-            _LAST["greedy"] = "triton"
-            return _kernel(pairwise_cosine_distance(features), k, weights)
-    _LAST["greedy"] = "torch"
-    return greedy_maxmin_reference(features, k, weights)
+            return _out(_kernel(pairwise_cosine_distance(features), k, weights), "triton", with_backend)
+    return _out(greedy_maxmin_reference(features, k, weights), "torch", with_backend)
 
 
 def greedy_maxmin_reference(features: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +152,7 @@ def greedy_maxmin_from_distance(dist: torch.Tensor, k: int, weights: torch.Tenso
 
 
 def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
-                 sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sizes: torch.Tensor | None = None, *, with_backend: bool = False):
     """Size-weighted average of every token into its assigned kept token.
 
     hidden: [B, N, D]; keep: [B, k] indices of kept tokens; target: [B, N] in [0, k), the kept slot each token
@@ -171,10 +162,8 @@ def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
     if _use_kernel(hidden):
         from vtprune.cuda.merge import merge as _kernel
 
-        _LAST["merge"] = "triton"
-        return _kernel(hidden, keep, target, sizes)
-    _LAST["merge"] = "torch"
-    return merge_tokens_reference(hidden, keep, target, sizes)
+        return _out(_kernel(hidden, keep, target, sizes), "triton", with_backend)
+    return _out(merge_tokens_reference(hidden, keep, target, sizes), "torch", with_backend)
 
 
 def merge_tokens_reference(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,

@@ -2,17 +2,49 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
 
-from . import ops
 from .config import StageConfig
 from .strategies.base import Method, SelectionInputs
-from .strategies.debias import padding_cap
 from .strategies.entropy import layer_average_keep
 from .strategies.merge import merge_pruned
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What one stage did on one prefill (``vtprune.get_stats`` returns one per stage). Also readable as a
+    mapping (``stats["kept_indices"]``).
+
+    layer, method; tokens_before / tokens_after: visual tokens per row; kept_indices: LongTensor [batch, k] into
+    the visual tokens entering the stage, ascending, rows keeping fewer padded with -1 on the right;
+    select_time_s: wall time of choosing (budgets, scoring, selection, merging); budget: "plain" or
+    "layer_average"; merged: whether pruned tokens were merged into kept ones; backend: the path each op ran
+    ({"greedy": "torch", "compact": "triton", ...}).
+    """
+
+    layer: int
+    method: str
+    tokens_before: list
+    tokens_after: list
+    kept_indices: torch.Tensor
+    select_time_s: float
+    budget: str
+    merged: bool
+    backend: dict
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return self.__dataclass_fields__.keys()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -59,14 +91,20 @@ def keep_layout(keep: torch.Tensor):
     return index, keep.gather(1, index)
 
 
-def row_budgets(stage: StageConfig, seq: Sequence, num_layers: int) -> list[int]:
+def method_options(stage: StageConfig) -> dict:
+    """The stage's options that go to the method (without the engine's own)."""
+    return {k: v for k, v in stage.options.items() if k not in ("merge", "budget")}
+
+
+def row_budgets(stage: StageConfig, method: Method, seq: Sequence, num_layers: int) -> list[int]:
     counts = seq.vis.sum(1).tolist()
     ks = [stage.budget(n) for n in counts]
     if stage.options.get("budget") == "layer_average":
         # EntropyPrune's convention: the budget is the average over all layers, layers before K keep all.
         ks = [0 if n == 0 else layer_average_keep(num_layers, stage.layer, n, k) for n, k in zip(counts, ks)]
-    if seq.pad is not None and stage.options.get("debias") in ("sink", "both"):
-        ks = [k if n == 0 else padding_cap(seq.pad[r][seq.vis[r]][None], k)
+    if method.budget_cap is not None:
+        options = method_options(stage)
+        ks = [k if n == 0 else method.budget_cap(k, None if seq.pad is None else seq.pad[r][seq.vis[r]], **options)
               for r, (n, k) in enumerate(zip(counts, ks))]
     return ks
 
@@ -79,14 +117,15 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     the gathered Sequence, stats dict).
     """
     t0 = time.perf_counter()
-    ops.clear_last()
     vis = seq.vis
     counts = vis.sum(1).tolist()
-    ks = row_budgets(stage, seq, num_layers)
+    ks = row_budgets(stage, method, seq, num_layers)
+    backends: dict = {}
     # Projector inputs exist for every visual token except LLaVA-NeXT newlines.
     with_input = vis if seq.newline is None else vis & ~seq.newline
     offsets = torch.tensor([0] + with_input.sum(1).tolist()).cumsum(0).tolist()
-    options = {k: v for k, v in stage.options.items() if k not in ("merge", "budget")}
+    options = method_options(stage)
+    text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
     keep = ~vis
     chosen_rows: list[Optional[torch.Tensor]] = [None] * len(counts)
     merged = hidden.clone() if stage.options["merge"] else hidden
@@ -110,12 +149,14 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
             features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),
             pre_projector=pre, projector=cap.projector,
             grid=None if cap.grids is None else [cap.grids[r] for r in rows],
-            pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"))
+            pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"),
+            text=None if text is None else text[rows_t], text_mask=None if text is None else text_mask[rows_t],
+            backends=backends)
         _check_needs(method, inputs, stage)
         chosen = method.fn(inputs, k, **options).sort(dim=-1).values  # [rows, k]
         kept_pos = positions.gather(1, chosen)
         if stage.options["merge"]:
-            m, s = merge_pruned(inputs.features, chosen, take(sizes))
+            m, s, backends["merge"] = merge_pruned(inputs.features, chosen, take(sizes), with_backend=True)
             for j, r in enumerate(rows):
                 merged[r, kept_pos[j]] = m[j]
                 sizes[r, kept_pos[j]] = s[j]
@@ -125,12 +166,19 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     elapsed = time.perf_counter() - t0
     index, valid = keep_layout(keep)
     new_seq = replace(seq, sizes=sizes).gather(index, valid)
-    stats = {"layer": stage.layer, "method": stage.method, "tokens_before": counts,
-             "tokens_after": [0 if c is None else len(c) for c in chosen_rows],
-             "kept_indices": _pad_rows(chosen_rows, hidden.device), "select_time_s": elapsed,
-             "budget": stage.options.get("budget", "plain"), "merged": stage.options["merge"],
-             "backend": ops.last_backend()}
+    # The engine adds the backend of its gather (compact) to ``backends`` after this returns.
+    stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
+                 tokens_after=[0 if c is None else len(c) for c in chosen_rows],
+                 kept_indices=_pad_rows(chosen_rows, hidden.device), select_time_s=elapsed,
+                 budget=stage.options["budget"], merged=stage.options["merge"], backend=backends)
     return index, merged, new_seq, stats
+
+
+def _text_tokens(hidden: torch.Tensor, seq: Sequence):
+    """Each row's text tokens (valid, non-visual), left padded: ([B, T, D], mask [B, T] bool)."""
+    text = ~seq.vis & seq.mask.bool()
+    index, valid = keep_layout(text)
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])), valid
 
 
 def _pre_rows(cap: Captured, seq: Sequence, offsets: list, r: int) -> torch.Tensor:
@@ -153,9 +201,11 @@ def _pad_rows(rows, device):
 
 
 def _check_needs(method: Method, inputs: SelectionInputs, stage: StageConfig):
+    # grid / pad_mask / newline_mask may legitimately be None (a family without them); these may not.
     missing = {"attention": inputs.attention is None, "queries": inputs.queries is None,
-               "projector": inputs.projector is None or inputs.pre_projector is None}
+               "projector": inputs.projector is None or inputs.pre_projector is None, "text": inputs.text is None}
     for need, absent in missing.items():
         if need in method.needs and absent:
-            where = "the projector inputs" if need == "projector" else f"{need} from layer {stage.layer - 1}"
+            where = {"projector": "the projector inputs", "text": "the text tokens"}.get(
+                need, f"{need} from layer {stage.layer - 1}")
             raise RuntimeError(f"method {method.name!r} needs {where}, which were not captured on this call")

@@ -1,5 +1,6 @@
 """Selection strategies: pure tensor functions registered by name (importing this package registers them)."""
 from . import base, baselines, debias, divprune, entropy, merge, zoo  # noqa: F401  (registration)
-from .base import Method, SelectionInputs, check_options, get_method, list_methods, register
+from .base import Method, ScoringShape, SelectionInputs, check_options, get_method, list_methods, register, unregister
 
-__all__ = ["Method", "SelectionInputs", "check_options", "get_method", "list_methods", "register"]
+__all__ = ["Method", "ScoringShape", "SelectionInputs", "check_options", "get_method", "list_methods", "register",
+           "unregister"]

@@ -1,19 +1,27 @@
 """What a strategy receives, and the registry that maps method names to strategies.
 
-A strategy is a pure tensor function ``fn(inputs: SelectionInputs, k: int, **options) -> LongTensor [batch, k]``
-returning indices into the ``N`` visual tokens of each row. Indices may come in pick order (greedy methods);
-the engine sorts them before gathering. Strategies never see padding rows: the engine calls them on groups of
-rows that share the same visual-token count.
+A strategy is a pure tensor function ``fn(inputs: SelectionInputs, k: int, *, option=default, ...) ->
+LongTensor [batch, k]`` returning indices into the ``N`` visual tokens of each row. Indices may come in pick order
+(greedy methods); the engine sorts them before gathering. Strategies never see padding rows: the engine calls them
+on groups of rows that share the same visual-token count.
+
+``@register`` declares everything the rest of the library asks about a method, once: its options (read from the
+function's keyword parameters: names, defaults and annotations, which are also how values are checked), its default
+layer, what it needs from the model, its budget rule and the FLOPs its scoring costs.
 """
 from __future__ import annotations
 
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 # What a strategy may ask the engine to provide, beyond ``features``.
 NEEDS = ("attention", "queries", "projector", "grid", "pad_mask", "newline_mask", "text")
+BUDGETS = ("plain", "layer_average")
 
 
 @dataclass
@@ -25,12 +33,15 @@ class SelectionInputs:
     queries:       [batch, N, H, d_head] query states of the visual tokens at layer K-1.
     pre_projector: [batch, N_pre, D_v] vision features entering the projector (LLaVA: N_pre == N;
                    Qwen: N_pre == 4 * N, the 2x2 patch groups in merger order).
-    projector:     callable mapping pre-projector rows to projected rows ([*, group * D_v] -> [*, D]).
+    projector:     module mapping pre-projector rows to projected rows ([*, group * D_v] -> [*, D]) in float32,
+                   with the model's current weights.
     grid:          one (height, width) per row, the spatial layout of its N tokens in raster order, or None.
     pad_mask:      [batch, N] bool, True for tokens that are mostly image padding (LLaVA pad-to-square).
     newline_mask:  [batch, N] bool, True for LLaVA-NeXT row-separator tokens.
-    text:          [batch, T, D] hidden states of the text tokens (for text-aware methods), or None.
+    text:          [batch, T, D] hidden states of the row's text tokens (prompt order, left padded), or None.
+    text_mask:     [batch, T] bool, False on the left padding of ``text``.
     seed:          seed for stochastic strategies (``None`` = draw from torch's global generator).
+    backends:      filled by strategies with the path each op ran ({"greedy": "torch"}); the engine reports it.
     """
 
     features: torch.Tensor
@@ -42,7 +53,9 @@ class SelectionInputs:
     pad_mask: Optional[torch.Tensor] = None
     newline_mask: Optional[torch.Tensor] = None
     text: Optional[torch.Tensor] = None
+    text_mask: Optional[torch.Tensor] = None
     seed: Optional[int] = None
+    backends: dict = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -54,33 +67,157 @@ class SelectionInputs:
 
 
 @dataclass(frozen=True)
+class ScoringShape:
+    """The shapes a method's scoring cost depends on, for one row.
+
+    n visual tokens in, k kept, hidden width d; heads / head_dim of the language model; seq_len the row's
+    sequence length at the stage; projector_row the FLOPs of one projector row and projector_dims its layer
+    widths (d_in, d_hidden, d_out) where the adapter knows them.
+    """
+
+    n: int
+    k: int
+    d: int
+    heads: int
+    head_dim: int
+    seq_len: int
+    projector_row: int = 0
+    projector_dims: Optional[tuple] = None
+
+
+def _no_cost(shape: ScoringShape, **options) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
 class Method:
-    """A registered strategy: its function, what it needs from the model, and the options it accepts."""
+    """A registered strategy and what the library needs to know about it."""
 
     name: str
     fn: Callable[..., torch.Tensor]
     needs: frozenset = frozenset()
-    options: dict = field(default_factory=dict)  # option name -> default value
+    options: dict = field(default_factory=dict)  # option name -> default value (from the signature)
+    types: dict = field(default_factory=dict)  # option name -> annotation (from the signature)
+    layer: Union[int, Callable[[Any], int]] = 0  # default layer, or adapter -> layer
     min_layer: int = 0  # attention/query-scored methods need a layer before the stage
+    budget: str = "plain"  # default budget convention ("layer_average": EntropyPrune's)
+    budget_cap: Optional[Callable[..., int]] = None  # (k, pad_mask [n] or None, **options) -> k
+    flops: Callable[..., int] = _no_cost  # (ScoringShape, **options) -> FLOPs of scoring one row
+    validate: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError on bad values
     description: str = ""
+
+    def default_layer(self, adapter=None) -> int:
+        return self.layer(adapter) if callable(self.layer) else self.layer
+
+    def check(self, options: dict[str, Any]) -> dict[str, Any]:
+        """User options merged over the defaults; unknown names and ill-typed values raise ValueError."""
+        unknown = set(options) - set(self.options)
+        if unknown:
+            allowed = sorted(self.options) or "none"
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for method {self.name!r}; allowed: {allowed}")
+        for key, value in options.items():
+            allowed = _allowed(self.types.get(key, Any))
+            if allowed is not None and not _matches(value, self.types[key]):
+                raise ValueError(f"option {key}={value!r} of method {self.name!r} is not allowed; expected {allowed}")
+        merged = {**self.options, **options}
+        if self.validate is not None:
+            self.validate(**merged)
+        return merged
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs=(), options=None, min_layer: int = 0, description: str = ""):
-    """Decorator adding ``fn`` to the registry under ``name``."""
+def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0, min_layer: int = 0,
+             budget: str = "plain", budget_cap=None, flops=None, validate=None, description: str = ""):
+    """Decorator adding a strategy to the registry under ``name``.
+
+    The strategy's options are its keyword parameters after ``(inputs, k)``: each needs a default, and its
+    annotation (bool, int, float, str, Literal[...], Optional/unions of those) is how user values are checked.
+    ``layer``: the default decoder layer (an int, or a function of the model's adapter). ``budget``: "plain" or
+    "layer_average". ``budget_cap(k, pad_mask, **options)`` may lower a row's budget. ``flops(shape, **options)``
+    gives the scoring FLOPs of one row (default 0). ``validate(**options)`` checks ranges.
+    """
     unknown = set(needs) - set(NEEDS)
     if unknown:
-        raise ValueError(f"unknown needs {sorted(unknown)} for method {name!r}; allowed: {list(NEEDS)}")
+        raise ValueError(f"unknown needs {sorted(unknown)} for method {name!r}; the engine provides: {list(NEEDS)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
-        _REGISTRY[name] = Method(name, fn, frozenset(needs), dict(options or {}), min_layer, description)
+        options, kinds = _signature_options(name, fn)
+        _REGISTRY[name] = Method(name, fn, frozenset(needs), options, kinds, layer, min_layer, budget, budget_cap,
+                                 flops or _no_cost, validate, description or (fn.__doc__ or "").split("\n")[0])
         return fn
 
     return deco
+
+
+def unregister(name: str) -> None:
+    """Remove a method (for plugins and tests that register their own)."""
+    get_method(name)
+    del _REGISTRY[name]
+
+
+def _signature_options(name: str, fn) -> tuple[dict, dict]:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 2 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        raise ValueError(f"strategy {name!r} must take (inputs, k, **options)")
+    hints = typing.get_type_hints(fn)
+    options, kinds = {}, {}
+    for p in params[2:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ValueError(f"strategy {name!r}: options must be named keyword parameters, not *{p.name}")
+        if p.default is p.empty:
+            raise ValueError(f"strategy {name!r}: option {p.name!r} needs a default value")
+        options[p.name] = p.default
+        kinds[p.name] = hints.get(p.name, Any)
+    return options, kinds
+
+
+def _members(hint) -> Optional[list]:
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        return list(typing.get_args(hint))
+    return None
+
+
+def _matches(value, hint) -> bool:
+    members = _members(hint)
+    if members is not None:
+        return any(_matches(value, m) for m in members)
+    if typing.get_origin(hint) is typing.Literal:
+        return any(value is v or (type(value) is type(v) and value == v) for v in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # Any, or an annotation too rich to check here
+
+
+def _allowed(hint) -> Optional[str]:
+    """How to name what ``hint`` admits in an error message; None when it admits anything."""
+    members = _members(hint)
+    if members is not None:
+        parts = [_allowed(m) for m in members]
+        return None if None in parts else " or ".join(parts)
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if hint is float:
+        return "a number"
+    if isinstance(hint, type):
+        return {bool: "True or False", int: "an integer", str: "a string"}.get(hint, hint.__name__)
+    return None
 
 
 def get_method(name: str) -> Method:
@@ -94,9 +231,5 @@ def list_methods() -> list[str]:
 
 
 def check_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
-    """Merge user options over the method's defaults, refusing names the method does not accept."""
-    unknown = set(options) - set(method.options)
-    if unknown:
-        allowed = sorted(method.options) or "none"
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method.name!r}; allowed: {allowed}")
-    return {**method.options, **options}
+    """Merge user options over the method's defaults, refusing unknown names and ill-typed values."""
+    return method.check(options)

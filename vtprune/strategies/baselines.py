@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Literal, Optional
 
 import torch
 
 from .base import SelectionInputs, register
+from .debias import padding_cap
 
 
-@register("random", options={"seed": 0}, description="uniformly random subset, seeded")
+@register("random", description="uniformly random subset, seeded")
 def random_select(inputs: SelectionInputs, k: int, seed: int | None = 0) -> torch.Tensor:
     """Random subset of ``k`` of the ``N`` tokens per row. Returns [batch, k] (ascending).
 
@@ -60,9 +62,16 @@ def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     return torch.stack(out).to(inputs.features.device)
 
 
-@register("fastv", needs=("attention", "pad_mask"), min_layer=1, options={"debias": None, "debias_curve": None},
+def _fastv_cap(k: int, pad_mask, debias=None, **_) -> int:
+    # The paper caps the budget at the non-padding patches when padding is suppressed.
+    return padding_cap(pad_mask[None], k) if debias in ("sink", "both") and pad_mask is not None else k
+
+
+@register("fastv", needs=("attention", "pad_mask"), layer=2, min_layer=1, budget_cap=_fastv_cap,
+          flops=lambda s, **_: 2 * s.heads * s.seq_len * s.head_dim,
           description="top-k by last-token attention at layer K-1")
-def fastv_select(inputs: SelectionInputs, k: int, debias: str | None = None, debias_curve=None) -> torch.Tensor:
+def fastv_select(inputs: SelectionInputs, k: int, debias: Literal[None, "position", "sink", "both"] = None,
+                 debias_curve: Optional[Any] = None) -> torch.Tensor:
     """FastV: the ``k`` tokens with the highest last-token attention (head mean) at layer K-1.
 
     attention: [batch, N]; pad_mask: [batch, N] or None. Returns [batch, k] (ascending). Ties break towards

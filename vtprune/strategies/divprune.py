@@ -4,10 +4,15 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import SelectionInputs, register
+from .base import ScoringShape, SelectionInputs, register
 
 
-@register("divprune", needs=("newline_mask",), options={"keep_newlines": False},
+def diversity_flops(shape: ScoringShape) -> int:
+    """The N×N cosine Gram (2·N²·D) plus k·N running-minimum updates (compares, 1 each)."""
+    return 2 * shape.n * shape.n * shape.d + shape.k * shape.n
+
+
+@register("divprune", needs=("newline_mask",), flops=lambda shape, **_: diversity_flops(shape),
           description="greedy max-min diversity on cosine distance of the projected tokens")
 def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False) -> torch.Tensor:
     """DivPrune: approximate Max-Min Diversity subset of ``k`` of the ``N`` tokens.
@@ -28,7 +33,7 @@ def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False
         return torch.empty(b, 0, dtype=torch.long, device=device)
     mask = inputs.newline_mask
     if not keep_newlines or mask is None:
-        return ops.greedy_maxmin(inputs.features, k)
+        return _greedy(inputs, inputs.features, k)
 
     mask = mask.to(device=device, dtype=torch.bool)
     counts = mask.sum(dim=1)
@@ -36,12 +41,18 @@ def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False
         raise ValueError(f"k={k} is smaller than the {int(counts.max())} newline tokens to keep; "
                          f"use k >= {int(counts.max())} or keep_newlines=False")
     if bool((counts == counts[0]).all()):
-        return _keep_and_select(inputs.features, mask, k)
+        return _keep_and_select(inputs, inputs.features, mask, k)
     # Rows with different newline counts cannot share one gathered tensor; rare, so do them one by one.
-    return torch.cat([_keep_and_select(inputs.features[r:r + 1], mask[r:r + 1], k) for r in range(b)])
+    return torch.cat([_keep_and_select(inputs, inputs.features[r:r + 1], mask[r:r + 1], k) for r in range(b)])
 
 
-def _keep_and_select(features: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+def _greedy(inputs: SelectionInputs, features: torch.Tensor, k: int, weights=None) -> torch.Tensor:
+    """ops.greedy_maxmin, recording which path ran in ``inputs.backends``."""
+    picks, inputs.backends["greedy"] = ops.greedy_maxmin(features, k, weights, with_backend=True)
+    return picks
+
+
+def _keep_and_select(inputs: SelectionInputs, features: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """features [B, N, D], mask [B, N] with the same newline count per row -> [B, k] (newlines first)."""
     n = features.shape[1]
     n_free = n - int(mask[0].sum())
@@ -52,5 +63,5 @@ def _keep_and_select(features: torch.Tensor, mask: torch.Tensor, k: int) -> torc
     if rest == 0:
         return newlines
     sub = torch.gather(features, 1, free.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-    picked = torch.gather(free, 1, ops.greedy_maxmin(sub, rest))
+    picked = torch.gather(free, 1, _greedy(inputs, sub, rest))
     return torch.cat([newlines, picked], dim=1)

@@ -8,23 +8,32 @@ import torch
 
 from .base import SelectionInputs, register
 
+COLLAPSE_ATTR = "_vtprune_collapse_layer"  # set on a model by vtprune.calibrate.find_collapse_layer
 
-def _spectral_entropy(gram: torch.Tensor, log_base: float) -> torch.Tensor:
-    """Entropy of the trace-normalised eigenvalues of symmetric PSD gram [..., M, M] (float64) / log_base."""
+
+def _spectral_entropy(gram: torch.Tensor, log_base: float, normalize: bool = True) -> torch.Tensor:
+    """-sum(l log l) / log_base over the eigenvalues l of symmetric PSD gram [..., M, M] (float64).
+
+    normalize=True divides the eigenvalues by their sum first (a proper entropy in [0, 1]); False uses them as
+    they are, as EntropyPrune's released code does, so the score mixes spread and magnitude.
+    """
     lam = torch.linalg.eigvalsh(gram).clamp_min(0)  # tiny negative eigenvalues are rounding error
-    total = lam.sum(dim=-1, keepdim=True)
-    p = lam / torch.where(total > 0, total, torch.ones_like(total))
-    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    if normalize:
+        total = lam.sum(dim=-1, keepdim=True)
+        lam = lam / torch.where(total > 0, total, torch.ones_like(total))
+    plogp = torch.where(lam > 0, lam * torch.log(torch.where(lam > 0, lam, torch.ones_like(lam))),
+                        torch.zeros_like(lam))
     return -plogp.sum(dim=-1) / log_base
 
 
-def entropy_scores(queries: torch.Tensor) -> torch.Tensor:
-    """Normalised matrix entropy of each token's per-head query states.
+def entropy_scores(queries: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """Matrix entropy of each token's per-head query states.
 
-    queries: [batch, N, H, d_head]. Returns [batch, N] float64 in [0, 1).
+    queries: [batch, N, H, d_head]. Returns [batch, N] float64.
     For token t, R = Z_t - mean over heads (H x d_head). The covariance R^T R / H (d_head x d_head) and the
     dual Gram R R^T / H (H x H) share their non-zero eigenvalues, so the smaller H x H problem is solved.
-    Score = -sum(l log l) / log H with l the eigenvalues clamped at 0 and normalised to sum 1.
+    Score = -sum(l log l) / log H over those eigenvalues l (clamped at 0): as released (``normalize=False``),
+    or with l normalised to sum 1 first (``normalize=True``, a proper entropy in [0, 1)).
     """
     if queries.dim() != 4 or queries.shape[2] < 2:
         raise ValueError(f"queries must be [batch, N, H, d_head] with H >= 2; got shape {tuple(queries.shape)}")
@@ -32,21 +41,32 @@ def entropy_scores(queries: torch.Tensor) -> torch.Tensor:
     z = queries.double()
     r = z - z.mean(dim=2, keepdim=True)
     gram = r @ r.transpose(-1, -2) / heads
-    return _spectral_entropy(gram, math.log(heads))
+    return _spectral_entropy(gram, math.log(heads), normalize)
 
 
-@register("entropy", needs=("queries",), min_layer=1, description="top-k matrix entropy of per-head queries")
-def entropy_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
+def _entropy_layer(adapter) -> int:
+    # A layer found by vtprune.calibrate.find_collapse_layer on this model wins over the family's published one.
+    found = getattr(adapter.model, COLLAPSE_ATTR, None) if adapter is not None else None
+    if found is not None:
+        return found
+    return adapter.entropy_layer if adapter is not None else 2
+
+
+@register("entropy", needs=("queries",), layer=_entropy_layer, min_layer=1,
+          flops=lambda s, **_: s.n * 2 * s.heads * s.heads * s.head_dim,
+          description="top-k matrix entropy of per-head queries")
+def entropy_select(inputs: SelectionInputs, k: int, normalize: bool = False) -> torch.Tensor:
     """EntropyPrune: the ``k`` tokens with the highest query-state entropy at layer K-1.
 
     queries: [batch, N, H, d_head]. Returns [batch, k] (ascending). Ties break towards the earlier token.
+    ``normalize``: see ``entropy_scores`` (False, the default, is the released score).
     """
     if inputs.queries is None:
         raise ValueError("entropy needs inputs.queries ([batch, N, H, d_head]); got None")
     n = inputs.num_tokens
     if not 0 <= k <= n:
         raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
-    scores = entropy_scores(inputs.queries)
+    scores = entropy_scores(inputs.queries, normalize)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=-1).values
 

@@ -21,12 +21,12 @@ def assign_to_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return target.scatter(1, keep, slots)
 
 
-def merge_pruned(features: torch.Tensor, keep: torch.Tensor,
-                 sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_pruned(features: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None, *,
+                 with_backend: bool = False):
     """Size-weighted average of every token into its most similar kept token.
 
     features: [batch, N, D]; keep: [batch, k] sorted ascending (slot s of the output is token keep[:, s]);
     sizes: [batch, N] how many original tokens each token already stands for (default ones).
-    Returns (merged [batch, k, D] in features' dtype, sizes [batch, k] float32).
+    Returns (merged [batch, k, D] in features' dtype, sizes [batch, k] float32), and the backend when asked.
     """
-    return ops.merge_tokens(features, keep, assign_to_kept(features, keep), sizes)
+    return ops.merge_tokens(features, keep, assign_to_kept(features, keep), sizes, with_backend=with_backend)

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 
 from .. import ops
-from .base import SelectionInputs, register
+from .base import ScoringShape, SelectionInputs, register
+from .divprune import _greedy, diversity_flops
 
 
 def random_directions(m: int, dim: int, seed: int | None) -> torch.Tensor:
@@ -63,7 +64,17 @@ def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(s.dtype).tiny), torch.ones_like(s))
 
 
-@register("zoo", needs=("projector", "newline_mask"), options={"m": 64, "h": 0.01, "seed": 0, "chunk_rows": 8192},
+def _check(m, h, seed, chunk_rows):
+    if m < 1 or h <= 0 or chunk_rows < 2:
+        raise ValueError(f"zoo needs m >= 1, h > 0 and chunk_rows >= 2; got m={m}, h={h}, chunk_rows={chunk_rows}")
+
+
+def _flops(shape: ScoringShape, m=64, **_) -> int:
+    """2·m·N perturbed projector rows, then the diversity terms on the projected tokens."""
+    return 2 * m * shape.n * shape.projector_row + diversity_flops(shape)
+
+
+@register("zoo", needs=("projector", "newline_mask"), flops=_flops, validate=_check,
           description="zeroth-order projector sensitivity x greedy max-min diversity")
 def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, seed: int | None = 0,
                chunk_rows: int = 8192) -> torch.Tensor:
@@ -96,4 +107,4 @@ def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, se
     if inputs.newline_mask is not None:
         # LLaVA-NeXT row separators are learned vectors with no projector input: least sensitive by definition.
         weights = weights.masked_fill(inputs.newline_mask.to(weights.device), 0.0)
-    return ops.greedy_maxmin(inputs.features, k, weights=weights)
+    return _greedy(inputs, inputs.features, k, weights)

@@ -99,16 +99,20 @@ class LlavaAdapter(ClipLlamaFamily):
         return [(self.side, self.side) if n == self.side ** 2 else None for n in counts]
 
     def pad_mask(self, call, vis):
-        """Patches more than half covered by the constant border that pad-to-square adds.
+        """Patches more than half covered by the border that pad-to-square adds.
 
-        The border is found from the pixels: whole rows/columns, from each edge inwards, whose every channel
-        equals the pad colour (the normalised image mean, ~0). Needs one image per visual span of side² tokens.
+        The border is found from the pixels and its geometry: full-width rows (or full-height columns) of the pad
+        colour (the normalised image mean, ~0) running in from BOTH opposite edges with about equal widths, on one
+        axis only, as pad-to-square centres the image. A band of that colour on one side, or on all four, is
+        image content and is kept. Needs one image per visual span of side² tokens.
         """
         pixels = call.get("pixel_values")
         if pixels is None or pixels.dim() != 4 or int(vis.sum()) != pixels.shape[0] * self.side ** 2:
             return None
         is_pad = (pixels.abs() < _PAD_TOLERANCE).all(dim=1)  # [n_img, H, W]
-        rows, cols = _edge_runs(is_pad.all(dim=2)), _edge_runs(is_pad.all(dim=1))  # [n_img, H], [n_img, W]
+        rows, cols = _symmetric_bands(is_pad.all(dim=2)), _symmetric_bands(is_pad.all(dim=1))  # [n, H], [n, W]
+        both = rows.any(1) & cols.any(1)  # bands on all four sides: not what pad-to-square makes
+        rows, cols = rows & ~both[:, None], cols & ~both[:, None]
         patch = pixels.shape[-1] // self.side
         frac_r = rows.float().view(rows.shape[0], self.side, patch).mean(-1)  # [n_img, side]
         frac_c = cols.float().view(cols.shape[0], self.side, patch).mean(-1)
@@ -118,8 +122,12 @@ class LlavaAdapter(ClipLlamaFamily):
         return out
 
 
-def _edge_runs(line_pad: torch.Tensor) -> torch.Tensor:
-    """[n, M] bool -> [n, M] bool keeping only the runs of True touching either end."""
-    from_start = line_pad.long().cumprod(dim=1).bool()
-    from_end = line_pad.flip(1).long().cumprod(dim=1).bool().flip(1)
-    return from_start | from_end
+def _symmetric_bands(line_pad: torch.Tensor) -> torch.Tensor:
+    """[n, M] bool -> [n, M] bool: the runs of True touching each end, kept only where both ends have one and their
+    lengths agree within resizing slack (2 lines or 15 %)."""
+    from_start = line_pad.long().cumprod(dim=1)
+    from_end = line_pad.flip(1).long().cumprod(dim=1).flip(1)
+    a, b = from_start.sum(1), from_end.sum(1)
+    full = a == line_pad.shape[1]  # a constant image: no content to centre
+    symmetric = (a > 0) & (b > 0) & ((a - b).abs() <= torch.clamp_min(0.15 * torch.maximum(a, b), 2)) & ~full
+    return (from_start.bool() | from_end.bool()) & symmetric[:, None]

@@ -32,11 +32,11 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
     from .api import is_patched, paused
 
     # A patched model is measured as it would run unpruned: the hidden states must cover every visual token.
-    unpruned = paused(model) if is_patched(model) else contextlib.nullcontext()
+    patched = is_patched(model)
     for batch in batches:
         if device is not None:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with unpruned:
+        with paused(model) if patched else contextlib.nullcontext():
             hidden = model(**batch, output_hidden_states=True).hidden_states
         visual = batch["input_ids"] == image_id  # [B, S]
         for row in range(visual.shape[0]):

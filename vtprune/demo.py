@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -96,15 +98,34 @@ def _run(model, batch, max_new_tokens, tok) -> tuple[str, float]:
     return text, elapsed
 
 
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model) -> threading.Lock:
+    """One lock per model: compare() patches the model for its pruned run, so comparisons on one model (Gradio
+    serves each request in a thread) take turns instead of finding it already patched."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
+
+
 def compare(model, processor, image: Image.Image, question: str, method: str = "divprune",
             keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None, layer: Optional[int] = None,
             max_new_tokens: int = 32, prompt: Optional[str] = None, **options) -> Comparison:
     """Answer ``question`` about ``image`` with ``model`` as it is, then pruned by ``method`` (patched for this call
     only and restored afterwards). The model must not already be patched. ``prompt`` overrides the text given to
-    the processor (default: the processor's chat template with one image and the question)."""
+    the processor (default: the processor's chat template with one image and the question). Safe to call from
+    several threads on one model: the comparisons run one after another."""
+    with _model_lock(model):
+        return _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens,
+                        prompt, options)
+
+
+def _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt,
+             options) -> Comparison:
     from .eval.embedded import build_prompt
 
-    if getattr(model, api._ATTR, None) is not None:
+    if api.is_patched(model):
         raise ValueError("compare() needs an unpatched model: call vtprune.remove_pruner(model) first")
     if not question or not question.strip():
         raise ValueError("question is empty: ask something about the image")

@@ -342,3 +342,21 @@ def test_inputs_embeds_only_prefill_warns_once():
         model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
     hits = [w for w in caught if "nothing was pruned" in str(w.message)]
     assert len(hits) == 1
+
+
+@torch.no_grad()
+def test_readme_add_your_own_method_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Add your own method", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
+    model = tiny_model("llava")
+    try:
+        exec(code, {"model": model})
+        model(**make_batch("llava", 1))
+        stats = vtprune.get_stats(model)[0]
+    finally:
+        vtprune.unregister("l2")
+    assert stats["method"] == "l2" and stats["tokens_after"] == [4]

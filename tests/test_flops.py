@@ -164,7 +164,11 @@ def test_scoring_costs_match_flop_counter():
     inputs = SelectionInputs(features=feats, pre_projector=torch.randn(1, n, din), projector=proj)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         get_method("zoo").fn(inputs, k, m=4)
-    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config))
+    from vtprune.patches import adapter_class
+
+    dims = adapter_class(model.config).projector_dims(model.config)
+    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config),
+                               projector_dims=dims)
     assert_close(want, fc.get_total_flops(), "zoo")
     # FastV: the capture's last-query row, for a batch of 2 rows.
     q, key = torch.randn(2, heads, length, hd), torch.randn(2, heads // 2, length, hd)

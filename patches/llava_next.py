@@ -15,7 +15,7 @@ class LlavaNextAdapter(ClipLlamaFamily):
     model_types = ("llava_next",)
 
     @classmethod
-    def crops(cls, config, pixel_values, image_sizes):
+    def crops(cls, config, pixel_values, image_sizes, **extra):
         """pixel_values [n, max_crops, 3, H, W] is padded; the real crop count per image comes from image_sizes."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 

@@ -5,7 +5,7 @@ import contextlib
 from typing import Optional
 
 from .config import PrunerConfig
-from .engine import Pruner
+from .engine import CALL_KEYS, Pruner
 
 _ATTR = "_vtprune_pruner"
 # generate() arguments whose decoding assumes cache length == input length, or re-feeds pruned prompts.
@@ -88,7 +88,7 @@ class _GuardedGenerate:
             if getattr(gen_cfg, key, None) is not None:
                 raise NotImplementedError(f"vtprune does not support generation_config.{key}")
         pruner = get_pruner(model)
-        pruner.set_generate_call({k: kwargs.get(k) for k in ("image_grid_thw", "image_sizes", "pixel_values")})
+        pruner.set_generate_call({k: kwargs.get(k) for k in CALL_KEYS})
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:

@@ -26,6 +26,10 @@ from .stage import Captured, Sequence, StageStats, run_stage
 from .strategies.base import get_method
 
 
+# The image metadata a call keeps for the adapter (batch_num_images: LLaVA-OneVision's images per sample).
+CALL_KEYS = ("image_grid_thw", "image_sizes", "pixel_values", "batch_num_images")
+
+
 @dataclass
 class _StageRun:
     """What one stage did on the last prefill; kept for the decode steps."""
@@ -199,8 +203,7 @@ class Pruner:
             # generate() encodes images before prefill and passes mm_encoder_outputs instead of the image
             # metadata, so fall back to what its wrapper saw.
             gen = self._local.generate_call
-            call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key)
-                    for key in ("image_grid_thw", "image_sizes", "pixel_values")}
+            call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key) for key in CALL_KEYS}
             call["input_ids"] = input_ids
             self._local.state = CallState(call=call)
             return None

@@ -45,7 +45,7 @@ def _text(config):
 
 
 # ------------------------------------------------------------------------------------------- vision
-def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
     """FLOPs of the vision tower (without the projector / patch merger) for one batch of images.
 
     LLaVA: pixel_values [n, 3, H, W]; LLaVA-NeXT: pixel_values [n, max_crops, 3, H, W] and image_sizes [n, 2]
@@ -53,7 +53,7 @@ def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=Non
     Tensors or plain shapes/lists are accepted. The family's adapter does the counting.
     """
     return _adapter(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                         image_sizes=image_sizes)
+                                         image_sizes=image_sizes, **extra)
 
 
 def projector_row_flops(config) -> int:
@@ -62,11 +62,11 @@ def projector_row_flops(config) -> int:
     return 2 * (d_in * d_mid + d_mid * d_out)
 
 
-def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
     """FLOPs of the multi-modal projector (LLaVA: every crop's patch tokens, before LLaVA-NeXT unpads) or the Qwen
     patch merger (one row per spatial_merge_size² patches)."""
     rows = _adapter(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                              image_sizes=image_sizes)
+                                              image_sizes=image_sizes, **extra)
     return rows * projector_row_flops(config)
 
 
@@ -187,6 +187,9 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     input_ids = batch["input_ids"]
     b, length = input_ids.shape
     images = {k: batch.get(k) for k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    # Family-specific image metadata goes to the adapter only when the processor gave it (LLaVA-OneVision's
+    # batch_num_images: multi-image samples run only each image's base crop).
+    images.update({k: batch[k] for k in ("batch_num_images",) if batch.get(k) is not None})
     vision = vision_flops(config, **images)
     projector = projector_flops(config, **images)
     _, _, heads, _, hd = _llm_dims(tc)

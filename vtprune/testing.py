@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .patches import ADAPTERS
+from .patches import ADAPTERS, Adapter
 from .patches.base import TINY_IDS, TINY_SPECIAL, TINY_VOCAB
 
 FAMILIES = tuple(ADAPTERS)
+# Anyres families (their adapters find newline tokens): rows of a batch hold different visual-token counts.
+NEWLINE_FAMILIES = tuple(f for f in FAMILIES if ADAPTERS[f].newline_mask is not Adapter.newline_mask)
 
 
 def tiny_tokenizer():

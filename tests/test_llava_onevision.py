@@ -191,3 +191,40 @@ def test_pooling_head_flops_exactly():
     with FlopCounterMode(display=False) as fc:
         model.model.vision_tower.head(tokens)
     assert with_head - no_head == fc.get_total_flops()
+
+
+def video_and_image_batch(proc, frames=4):
+    """One sample with a video (frames pooled 4x4 -> 2x2, one newline) and an image."""
+    video = np.random.default_rng(5).integers(0, 255, (frames, 28, 28, 3), dtype=np.uint8)
+    return proc(images=tiny_images(1), videos=[video], text=["USER: <video> <image> what colour is the circle ? "
+                                                             "ASSISTANT:"], return_tensors="pt")
+
+
+@torch.no_grad()
+def test_video_tokens_stay_while_images_are_pruned(unpatch):
+    """Until videos are pruning units, a call with a video prunes its images only: the video's tokens are kept
+    like text, the result equals the unpatched language model on text + video + kept image tokens, cached and
+    uncached generation agree, and methods reading projector inputs refuse the call with a clear error."""
+    model, proc = _model(FAMILY, "sdpa"), _processor(FAMILY)
+    batch = video_and_image_batch(proc)
+    video = batch["input_ids"][0] == model.config.video_token_id
+    vis = batch["input_ids"][0] == model.config.image_token_id
+    assert int(video.sum()) == 4 * 2 * 2 + 1
+    full = lm_input(model, batch)
+    unpatch(model)
+    vtprune.apply_pruner(model, method="pool", keep_ratio=0.5)
+    pruned = model(**batch).logits
+    kept = vtprune.get_stats(model)[0]["kept_indices"][0]
+    assert vtprune.get_stats(model)[0]["tokens_before"] == [int(vis.sum())]
+    keep = ~vis
+    keep[vis.nonzero().flatten()[kept]] = True
+    with vtprune.paused(model):
+        oracle = model.model.language_model(inputs_embeds=full["inputs_embeds"][:, keep],
+                                            position_ids=torch.arange(keep.shape[0])[keep][None])
+    torch.testing.assert_close(pruned[0], model.lm_head(oracle.last_hidden_state)[0], rtol=0, atol=1e-5)
+    gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    cached, uncached = model.generate(**batch, **gen), model.generate(**batch, use_cache=False, **gen)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    vtprune.apply_pruner(model, method="zoo", keep_ratio=0.5, m=2, replace=True)
+    with pytest.raises(NotImplementedError, match="video in the same call"):
+        model(**batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TINY_IDS, Adapter, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
 
 _PAD_TOLERANCE = 0.02  # normalised units; the pad colour is the (rounded) image mean, so it maps to ~0
 _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -17,6 +17,8 @@ class ClipLlamaFamily(Adapter):
     @classmethod
     def crops(cls, config, pixel_values, image_sizes, **extra) -> tuple[int, int, int]:
         """(crops run through the tower, crop height, crop width) for pixel_values [n, 3, H, W]."""
+        if pixel_values is None:
+            return 0, 0, 0
         shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
         return shape[0], shape[-2], shape[-1]
 
@@ -24,9 +26,9 @@ class ClipLlamaFamily(Adapter):
     def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
         """CLIP runs every layer (even when vision_feature_layer picks an earlier one) over patches + CLS, once
         per image or crop: conv patch embed, q/k/v/o, QKᵀ and AV, fc1 and fc2."""
-        if pixel_values is None:
-            return 0
         n, height, width = cls.crops(config, pixel_values, image_sizes, **extra)
+        if n == 0:
+            return 0
         vc = config.vision_config
         e, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
         patches = (height // p) * (width // p)
@@ -45,9 +47,9 @@ class ClipLlamaFamily(Adapter):
     @classmethod
     def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
         # Every crop's tower tokens ("default" drops the first: CLIP's CLS), before LLaVA-NeXT unpads.
-        if pixel_values is None:
-            return 0
         n, height, width = cls.crops(config, pixel_values, image_sizes, **extra)
+        if n == 0:
+            return 0
         p = config.vision_config.patch_size
         dropped = 1 if config.vision_feature_select_strategy == "default" else 0
         return n * ((height // p) * (width // p) + cls.tower_cls_tokens - dropped)
@@ -97,9 +99,14 @@ class LlavaAdapter(ClipLlamaFamily):
         vc = self.model.config.vision_config
         return vc.image_size // vc.patch_size
 
-    def grids(self, call, counts):
-        # Rows with several images (or none) have no single grid.
-        return [(self.side, self.side) if n == self.side ** 2 else None for n in counts]
+    def units(self, call, vis):
+        """Every image is side² tokens in a side × side grid (several images may sit back to back)."""
+        per = self.side ** 2
+        out = []
+        for n in vis.sum(1).tolist():
+            out.append([Unit("image", per, (1, self.side, self.side))] * (n // per) if n % per == 0 else
+                       [Unit("image", n)])
+        return out
 
     def pad_mask(self, call, vis):
         """Patches more than half covered by the border that pad-to-square adds.

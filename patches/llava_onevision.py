@@ -5,9 +5,11 @@ pooled 2x per side, one newline after the whole video). A sample with several im
 only (``batch_num_images``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import TINY_IDS, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
 from .llava import _NORM
 from .llava_next import LlavaNextAdapter
 
@@ -35,11 +37,19 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 if one else 1 for s, one in zip(sizes, single)]
 
     @classmethod
-    def crops(cls, config, pixel_values, image_sizes, batch_num_images=None, **extra):
-        shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
-        if image_sizes is None:
-            return shape[0] * shape[1], shape[-2], shape[-1]
-        return sum(cls.crop_counts(config, image_sizes, batch_num_images)), shape[-2], shape[-1]
+    def crops(cls, config, pixel_values, image_sizes, batch_num_images=None, pixel_values_videos=None, **extra):
+        """(images' crops + video frames, crop height, crop width): the tower runs each once."""
+        n, height, width = 0, 0, 0
+        if pixel_values is not None:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
+            n = shape[0] * shape[1] if image_sizes is None else sum(cls.crop_counts(config, image_sizes,
+                                                                                    batch_num_images))
+            height, width = shape[-2:]
+        if pixel_values_videos is not None:  # [videos, frames, 3, H, W]
+            shape = tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else \
+                tuple(pixel_values_videos)
+            n, height, width = n + shape[0] * shape[1], shape[-2], shape[-1]
+        return n, height, width
 
     @classmethod
     def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
@@ -84,18 +94,54 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                        image_token="<image>", video_token="<video>",
                                        vision_aspect_ratio=vision_aspect_ratio)
 
-    def projector_rows(self, captured, call):
-        """The projector input of every crop, packed the way the model packs its output: base crop first, then
-        the anyres crops unpadded, newline slots left out. Unpadding only selects, so the rows are exact; where the
-        anyres_max cap downscales, the inputs are interpolated like the outputs were, which approximates
-        (projector is not linear) what each downscaled token was made from."""
-        cfg = self.model.config
-        sizes = call["image_sizes"]
+    def _image_lengths(self, call) -> list[int]:
+        """Tokens of each image of the batch as the model packs them (newlines included), in order."""
+        cfg, sizes = self.model.config, call["image_sizes"]
         crops = self.crop_counts(cfg, sizes, call.get("batch_num_images"))
-        if captured.shape[0] != sum(crops):
-            raise NotImplementedError(f"vtprune: the projector's last input has {captured.shape[0]} crops, the "
-                                      f"images {sum(crops)}: a video in the same call is not supported with "
-                                      "methods that read projector inputs yet")
-        packed, _ = self.base.pack_image_features(list(torch.split(captured, crops, dim=0)), sizes,
-                                                  image_newline=None, vision_aspect_ratio=cfg.vision_aspect_ratio)
-        return torch.cat(packed).float()
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        shapes = [torch.zeros(c, side * side, 1) for c in crops]  # only the packed shapes are wanted
+        packed, lengths = self.base.pack_image_features(shapes, sizes, image_newline=torch.zeros(1),
+                                                        vision_aspect_ratio=cfg.vision_aspect_ratio)
+        return lengths.tolist()
+
+    def _video_lengths(self, call) -> list[int]:
+        """Tokens of each video: frames x the pooled grid, + one newline."""
+        videos = call["pixel_values_videos"]
+        side = math.ceil(self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size / 2)
+        return [videos.shape[1] * side * side + 1] * videos.shape[0]
+
+    def units(self, call, vis):
+        """One unit per image and per video, in sequence order. Adjacent placeholders of one kind (two images in a
+        row) are split by the lengths the model packs them to. No unit is a plain grid: images have newline
+        tokens, and a video's frames are followed by one newline."""
+        queues = {"image": self._image_lengths(call) if call.get("image_sizes") is not None else [],
+                  "video": self._video_lengths(call) if call.get("pixel_values_videos") is not None else []}
+        out = []
+        for row in Adapter.units(self, call, vis):  # runs of one kind (not NeXT's packing), maybe several images
+            units = []
+            for run in row:
+                left = run.length
+                while left > 0 and queues[run.kind]:
+                    length = queues[run.kind].pop(0)
+                    units.append(Unit(run.kind, length))
+                    left -= length
+            out.append(units)
+        return out
+
+    def projector_rows(self, captured, call):
+        """{kind: projector inputs in token order, newlines left out}. The model runs its projector on the
+        images' crops first, then on the videos' frames. Images: base crop first, then the anyres crops unpadded;
+        videos: each frame's grid. Unpadding only selects, so those rows are exact; where the model interpolates its
+        projector output (the anyres_max downscale, the 2x video pooling) the inputs are interpolated the same
+        way, which approximates (the projector is not linear) what each token was made from."""
+        cfg, out, runs = self.model.config, {}, list(captured)
+        if call.get("pixel_values") is not None and call.get("image_sizes") is not None:
+            rows = runs.pop(0)
+            crops = self.crop_counts(cfg, call["image_sizes"], call.get("batch_num_images"))
+            packed, _ = self.base.pack_image_features(list(torch.split(rows, crops, dim=0)), call["image_sizes"],
+                                                      image_newline=None, vision_aspect_ratio=cfg.vision_aspect_ratio)
+            out["image"] = torch.cat(packed).float()
+        if call.get("pixel_values_videos") is not None and runs:
+            pooled = self.base.apply_pooling(runs.pop(0))  # [videos * frames, pooled grid, Din]
+            out["video"] = pooled.reshape(-1, pooled.shape[-1]).float()
+        return out

@@ -46,6 +46,17 @@ def lm_input(model, batch):
     return seen
 
 
+def projector_inputs(model, batch):
+    """The projector's input of each run of a forward, in run order."""
+    seen = []
+    handle = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        model(**batch)
+    finally:
+        handle.remove()
+    return seen
+
+
 @pytest.fixture
 def unpatch():
     """Yields a function marking a model to be unpatched after the test, even when it fails."""
@@ -120,7 +131,7 @@ def test_projector_rows_of_downscaled_images(unpatch):
     vtprune.apply_pruner(model, method="zoo", keep_ratio=0.5, m=2)
     pruner = model._vtprune_pruner
     embeds = lm_input(model, batch)["inputs_embeds"]
-    rows = pruner.adapter.projector_rows(pruner._local.pre_projector, pruner.state.call)
+    rows = pruner.adapter.projector_rows(projector_inputs(model, batch), pruner.state.call)["image"]
     vis = batch["input_ids"] == model.config.image_token_id
     tokens = embeds[vis & ~pruner.adapter.newline_mask(embeds, vis)]
     assert rows.shape[0] == tokens.shape[0] == 16 + 16
@@ -155,7 +166,7 @@ def test_multi_image_sample_runs_base_crops(unpatch, patched):
     assert torch.equal(model(**batch).logits, ref)
     pruner = model._vtprune_pruner
     embeds = lm_input(model, batch)["inputs_embeds"]
-    rows = pruner.adapter.projector_rows(pruner._local.pre_projector, pruner.state.call)
+    rows = pruner.adapter.projector_rows(projector_inputs(model, batch), pruner.state.call)["image"]
     tokens = embeds[vis & ~pruner.adapter.newline_mask(embeds, vis)]
     torch.testing.assert_close(pruner.projector()(rows), tokens, rtol=1e-5, atol=1e-4)
     vtprune.remove_pruner(model)
@@ -201,21 +212,28 @@ def video_and_image_batch(proc, frames=4):
 
 
 @torch.no_grad()
-def test_video_tokens_stay_while_images_are_pruned(unpatch):
-    """Until videos are pruning units, a call with a video prunes its images only: the video's tokens are kept
-    like text, the result equals the unpatched language model on text + video + kept image tokens, cached and
-    uncached generation agree, and methods reading projector inputs refuse the call with a clear error."""
+def test_image_and_video_units_are_pruned_exactly(unpatch):
+    """An image and a video (frames pooled to 2x2, one newline after the clip) are two units with their own
+    rates; keep-all is bit-identical, and a layer-0 stage equals the unpatched language model on text + kept
+    tokens; cached and uncached generation agree."""
     model, proc = _model(FAMILY, "sdpa"), _processor(FAMILY)
     batch = video_and_image_batch(proc)
-    video = batch["input_ids"][0] == model.config.video_token_id
-    vis = batch["input_ids"][0] == model.config.image_token_id
-    assert int(video.sum()) == 4 * 2 * 2 + 1
+    vis = OV(model).visual_mask(batch["input_ids"])[0]
+    n_video = int((batch["input_ids"][0] == model.config.video_token_id).sum())
+    assert n_video == 4 * 2 * 2 + 1
     full = lm_input(model, batch)
+    ref = model(**batch).logits
     unpatch(model)
-    vtprune.apply_pruner(model, method="pool", keep_ratio=0.5)
+    vtprune.apply_pruner(model, method="pool", keep_ratio=1.0)
+    assert torch.equal(model(**batch).logits, ref)
+    vtprune.apply_pruner(model, method="divprune", keep_ratio=0.5, video_keep_ratio=0.25, replace=True)
     pruned = model(**batch).logits
-    kept = vtprune.get_stats(model)[0]["kept_indices"][0]
-    assert vtprune.get_stats(model)[0]["tokens_before"] == [int(vis.sum())]
+    stats = vtprune.get_stats(model)[0]
+    units = stats["units"][0]
+    assert [(u.kind, u.tokens_before, u.tokens_after) for u in units] == [
+        ("video", n_video, round(0.25 * n_video)), ("image", int(vis.sum()) - n_video,
+                                                    round(0.5 * (int(vis.sum()) - n_video)))]
+    kept = stats["kept_indices"][0]
     keep = ~vis
     keep[vis.nonzero().flatten()[kept]] = True
     with vtprune.paused(model):
@@ -225,6 +243,3 @@ def test_video_tokens_stay_while_images_are_pruned(unpatch):
     gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     cached, uncached = model.generate(**batch, **gen), model.generate(**batch, use_cache=False, **gen)
     assert torch.equal(cached.sequences, uncached.sequences)
-    vtprune.apply_pruner(model, method="zoo", keep_ratio=0.5, m=2, replace=True)
-    with pytest.raises(NotImplementedError, match="video in the same call"):
-        model(**batch)

@@ -243,3 +243,10 @@ def test_image_and_video_units_are_pruned_exactly(unpatch):
     gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     cached, uncached = model.generate(**batch, **gen), model.generate(**batch, use_cache=False, **gen)
     assert torch.equal(cached.sequences, uncached.sequences)
+
+
+def test_video_flops_match_the_flop_counter(patched):
+    """The tower and projector run once per video frame too; the 2x pooling is not a matmul (not counted)."""
+    model, batch = _model(FAMILY, "eager"), video_and_image_batch(_processor(FAMILY))
+    check_prefill(model, batch, None, patched)
+    check_prefill(model, batch, [dict(method="pool", layer=0, keep_ratio=0.5)], patched)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -21,7 +22,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter):
+for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter):
     register_adapter(_cls)
 
 

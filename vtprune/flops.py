@@ -145,14 +145,15 @@ def decode_step_flops(text_config, cache_len_per_layer, batch: int = 1) -> dict:
 
 # ------------------------------------------------------------------------------------------- scoring
 def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_dim: int = 0, seq_len: int = 0,
-                  projector_row: int = 0, projector_dims: Optional[tuple] = None, **options) -> int:
+                  projector_row: int = 0, projector_dims: Optional[tuple] = None, row_n: Optional[int] = None,
+                  **options) -> int:
     """A method's own selection cost for one row: ``n`` visual tokens in, ``k`` kept, feature width ``d``, as the
     method declared it (``register(..., flops=...)``; 0 when it declared none). ``options`` are the method's
     (e.g. zoo's ``m``); missing ones take the method's defaults."""
     from .strategies.base import ScoringShape, get_method
 
     spec = get_method(method)
-    shape = ScoringShape(n, k, d, heads, head_dim, seq_len, projector_row, projector_dims)
+    shape = ScoringShape(n, k, d, heads, head_dim, seq_len, projector_row, projector_dims, row_n)
     return int(spec.flops(shape, **{**spec.options, **options}))
 
 
@@ -202,9 +203,12 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
         before, after = list(st["tokens_before"]), list(st["tokens_after"])
         opts = options.get(st["layer"], {})
         proj = dict(projector_row=projector_row_flops(config), projector_dims=_adapter(config).projector_dims(config))
-        for n, k in zip(before, after):
-            scoring += scoring_flops(st["method"], n, k, tc.hidden_size, heads=heads, head_dim=hd, seq_len=cur,
-                                     **proj, **opts)
+        # Scoring runs once per strategy call: per image/video (or frame), not over the row's tokens at once.
+        calls = st["selections"] if "selections" in st.keys() else [[(n, k)] for n, k in zip(before, after)]
+        for row, row_n in zip(calls, before):
+            for n, k in row:
+                scoring += scoring_flops(st["method"], n, k, tc.hidden_size, heads=heads, head_dim=hd, seq_len=cur,
+                                         row_n=row_n, **proj, **opts)
         # Each row keeps its non-visual slots (text, padding, earlier dummies) and its kept visual tokens;
         # rows are then right-aligned to the longest one.
         cur = max(cur - n + k for n, k in zip(before, after))

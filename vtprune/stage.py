@@ -172,6 +172,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     stats = dict(layer=stage.layer, method=stage.method, tokens_before=vis.sum(1).tolist(),
                  tokens_after=[0 if x is None else len(x) for x in row_kept],
                  kept_indices=_pad_rows(row_kept, hidden.device), units=_unit_stats(seq, units, row_kept),
+                 selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
                  select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
                  backend=backends)
     return index, merged, new_seq, stats

@@ -39,7 +39,9 @@ class StageStats(_Record):
 
     layer, method; tokens_before / tokens_after: visual tokens per row; kept_indices: LongTensor [batch, k] into
     the visual tokens entering the stage, ascending, rows keeping fewer padded with -1 on the right;
-    units: per row, one ``UnitStats`` per image or video; select_time_s: wall time of choosing (budgets,
+    units: per row, one ``UnitStats`` per image or video; selections: per row, the (tokens in, tokens kept) of each
+    strategy call it took part in (one per unit, per frame with ``temporal="frame"``, one with
+    ``units="joint"``: what scoring costs are counted on); select_time_s: wall time of choosing (budgets,
     scoring, selection, merging); budget: "plain" or "layer_average"; merged: whether pruned tokens were merged
     into kept ones; backend: the path each op ran ({"greedy": "torch", "compact": "triton", ...}).
     """
@@ -50,6 +52,7 @@ class StageStats(_Record):
     tokens_after: list
     kept_indices: torch.Tensor
     units: list
+    selections: list
     select_time_s: float
     budget: str
     merged: bool

@@ -75,9 +75,10 @@ class SelectionInputs:
 class ScoringShape:
     """The shapes a method's scoring cost depends on, for one row.
 
-    n visual tokens in, k kept, hidden width d; heads / head_dim of the language model; seq_len the row's
-    sequence length at the stage; projector_row the FLOPs of one projector row and projector_dims its layer
-    widths (d_in, d_hidden, d_out) where the adapter knows them.
+    n visual tokens in, k kept, hidden width d (one strategy call: an image, a video or a frame); heads /
+    head_dim of the language model; seq_len the row's sequence length at the stage; projector_row the FLOPs of
+    one projector row and projector_dims its layer widths (d_in, d_hidden, d_out) where the adapter knows them;
+    row_n the row's visual tokens entering the stage (for costs paid once per row, shared out by n / row_n).
     """
 
     n: int
@@ -88,6 +89,7 @@ class ScoringShape:
     seq_len: int
     projector_row: int = 0
     projector_dims: Optional[tuple] = None
+    row_n: Optional[int] = None
 
 
 def _no_cost(shape: ScoringShape, **options) -> int:

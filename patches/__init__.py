@@ -6,6 +6,7 @@ from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -21,7 +22,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter):
+for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Qwen3VLAdapter):
     register_adapter(_cls)
 
 

@@ -52,6 +52,7 @@ class CallState:
     fed: int = 0  # tokens fed after the prefill
     next_pos: Optional[torch.Tensor] = None  # [B] next original position id
     new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
+    extra: dict = field(default_factory=dict)  # the adapter's own per-call tensors (Adapter.after_compact)
 
 
 class _ThreadState(threading.local):
@@ -116,6 +117,7 @@ class Pruner:
                 self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
         if "projector" in self._needs:
             self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
+        self.adapter.install(self)
 
     def remove(self):
         for h in self._handles:
@@ -123,6 +125,7 @@ class Pruner:
         for token in self._captures:
             capture.detach(token)
         self._handles, self._captures = [], []
+        self.adapter.remove()
 
     # ---------------------------------------------------------------- per-call state
     @property
@@ -278,6 +281,7 @@ class Pruner:
         if self.cfg.positions == "renumber":
             new_pos, run.shift = self._renumber(state)
         kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
+        kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
 
     def _run(self, state: CallState, i: int, hidden):
@@ -361,6 +365,7 @@ class Pruner:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
         run.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos,
                          "attention_mask": self._layer_mask(run.layer, new_hidden, state.seq.mask, kwargs)}
+        run.overrides.update(self.adapter.after_compact(state, run.layer, index, kwargs))
         return new_hidden
 
     def _layer_decode(self, state: CallState, i: int, hidden, kwargs):

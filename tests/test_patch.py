@@ -100,6 +100,9 @@ def test_pruned_equals_oracle_on_kept_tokens(model, method):
     handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
     model(**batch)  # unpatched: the full merged input of the language model
     full = dict(seen)
+    if full.get("deepstack_visual_embeds") is not None:
+        handle.remove()
+        pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/test_qwen3_vl.py builds it")
     vtprune.apply_pruner(model, method=method, keep_ratio=0.5)
     pruned = model(**batch).logits
     kept = vtprune.get_stats(model)[0]["kept_indices"]
@@ -132,6 +135,8 @@ def test_in_llm_stage_equals_manual_layer_loop(family, layer):
         lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
     model(**batch)
     handle.remove()
+    if layer < len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())):
+        pytest.skip("DeepStack features are added after layer K: tests/test_qwen3_vl.py loops with them")
     vtprune.apply_pruner(model, method="random", keep_ratio=0.4, layer=layer, seed=5)
     pruned = model(**batch).logits
     kept = vtprune.get_stats(model)[0]["kept_indices"][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -325,26 +326,29 @@ class Pruner:
 
     def _make_layer_hook(self, layer_idx: int):
         stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
+        # A partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy's Pruner.
+        return functools.partial(self._layer_hook, layer_idx, stage_i)
 
-        def hook(module, args, kwargs):
-            state = self._live()
-            if state is None or not state.active:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs = dict(kwargs)
-            if stage_i is not None:
-                if state.prefill:
-                    hidden = self._layer_stage(state, stage_i, hidden, kwargs)
-                else:
-                    self._layer_decode(state, stage_i, hidden, kwargs)
-            current = self._current_run(state, layer_idx)
-            if current is None:
-                return None
-            kwargs.update(current.overrides)
-            kwargs.pop("hidden_states", None)
-            return (hidden,), kwargs
-
-        return hook
+    def _layer_hook(self, layer_idx: int, stage_i: Optional[int], module, args, kwargs):
+        state = self._live()
+        if state is None or not state.active:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs = dict(kwargs)
+        if stage_i is not None:
+            if state.prefill:
+                # A second in-LLM stage gathers from the tensors the earlier one left, not the model's own.
+                earlier = self._current_run(state, layer_idx - 1)
+                kwargs.update(earlier.overrides if earlier is not None else {})
+                hidden = self._layer_stage(state, stage_i, hidden, kwargs)
+            else:
+                self._layer_decode(state, stage_i, hidden, kwargs)
+        current = self._current_run(state, layer_idx)
+        if current is None:
+            return None
+        kwargs.update(current.overrides)
+        kwargs.pop("hidden_states", None)
+        return (hidden,), kwargs
 
     @staticmethod
     def _current_run(state: CallState, layer_idx: int) -> Optional[_StageRun]:

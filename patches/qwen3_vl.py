@@ -142,3 +142,22 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             "shortest_edge": 14 * 14, "longest_edge": 56 * 56 * 4}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
         tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
         return Qwen3VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp)
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE: the same body, DeepStack and vision tower; the decoder MLPs are sparse mixtures of experts."""
+
+    family = "qwen3_vl_moe"
+    model_types = ("qwen3_vl_moe",)
+
+    @classmethod
+    def model_class(cls):
+        from transformers import Qwen3VLMoeForConditionalGeneration
+
+        return Qwen3VLMoeForConditionalGeneration
+
+    @classmethod
+    def _tiny_text(cls, num_layers: int) -> dict:
+        # Layer 1 dense (mlp_only_layers), so the FLOPs count sees both kinds of layer.
+        return dict(super()._tiny_text(num_layers), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                    decoder_sparse_step=1, mlp_only_layers=[1])

@@ -13,6 +13,7 @@ from conftest import _model, make_batch, row
 from vtprune.testing import tiny_model
 
 FAMILY = "qwen3_vl"
+BOTH = ["qwen3_vl", "qwen3_vl_moe"]  # the MoE class: same body and DeepStack, sparse decoder MLPs
 
 
 def lm_inputs(model, batch):
@@ -44,9 +45,10 @@ def sample_rows(full, i):
 @torch.no_grad()
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["random", "pool", "divprune"])
-def test_layer0_equals_oracle_with_kept_deepstack_rows(attn, method):
-    model = _model(FAMILY, attn)
-    batch = make_batch(FAMILY, 2)
+@pytest.mark.parametrize("family", BOTH)
+def test_layer0_equals_oracle_with_kept_deepstack_rows(family, attn, method):
+    model = _model(family, attn)
+    batch = make_batch(family, 2)
     full = lm_inputs(model, batch)
     vtprune.apply_pruner(model, method=method, keep_ratio=0.5)
     try:
@@ -108,10 +110,11 @@ def stage_keeps(model, batch, stats):
 
 
 @torch.no_grad()
-def test_in_llm_stage_gathers_deepstack_rows():
+@pytest.mark.parametrize("family", BOTH)
+def test_in_llm_stage_gathers_deepstack_rows(family):
     """A stage at layer 1 (DeepStack is added after layers 0 and 1): the layer-1 rows of the kept tokens only."""
-    model = _model(FAMILY, "sdpa")
-    batch = row(make_batch(FAMILY, 2), 1)
+    model = _model(family, "sdpa")
+    batch = row(make_batch(family, 2), 1)
     vtprune.apply_pruner(model, method="random", keep_ratio=0.4, layer=1, seed=5)
     try:
         pruned = model(**batch).logits
@@ -173,6 +176,15 @@ def test_batched_in_llm_deepstack_equals_per_sample_and_generation(layer):
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_moe_family_is_the_moe_class():
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    model = _model("qwen3_vl_moe", "sdpa")
+    assert isinstance(model, Qwen3VLMoeForConditionalGeneration)
+    kinds = {type(layer.mlp).__name__ for layer in model.model.language_model.layers}
+    assert any("Sparse" in k for k in kinds) and len(kinds) == 2  # sparse and dense (mlp_only_layers) layers
 
 
 @torch.no_grad()

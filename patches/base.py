@@ -1,9 +1,28 @@
 """What the engine needs to know about a model family. Adapters only locate tensors; they decide nothing."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+# What the engine reads from a model call to locate and describe the visual inputs.
+CALL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_videos", "video_grid_thw")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One image or one video of a sample, as it sits in the sequence: a contiguous run of ``length`` visual
+    tokens (newline tokens included). ``grid`` = (t, h, w) when the tokens are one raster grid of t frames of
+    h × w (after the family's merging), else None (e.g. anyres crops with newlines)."""
+
+    kind: str  # "image" or "video"
+    length: int
+    grid: Optional[tuple] = None
+
+    @property
+    def frames(self) -> int:
+        return self.grid[0] if self.grid is not None else 1
 
 
 # The word-level vocabulary of the tiny test models (vtprune.testing): the special tokens come first so the
@@ -43,6 +62,7 @@ class Adapter:
     position_kind = "1d"
     entropy_layer = 2  # EntropyPrune's published collapse layer for the family (its released scripts)
     prompt_tag = "<image>"  # the image placeholder in a hand-written prompt of the tiny test models
+    video_tag: Optional[str] = None  # the video placeholder there, for families that take videos
 
     def __init__(self, model):
         self.model = model
@@ -64,17 +84,47 @@ class Adapter:
     def text_config(self):
         return self.language_model.config
 
-    @property
-    def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+    @classmethod
+    def visual_token_ids(cls, config) -> dict:
+        """{kind: token id} of the placeholders the family fills with visual features."""
+        ids = {"image": config.image_token_id}
+        if getattr(config, "video_token_id", None) is not None:
+            ids["video"] = config.video_token_id
+        return ids
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] bool: positions holding image tokens."""
-        return input_ids == self.image_token_id
+        """[B, L] bool: positions holding image or video tokens."""
+        out = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.visual_token_ids(self.model.config).values():
+            out |= input_ids == token
+        return out
 
-    def grids(self, call: dict, counts: list[int]) -> Optional[list]:
-        """One (height, width) per row for its visual tokens in raster order, or None where unknown."""
-        return None
+    def units(self, call: dict, vis: torch.Tensor) -> list:
+        """Per row, the ``Unit``s its visual tokens fall into, in sequence order (lengths sum to the row's count).
+        Default: each contiguous run of one kind's placeholders is one unit, with no grid."""
+        ids = self.visual_token_ids(self.model.config)
+        kinds = {token: kind for kind, token in ids.items()}
+        out = []
+        for row_ids, row_vis in zip(call["input_ids"].tolist(), vis.tolist()):
+            units, prev = [], None
+            for token, is_vis in zip(row_ids, row_vis):
+                kind = kinds.get(token) if is_vis else None
+                if kind is not None and kind == prev:
+                    units[-1] = Unit(kind, units[-1].length + 1)
+                elif kind is not None:
+                    units.append(Unit(kind, 1))
+                prev = kind
+            out.append(units)
+        return out
+
+    def grids(self, call: dict, counts: list[int]) -> list:
+        """One (height, width) per row whose visual tokens are a single one-frame grid, else None."""
+        vis = self.visual_mask(call["input_ids"])
+        out = []
+        for units in self.units(call, vis):
+            one = len(units) == 1 and units[0].grid is not None and units[0].grid[0] == 1
+            out.append(tuple(units[0].grid[1:]) if one else None)
+        return out
 
     def pad_mask(self, call: dict, vis: torch.Tensor) -> Optional[torch.Tensor]:
         """[B, L] bool, True at visual tokens that are mostly image padding; None if the family has none."""
@@ -112,13 +162,17 @@ class Adapter:
         """The live module mapping projector rows [..., Din] -> [..., D] that sensitivity is measured through."""
         return self.projector_module()
 
-    def projector_rows(self, captured: torch.Tensor, call: dict) -> torch.Tensor:
-        return captured.reshape(-1, captured.shape[-1]).float()
+    def projector_rows(self, captured: list, call: dict) -> dict:
+        """{kind: [tokens of that kind in the batch, in placement order (newlines excluded), Din]} float32, from
+        the projector inputs ``captured`` in the order the model ran its projector on this call."""
+        rows = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+        return {"image": rows.float()}
 
     # ------------------------------------------------------------------ family facts (no model instance needed)
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
-        """Real FLOPs of the vision tower (without the projector) on one batch of images."""
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
+        """Real FLOPs of the vision tower (without the projector) on one batch of images (and videos: the
+        ``video_grid_thw`` / ``pixel_values_videos`` of the processor output, for families that take them)."""
         raise NotImplementedError(f"{cls.__name__} has no vision FLOPs model")
 
     @classmethod
@@ -127,8 +181,8 @@ class Adapter:
         raise NotImplementedError(f"{cls.__name__} has no projector shape")
 
     @classmethod
-    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
-        """How many rows the model runs through its projector for one batch of images."""
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
+        """How many rows the model runs through its projector for one batch of images (and videos)."""
         raise NotImplementedError(f"{cls.__name__} has no projector row count")
 
     @classmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TINY_IDS, Adapter, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
 
 _PAD_TOLERANCE = 0.02  # normalised units; the pad colour is the (rounded) image mean, so it maps to ~0
 _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -19,7 +19,7 @@ class ClipLlamaFamily(Adapter):
         return shape[0], shape[-2], shape[-1]
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **_) -> int:
         """CLIP runs every layer (even when vision_feature_layer picks an earlier one) over patches + CLS, once
         per image or crop: conv patch embed, q/k/v/o, QKᵀ and AV, fc1 and fc2."""
         if pixel_values is None:
@@ -41,7 +41,7 @@ class ClipLlamaFamily(Adapter):
         return d_in, d, d
 
     @classmethod
-    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **_) -> int:
         # Every crop's patch tokens (and CLS with the "full" strategy), before LLaVA-NeXT unpads.
         if pixel_values is None:
             return 0
@@ -94,9 +94,14 @@ class LlavaAdapter(ClipLlamaFamily):
         vc = self.model.config.vision_config
         return vc.image_size // vc.patch_size
 
-    def grids(self, call, counts):
-        # Rows with several images (or none) have no single grid.
-        return [(self.side, self.side) if n == self.side ** 2 else None for n in counts]
+    def units(self, call, vis):
+        """Every image is side² tokens in a side × side grid (several images may sit back to back)."""
+        per = self.side ** 2
+        out = []
+        for n in vis.sum(1).tolist():
+            out.append([Unit("image", per, (1, self.side, self.side))] * (n // per) if n % per == 0 else
+                       [Unit("image", n)])
+        return out
 
     def pad_mask(self, call, vis):
         """Patches more than half covered by the border that pad-to-square adds.

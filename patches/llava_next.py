@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import as_rows
+from .base import Unit, as_rows
 from .llava import _NORM, ClipLlamaFamily
 
 _PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the tiny test model's anyres grid
@@ -56,18 +56,41 @@ class LlavaNextAdapter(ClipLlamaFamily):
         newline = self.base.image_newline.to(embeds.dtype)
         return (embeds == newline).all(dim=-1) & vis
 
-    def projector_rows(self, captured, call):
-        """Reorder the projector input (all crops of all images) into the packed, unpadded token order, with
-        newline slots removed, by packing an index tensor the way the model packs features."""
+    def _packed_index(self, patches: int, sizes, newline):
+        """Pack an index tensor [crops, patches, 1] the way the model packs features: per image, the (unpadded)
+        order of the crop patches, with -1 at newline slots when ``newline``. Only real crops count (the model
+        drops the padded crop slots of pixel_values before its tower)."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.model.config
-        sizes = call["image_sizes"]
         crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=cfg.vision_config.image_size) for s in sizes]
-        idx = torch.arange(captured.shape[0] * captured.shape[1], device=captured.device, dtype=torch.float64)
-        idx = idx.view(captured.shape[0], captured.shape[1], 1)
+                                           patch_size=cfg.vision_config.image_size) for s in as_rows(sizes)]
+        idx = torch.arange(sum(crops) * patches, dtype=torch.float64).view(sum(crops), patches, 1)
+        line = torch.full((1,), -1.0, dtype=torch.float64) if newline else None
         packed, _ = self.base.pack_image_features(list(torch.split(idx, crops, dim=0)), sizes,
-                                                  cfg.vision_feature_select_strategy, image_newline=None)
-        order = torch.cat(packed).flatten().long()
-        return captured.reshape(-1, captured.shape[-1])[order].float()
+                                                  cfg.vision_feature_select_strategy, image_newline=line)
+        return packed
+
+    def units(self, call, vis):
+        """One unit per image, its length as the model packs it (unpadded crops + a newline per row)."""
+        pixels, sizes = call.get("pixel_values"), call.get("image_sizes")
+        if pixels is None or sizes is None:
+            return super().units(call, vis)
+        side = self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size
+        lengths = [p.shape[0] for p in self._packed_index(side * side, sizes, newline=True)]
+        out, i = [], 0
+        for n in vis.sum(1).tolist():
+            units = []
+            while n > 0 and i < len(lengths):
+                units.append(Unit("image", lengths[i]))
+                n, i = n - lengths[i], i + 1
+            out.append(units)
+        return out
+
+    def projector_rows(self, captured, call):
+        """Reorder the projector input (all crops of all images) into the packed, unpadded token order, with
+        newline slots removed."""
+        rows = captured[-1]
+        packed = self._packed_index(rows.shape[1], call["image_sizes"], newline=False)
+        order = torch.cat(packed).flatten().long().to(rows.device)
+        return {"image": rows.reshape(-1, rows.shape[-1])[order].float()}

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import TINY_IDS, Adapter, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
+
+
+def _thw_rows(*grids) -> list:
+    """The (t, h, w) rows of several grid_thw tensors (None skipped), in order."""
+    return [row for g in grids if g is not None for row in as_rows(g)]
 
 
 class Qwen2VLAdapter(Adapter):
@@ -12,24 +17,25 @@ class Qwen2VLAdapter(Adapter):
     position_kind = "mrope"
     entropy_layer = 1
     prompt_tag = "<|vision_start|> <|image_pad|> <|vision_end|>"
+    video_tag = "<|vision_start|> <|video_pad|> <|vision_end|>"
 
-    def grids(self, call, counts):
-        thw = call.get("image_grid_thw")
-        if thw is None:
-            return None
+    def _grids(self, call, kind: str) -> list:
+        """(t, h, w) per image or video of the batch, in order, after the 2x2 merge."""
+        thw = call.get(f"{kind}_grid_thw")
         merge = self.model.config.vision_config.spatial_merge_size
-        sizes = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in thw.tolist()]
-        out, i = [], 0
-        for n in counts:
-            # Images are laid out row after row; a row's single image gives its grid.
-            if i < len(sizes) and sizes[i][0] * sizes[i][1] * sizes[i][2] == n and sizes[i][0] == 1:
-                out.append(sizes[i][1:])
-                i += 1
-            else:
-                out.append(None)
-                while n > 0 and i < len(sizes):
-                    n -= sizes[i][0] * sizes[i][1] * sizes[i][2]
-                    i += 1
+        return [] if thw is None else [(t, h // merge, w // merge) for t, h, w in as_rows(thw)]
+
+    def units(self, call, vis):
+        """Runs of image / video placeholders, matched in order to image_grid_thw / video_grid_thw."""
+        grids = {kind: iter(self._grids(call, kind)) for kind in ("image", "video")}
+        out = []
+        for runs in super().units(call, vis):
+            row = []
+            for run in runs:
+                grid = next(grids[run.kind], None)
+                ok = grid is not None and grid[0] * grid[1] * grid[2] == run.length
+                row.append(Unit(run.kind, run.length, grid if ok else None))
+            out.append(row)
         return out
 
     def projector_module(self):
@@ -40,11 +46,22 @@ class Qwen2VLAdapter(Adapter):
         return self.base.visual.merger.mlp
 
     def projector_rows(self, captured, call):
+        """The model runs the merger on the images, then on the videos (one call each): the captures are paired
+        with the kinds in that order, each checked by its patch count."""
         merger = self.base.visual.merger
-        rows = merger.ln_q(captured).view(-1, merger.hidden_size).float()
-        return rows[self._merged_order(call, rows.device)]
+        kinds = [(k, call[f"{k}_grid_thw"]) for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
+        captured = captured[-len(kinds):] if kinds else []
+        out = {}
+        for (kind, thw), rows in zip(kinds, captured):
+            patches = int(torch.as_tensor(thw).prod(-1).sum())
+            if rows.shape[0] != patches:
+                raise RuntimeError(f"vtprune: the projector inputs captured for the {kind}s hold {rows.shape[0]} "
+                                   f"patches, but {kind}_grid_thw describes {patches}")
+            rows = merger.ln_q(rows).view(-1, merger.hidden_size).float()
+            out[kind] = rows[self._merged_order(thw, rows.device)]
+        return out
 
-    def _merged_order(self, call, device):
+    def _merged_order(self, thw, device):
         return slice(None)  # Qwen2-VL merges patches already in raster order
 
 
@@ -64,15 +81,14 @@ class Qwen2VLAdapter(Adapter):
         return 2 * 2 * n * e * int(e * vc.mlp_ratio)  # fc1, fc2
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None,
+                     **_) -> int:
         """Conv3d patch embed, then per block q/k/v/o, attention within each frame (or window) and the MLP;
-        image_grid_thw [n, 3] gives the patches in t, h, w."""
-        if image_grid_thw is None:
-            return 0
+        image_grid_thw / video_grid_thw [n, 3] give the patches in t, h, w (the tower runs on both)."""
         vc = config.vision_config
         e, _ = cls._dims(vc)
         total = 0
-        for t, h, w in as_rows(image_grid_thw):
+        for t, h, w in _thw_rows(image_grid_thw, video_grid_thw):
             n = t * h * w
             total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * e
             total += sum(2 * n * e * 4 * e + cls._mlp(vc, n, e) + attn for attn in cls._attention(vc, t, h, w))
@@ -85,10 +101,10 @@ class Qwen2VLAdapter(Adapter):
         return q, q, d_out
 
     @classmethod
-    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
-        if image_grid_thw is None:
-            return 0
-        return sum(t * h * w for t, h, w in as_rows(image_grid_thw)) // config.vision_config.spatial_merge_size ** 2
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None,
+                           video_grid_thw=None, **_) -> int:
+        patches = sum(t * h * w for t, h, w in _thw_rows(image_grid_thw, video_grid_thw))
+        return patches // config.vision_config.spatial_merge_size ** 2
 
     @classmethod
     def model_class(cls):
@@ -120,23 +136,24 @@ class Qwen2VLAdapter(Adapter):
     def tiny_processor(cls, tokenizer):
         from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor  # the video one needs torchvision
 
-        ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14,
-                                      max_pixels=56 * 56, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        pixels = dict(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14, max_pixels=56 * 56,
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        ip = Qwen2VLImageProcessorPil(**pixels)
+        vp = Qwen2VLVideoProcessor(**pixels, do_sample_frames=False, cap_pixels_per_frame=True)
         tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
-        return cls._processor_class()(image_processor=ip, tokenizer=tokenizer,
-                                      video_processor=Qwen2VLVideoProcessor())
+        return cls._processor_class()(image_processor=ip, tokenizer=tokenizer, video_processor=vp)
 
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
 
-    def _merged_order(self, call, device):
+    def _merged_order(self, thw, device):
         # Qwen2.5-VL's tower runs in window order and un-permutes after the merger; do the same here.
         from transformers.vision_utils import get_vision_window_index
 
         visual = self.base.visual
-        window_index, _ = get_vision_window_index(call["image_grid_thw"], spatial_merge_size=visual.spatial_merge_size,
+        window_index, _ = get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size,
                                                   kwargs={})
         return torch.argsort(window_index.to(device))

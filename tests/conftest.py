@@ -53,6 +53,16 @@ def make_batch(family, n, seed=0):
     return tiny_batch(family, _processor(family), tiny_images(n, seed=seed))
 
 
+def make_video_batch(family, n, seed=0, frames=3):
+    """n samples, each one image then one video (sizes differ between samples), left padded."""
+    from vtprune.testing import tiny_videos, video_prompt
+
+    questions = ["what moved ?", "is the red circle left of the blue square ?"]
+    text = [video_prompt(family, questions[i % 2], images=1) for i in range(n)]
+    return _processor(family)(images=tiny_images(n, seed=seed), videos=tiny_videos(n, frames, seed=seed),
+                              text=text, return_tensors="pt", padding=True)
+
+
 def row(batch, i):
     """Sample i of a processor batch, alone and without its left padding."""
     keep = batch["attention_mask"][i].bool()
@@ -60,12 +70,14 @@ def row(batch, i):
     for k, v in batch.items():
         if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
             out[k] = v[i : i + 1, keep]
-    if "image_grid_thw" in batch:
-        thw = batch["image_grid_thw"]
-        sizes = thw.prod(-1).tolist()
-        start = sum(sizes[:i])
-        out["pixel_values"] = batch["pixel_values"][start : start + sizes[i]]
-        out["image_grid_thw"] = thw[i : i + 1]
+    if "image_grid_thw" in batch or "video_grid_thw" in batch:
+        # One image and/or one video per sample: slice the flat patch tensors by their grids.
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if grid in batch:
+                sizes = batch[grid].prod(-1).tolist()
+                start = sum(sizes[:i])
+                out[pixels] = batch[pixels][start : start + sizes[i]]
+                out[grid] = batch[grid][i : i + 1]
     else:
         out["pixel_values"] = batch["pixel_values"][i : i + 1]
     if "image_sizes" in batch:

@@ -14,6 +14,7 @@ METHODS = {
     "divprune": {},
     "zoo": dict(m=8),
     "entropy": dict(layer=2),
+    "temporal": {},
 }
 
 
@@ -53,12 +54,13 @@ def test_projector_rows_reproduce_the_visual_embeddings(family):
     batch = make_batch(family, 2)
     vtprune.apply_pruner(model, method="zoo", keep_ratio=0.5, m=2)
     pruner = model._vtprune_pruner
-    lm_in = {}
+    lm_in, seen = {}, []
     h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: lm_in.update(k), with_kwargs=True,
                                                              prepend=True)
+    h2 = pruner.adapter.projector_module().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     model(**batch)
-    h.remove()
-    rows = pruner.adapter.projector_rows(pruner._local.pre_projector, pruner.state.call)
+    h.remove(), h2.remove()
+    rows = pruner.adapter.projector_rows(seen[:1], pruner.state.call)["image"]
     vis = batch["input_ids"] == model.config.image_token_id
     embeds = lm_in["inputs_embeds"][vis]
     newline = pruner.adapter.newline_mask(lm_in["inputs_embeds"], vis)

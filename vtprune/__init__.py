@@ -8,8 +8,8 @@
 from ._version import __version__
 from .api import apply_pruner, get_config, get_pruner, get_stats, is_patched, paused, remove_pruner
 from .config import PrunerConfig, StageConfig
-from .stage import StageStats
+from .stats import StageStats, UnitStats
 from .strategies import list_methods, register, unregister
 
-__all__ = ["PrunerConfig", "StageConfig", "StageStats", "__version__", "apply_pruner", "get_config", "get_pruner",
+__all__ = ["PrunerConfig", "StageConfig", "StageStats", "UnitStats", "__version__", "apply_pruner", "get_config", "get_pruner",
            "get_stats", "is_patched", "list_methods", "paused", "register", "remove_pruner", "unregister"]

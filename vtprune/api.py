@@ -6,6 +6,7 @@ from typing import Optional
 
 from .config import PrunerConfig
 from .engine import Pruner
+from .patches.base import CALL_KEYS
 
 _ATTR = "_vtprune_pruner"
 # generate() arguments whose decoding assumes cache length == input length, or re-feeds pruned prompts.
@@ -20,13 +21,16 @@ _REFUSED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "ma
 
 def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float] = None,
                  keep_tokens: Optional[int] = None, layer: Optional[int] = None, schedule: Optional[list] = None,
-                 positions: str = "original", *, config: Optional[PrunerConfig] = None, replace: bool = False,
-                 **options):
+                 positions: str = "original", *, video_keep_ratio: Optional[float] = None,
+                 video_keep_tokens: Optional[int] = None, config: Optional[PrunerConfig] = None,
+                 replace: bool = False, **options):
     """Patch this model instance so prefill and ``generate()`` run on the kept visual tokens. Returns ``model``.
 
     ``method``: a registered method name (default ``"divprune"``; ``vtprune.list_methods()``).
-    ``keep_ratio``: fraction of the visual tokens entering the stage that are kept (default 0.25 when neither it
-    nor ``keep_tokens``, an absolute count per sample, is given). ``layer``: 0 prunes before the language model,
+    ``keep_ratio``: fraction of each image's (and video's) visual tokens entering the stage that is kept (default
+    0.25 when neither it nor ``keep_tokens`` is given); ``keep_tokens``: an absolute count per sample, split across
+    its images and videos in proportion to their sizes. ``video_keep_ratio`` / ``video_keep_tokens``: the same for
+    videos alone (default: the image setting). ``layer``: 0 prunes before the language model,
     K >= 1 inside it from decoder layer K on; None (default) is the method's own (0 for input-stage methods,
     2 for fastv, the family's entropy-collapse layer for entropy). ``schedule``: a list of stages (dicts with method, layer,
     keep_ratio/keep_tokens, options) for multi-stage pruning. ``positions``: "original" keeps each kept token's
@@ -38,9 +42,11 @@ def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float
     _compat.check_transformers()
     if config is None:
         config = PrunerConfig(method=method, keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
-                              schedule=schedule, positions=positions, options=dict(options))
+                              schedule=schedule, positions=positions, options=dict(options),
+                              video_keep_ratio=video_keep_ratio, video_keep_tokens=video_keep_tokens)
     elif (options or method is not None or keep_ratio is not None or keep_tokens is not None or layer is not None
-          or schedule is not None or positions != "original"):
+          or schedule is not None or positions != "original" or video_keep_ratio is not None
+          or video_keep_tokens is not None):
         raise ValueError("pass either config=PrunerConfig(...) or keyword settings, not both")
     if not isinstance(config, PrunerConfig):
         raise ValueError(f"config must be a vtprune.PrunerConfig, got {type(config).__name__}")
@@ -88,7 +94,7 @@ class _GuardedGenerate:
             if getattr(gen_cfg, key, None) is not None:
                 raise NotImplementedError(f"vtprune does not support generation_config.{key}")
         pruner = get_pruner(model)
-        pruner.set_generate_call({k: kwargs.get(k) for k in ("image_grid_thw", "image_sizes", "pixel_values")})
+        pruner.set_generate_call({k: kwargs.get(k) for k in CALL_KEYS})
         try:
             return type(model).generate(model, *args, **kwargs)
         finally:

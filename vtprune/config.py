@@ -1,7 +1,6 @@
 """The one typed configuration: a pruner is a list of stages, each a method at a decoder layer with a budget."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -10,16 +9,20 @@ from .strategies.base import BUDGETS, get_method
 DEFAULT_METHOD = "divprune"
 DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
 POSITIONS = ("original", "renumber")
-# Options every method accepts: they change what the engine does with the selection, not the selection.
-ENGINE_OPTIONS = ("merge", "budget")
+# Options every method accepts: they change what the engine does around the selection, not the selection.
+ENGINE_OPTIONS = ("merge", "budget", "units", "temporal")
+UNIT_MODES = ("each", "joint")  # each image/video chosen on its own, or one selection over the sample's units
+TEMPORAL_MODES = ("clip", "frame")  # a video chosen over the whole clip, or with a budget per frame
 
 
 @dataclass
 class StageConfig:
     """One pruning stage: ``method`` chooses visual tokens entering decoder layer ``layer``.
 
-    ``keep_ratio`` is the fraction of the visual tokens entering this stage that are kept; ``keep_tokens`` an
-    absolute count per sample (capped at the number present). ``options`` go to the method.
+    ``keep_ratio`` is the fraction of each image's (and video's) tokens entering this stage that is kept;
+    ``keep_tokens`` an absolute count per sample, split across its images and videos in proportion to their sizes
+    (largest remainder). ``video_keep_ratio`` / ``video_keep_tokens`` set videos apart (default: the image
+    setting). ``options`` go to the method.
     """
 
     method: str = DEFAULT_METHOD
@@ -27,14 +30,8 @@ class StageConfig:
     keep_ratio: Optional[float] = None
     keep_tokens: Optional[int] = None
     options: dict = field(default_factory=dict)
-
-    def budget(self, n: int) -> int:
-        """Tokens kept out of ``n`` entering the stage: round(ratio * n), at least 1, at most n."""
-        if n == 0:
-            return 0
-        if self.keep_tokens is not None:
-            return min(self.keep_tokens, n)
-        return min(n, max(1, int(math.floor(self.keep_ratio * n + 0.5))))
+    video_keep_ratio: Optional[float] = None
+    video_keep_tokens: Optional[int] = None
 
 
 @dataclass
@@ -50,6 +47,8 @@ class PrunerConfig:
     schedule: Optional[list] = None
     positions: str = "original"
     options: dict = field(default_factory=dict)
+    video_keep_ratio: Optional[float] = None
+    video_keep_tokens: Optional[int] = None
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -58,7 +57,9 @@ class PrunerConfig:
             raise ValueError(f"options must be a dict, got {self.options!r}")
         if self.schedule is not None:
             given = {k: v for k, v in (("method", self.method), ("keep_ratio", self.keep_ratio),
-                                       ("keep_tokens", self.keep_tokens), ("layer", self.layer)) if v is not None}
+                                       ("keep_tokens", self.keep_tokens), ("layer", self.layer),
+                                       ("video_keep_ratio", self.video_keep_ratio),
+                                       ("video_keep_tokens", self.video_keep_tokens)) if v is not None}
             if given or self.options:
                 raise ValueError(f"schedule= replaces method/keep_ratio/keep_tokens/layer/options; got both "
                                  f"schedule and {sorted(given) + (['options'] if self.options else [])}: put them "
@@ -68,7 +69,7 @@ class PrunerConfig:
     def stages(self) -> list[StageConfig]:
         if self.schedule is None:
             raw = [StageConfig(self.method or DEFAULT_METHOD, self.layer, self.keep_ratio, self.keep_tokens,
-                               dict(self.options))]
+                               dict(self.options), self.video_keep_ratio, self.video_keep_tokens)]
         else:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
@@ -83,7 +84,7 @@ class PrunerConfig:
         return stages
 
 
-_STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options")
+_STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options", "video_keep_ratio", "video_keep_tokens")
 
 
 def _as_stage(item: Any) -> StageConfig:
@@ -113,24 +114,28 @@ def _validated(stage: StageConfig) -> StageConfig:
                          f"keep_tokens={stage.keep_tokens})")
     if stage.keep_ratio is None and stage.keep_tokens is None:
         stage = replace(stage, keep_ratio=DEFAULT_KEEP_RATIO)
-    if stage.keep_ratio is not None:
-        if isinstance(stage.keep_ratio, bool) or not isinstance(stage.keep_ratio, (int, float)) \
-                or not 0.0 < stage.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {stage.keep_ratio!r}")
-    if stage.keep_tokens is not None:
-        if isinstance(stage.keep_tokens, bool) or not isinstance(stage.keep_tokens, int) or stage.keep_tokens < 1:
-            raise ValueError(f"keep_tokens must be an integer >= 1, got {stage.keep_tokens!r}")
+    if stage.video_keep_ratio is not None and stage.video_keep_tokens is not None:
+        raise ValueError(f"give video_keep_ratio or video_keep_tokens, not both (got video_keep_ratio="
+                         f"{stage.video_keep_ratio}, video_keep_tokens={stage.video_keep_tokens})")
+    for prefix in ("", "video_"):
+        ratio, tokens = getattr(stage, prefix + "keep_ratio"), getattr(stage, prefix + "keep_tokens")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0.0 < ratio <= 1.0):
+            raise ValueError(f"{prefix}keep_ratio must be a number in (0, 1], got {ratio!r}")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"{prefix}keep_tokens must be an integer >= 1, got {tokens!r}")
     if stage.layer is not None and (isinstance(stage.layer, bool) or not isinstance(stage.layer, int)
                                     or stage.layer < 0):
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
-    engine = {"merge": False, "budget": method.budget}
+    engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip"}
     engine.update({k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS})
     rest = {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
     options = {**engine, **method.check(rest)}
     if not isinstance(options["merge"], bool):
         raise ValueError(f"merge must be True or False, got {options['merge']!r}")
-    if options["budget"] not in BUDGETS:
-        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {options['budget']!r}")
+    for key, allowed in (("budget", BUDGETS), ("units", UNIT_MODES), ("temporal", TEMPORAL_MODES)):
+        if options[key] not in allowed:
+            raise ValueError(f"{key} must be one of {list(allowed)}, got {options[key]!r}")
     return replace(stage, options=options)
 
 

@@ -23,7 +23,9 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from . import capture, ops
 from .config import PrunerConfig, StageConfig
-from .stage import Captured, Sequence, StageStats, run_stage
+from .patches.base import CALL_KEYS, Unit
+from .stage import Captured, Sequence, run_stage
+from .stats import StageStats
 from .strategies.base import get_method
 
 
@@ -49,6 +51,7 @@ class CallState:
     stats: list = field(default_factory=list)  # StageStats, one per stage that ran
     captured: Captured = field(default_factory=Captured)
     seq: Optional[Sequence] = None
+    units: list = field(default_factory=list)  # per row, its images and videos (patches.base.Unit)
     prompt_len: int = 0
     fed: int = 0  # tokens fed after the prefill
     next_pos: Optional[torch.Tensor] = None  # [B] next original position id
@@ -62,7 +65,7 @@ class _ThreadState(threading.local):
     def __init__(self):
         self.state: Optional[CallState] = None
         self.generate_call: dict = {}
-        self.pre_projector: Optional[torch.Tensor] = None
+        self.pre_projector: list = []  # projector inputs of this call, one per projector run, in run order
         self.paused = 0
         self.selecting = False  # inside a stage: a strategy running the projector must not be captured
 
@@ -183,7 +186,7 @@ class Pruner:
     def _projector_hook(self, module, args):
         # Images are encoded before the prefill (inside generate(), or in the body's forward).
         if not (self._local.paused or self._local.selecting):
-            self._local.pre_projector = args[0].detach()
+            self._local.pre_projector.append(args[0].detach())
 
     # ---------------------------------------------------------------- hooks
     def _top_hook(self, module, args, kwargs):
@@ -203,12 +206,15 @@ class Pruner:
             # generate() encodes images before prefill and passes mm_encoder_outputs instead of the image
             # metadata, so fall back to what its wrapper saw.
             gen = self._local.generate_call
-            call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key)
-                    for key in ("image_grid_thw", "image_sizes", "pixel_values")}
+            call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key) for key in CALL_KEYS}
             call["input_ids"] = input_ids
             self._local.state = CallState(call=call)
+            if not kwargs.get("mm_encoder_outputs"):
+                self._local.pre_projector = []  # this forward encodes its images itself, after this hook
             return None
-        if kwargs.get("pixel_values") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("image"):
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None \
+                or encoded.get("image") or encoded.get("video"):
             raise NotImplementedError("vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
                                       "reuse) are not supported; start a new cache for each prompt")
         state = self._local.state
@@ -259,9 +265,11 @@ class Pruner:
         state.active, state.prefill, state.prompt_len = True, True, length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
         needs = self._needs
-        state.seq = Sequence(vis=vis, mask=mask,
-                             newline=self.adapter.newline_mask(embeds, vis) if "newline_mask" in needs else None,
-                             pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None)
+        newline = self.adapter.newline_mask(embeds, vis)  # also keeps newline slots out of the projector rows
+        state.units = self._units(state.call, vis)
+        state.seq = Sequence(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
+                             pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
+                             unit=_unit_ids(vis, state.units))
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, embeds.device)
@@ -269,12 +277,9 @@ class Pruner:
         kwargs = dict(kwargs, attention_mask=mask, position_ids=pos)
         if self.stages[0].layer != 0:
             return (), kwargs
-        pre = self._local.pre_projector
-        if "projector" in needs and pre is not None:
-            state.captured.pre_projector = self.adapter.projector_rows(pre, state.call)
-            state.captured.projector = self.projector()
-        if "grid" in needs:
-            state.captured.grids = self.adapter.grids(state.call, vis.sum(1).tolist())
+        captured, self._local.pre_projector = self._local.pre_projector, []
+        if "projector" in needs and captured:
+            self._capture_projector(state, captured, input_ids, vis, newline)
         index, embeds, stats = self._run(state, 0, embeds)
         run = state.runs[0]
         new_embeds, new_pos, _, ran = ops.compact(embeds, index, pos, with_backend=True)
@@ -285,12 +290,40 @@ class Pruner:
         kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
 
+    def _units(self, call: dict, vis: torch.Tensor) -> list:
+        """The adapter's units per row; a row whose units do not add up to its visual tokens is one image."""
+        units = self.adapter.units(call, vis)
+        counts = vis.sum(1).tolist()
+        return [row if sum(u.length for u in row) == n else ([Unit("image", n)] if n else [])
+                for row, n in zip(units, counts)]
+
+    def _capture_projector(self, state: CallState, captured: list, input_ids, vis, newline):
+        """Projector inputs as one table, and each visual token's row in it (-1 for newline slots)."""
+        rows = self.adapter.projector_rows(captured, state.call)
+        ids = self.adapter.visual_token_ids(self.model.config)
+        index = torch.full_like(input_ids, -1)
+        table, offset = [], 0
+        for kind, kind_rows in rows.items():
+            mine = (input_ids == ids[kind]) & vis
+            if newline is not None:
+                mine &= ~newline
+            flat = mine.flatten()
+            if int(flat.sum()) != kind_rows.shape[0]:
+                raise RuntimeError(f"vtprune: {kind_rows.shape[0]} projector rows were captured for the {kind}s but "
+                                   f"the prompt holds {int(flat.sum())} of their tokens")
+            index.view(-1)[flat] = offset + torch.arange(kind_rows.shape[0], device=input_ids.device)
+            table.append(kind_rows)
+            offset += kind_rows.shape[0]
+        state.captured.pre_projector = torch.cat(table).to(input_ids.device) if table else None
+        state.captured.pre_index = index
+        state.captured.projector = self.projector()
+
     def _run(self, state: CallState, i: int, hidden):
         stage = self.stages[i]
         self._local.selecting = True
         try:
             index, hidden, state.seq, stats = run_stage(stage, self.methods[i], hidden, state.seq, state.captured,
-                                                        len(self.adapter.layers))
+                                                        state.units, len(self.adapter.layers))
         finally:
             self._local.selecting = False
         state.runs[stage.layer] = _StageRun(stage.layer, kept_mask=state.seq.mask)
@@ -409,3 +442,13 @@ class Pruner:
     def _max_pos(pos):
         p = pos if pos.dim() == 2 else pos[-3:].amax(dim=0)
         return p.amax(dim=-1)
+
+
+def _unit_ids(vis: torch.Tensor, units: list) -> torch.Tensor:
+    """[B, L] long: each visual token's unit index within its row (units are consecutive runs), -1 elsewhere."""
+    out = torch.full(vis.shape, -1, dtype=torch.long, device=vis.device)
+    for r, row in enumerate(units):
+        if row:
+            lengths = torch.tensor([u.length for u in row], device=vis.device)
+            out[r, vis[r]] = torch.repeat_interleave(torch.arange(len(row), device=vis.device), lengths)
+    return out

@@ -22,7 +22,7 @@ over all num_attention_heads query heads (k/v are repeated, not shared in the ar
 
 Vision towers, as Hugging Face runs them: CLIP runs every layer (even when vision_feature_layer picks an
 earlier one) over patches + CLS, once per image or LLaVA-NeXT crop; Qwen2/2.5-VL attend within each image
-frame, Qwen2.5-VL's window blocks within each window. Videos (Qwen video_grid_thw) are not counted. Each
+frame, Qwen2.5-VL's window blocks within each window; videos (Qwen video_grid_thw) as t-frame grids. Each
 family's adapter (``vtprune.patches``) knows its tower's and projector's shapes; this module asks it.
 """
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _text(config):
 
 
 # ------------------------------------------------------------------------------------------- vision
-def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
-    """FLOPs of the vision tower (without the projector / patch merger) for one batch of images.
+def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
+    """FLOPs of the vision tower (without the projector / patch merger) for one batch of images and videos.
 
     LLaVA: pixel_values [n, 3, H, W]; LLaVA-NeXT: pixel_values [n, max_crops, 3, H, W] and image_sizes [n, 2]
-    (crops counted per image as HF unpads them); Qwen2/2.5-VL: image_grid_thw [n, 3] (patches in t, h, w).
-    Tensors or plain shapes/lists are accepted. The family's adapter does the counting.
+    (crops counted per image as HF unpads them); Qwen2/2.5-VL: image_grid_thw [n, 3] (patches in t, h, w), and
+    ``video_grid_thw`` for videos. Tensors or plain shapes/lists are accepted. The family's adapter counts.
     """
     return _adapter(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                         image_sizes=image_sizes)
+                                         image_sizes=image_sizes, **videos)
 
 
 def projector_row_flops(config) -> int:
@@ -62,11 +62,11 @@ def projector_row_flops(config) -> int:
     return 2 * (d_in * d_mid + d_mid * d_out)
 
 
-def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
     """FLOPs of the multi-modal projector (LLaVA: every crop's patch tokens, before LLaVA-NeXT unpads) or the Qwen
     patch merger (one row per spatial_merge_size² patches)."""
     rows = _adapter(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                              image_sizes=image_sizes)
+                                              image_sizes=image_sizes, **videos)
     return rows * projector_row_flops(config)
 
 
@@ -163,8 +163,9 @@ def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_d
 
 # ------------------------------------------------------------------------------------------- main entry
 def visual_counts(config, input_ids) -> list[int]:
-    """Visual tokens per row of ``input_ids`` [B, L]."""
-    return (input_ids == config.image_token_id).sum(1).tolist()
+    """Visual tokens (image and video placeholders) per row of ``input_ids`` [B, L]."""
+    ids = torch.tensor(list(_adapter(config).visual_token_ids(config).values()), device=input_ids.device)
+    return torch.isin(input_ids, ids).sum(1).tolist()
 
 
 def _stage_options(model) -> dict:
@@ -191,7 +192,9 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     tc = _text(config)
     input_ids = batch["input_ids"]
     b, length = input_ids.shape
-    images = {k: batch.get(k) for k in ("pixel_values", "image_grid_thw", "image_sizes")}
+    from .patches.base import CALL_KEYS
+
+    images = {k: batch.get(k) for k in CALL_KEYS}
     vision = vision_flops(config, **images)
     projector = projector_flops(config, **images)
     _, _, heads, _, hd = _llm_dims(tc)

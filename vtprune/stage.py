@@ -1,50 +1,21 @@
-"""One pruning stage on the current sequence: budgets, grouped strategy calls, merging, the gather layout."""
+"""One pruning stage on the current sequence: selection items and budgets, grouped strategy calls, merging, the
+gather layout, and the stage's stats."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
 
 from .config import StageConfig
+from .stats import UnitStats
 from .strategies.base import Method, SelectionInputs
 from .strategies.entropy import layer_average_keep
 from .strategies.merge import merge_pruned
+from .units import Item, largest_remainder, unit_budgets
 
-
-@dataclass(frozen=True)
-class StageStats:
-    """What one stage did on one prefill (``vtprune.get_stats`` returns one per stage). Also readable as a
-    mapping (``stats["kept_indices"]``).
-
-    layer, method; tokens_before / tokens_after: visual tokens per row; kept_indices: LongTensor [batch, k] into
-    the visual tokens entering the stage, ascending, rows keeping fewer padded with -1 on the right;
-    select_time_s: wall time of choosing (budgets, scoring, selection, merging); budget: "plain" or
-    "layer_average"; merged: whether pruned tokens were merged into kept ones; backend: the path each op ran
-    ({"greedy": "torch", "compact": "triton", ...}).
-    """
-
-    layer: int
-    method: str
-    tokens_before: list
-    tokens_after: list
-    kept_indices: torch.Tensor
-    select_time_s: float
-    budget: str
-    merged: bool
-    backend: dict
-
-    def __getitem__(self, key: str):
-        if key not in self.__dataclass_fields__:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def keys(self):
-        return self.__dataclass_fields__.keys()
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+ENGINE_KEYS = ("merge", "budget", "units", "temporal")  # stage options the engine reads; the rest go to the method
 
 
 @dataclass
@@ -56,6 +27,7 @@ class Sequence:
     newline: Optional[torch.Tensor] = None  # bool: LLaVA-NeXT row separator
     pad: Optional[torch.Tensor] = None  # bool: mostly image padding (LLaVA pad-to-square)
     sizes: Optional[torch.Tensor] = None  # float: original tokens each token stands for (merging)
+    unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
 
     def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
         out = {}
@@ -73,9 +45,9 @@ class Captured:
 
     attention: Optional[torch.Tensor] = None  # [B, L_cur]
     queries: Optional[torch.Tensor] = None  # [B, L_cur, H, d_head]
-    pre_projector: Optional[torch.Tensor] = None  # [total visual tokens of the batch, Din], row-major order
+    pre_projector: Optional[torch.Tensor] = None  # [projector rows of the batch, Din]
+    pre_index: Optional[torch.Tensor] = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
     projector: Optional[Callable] = None
-    grids: Optional[list] = None
 
 
 def keep_layout(keep: torch.Tensor):
@@ -93,85 +65,124 @@ def keep_layout(keep: torch.Tensor):
 
 def method_options(stage: StageConfig) -> dict:
     """The stage's options that go to the method (without the engine's own)."""
-    return {k: v for k, v in stage.options.items() if k not in ("merge", "budget")}
+    return {k: v for k, v in stage.options.items() if k not in ENGINE_KEYS}
 
 
-def row_budgets(stage: StageConfig, method: Method, seq: Sequence, num_layers: int) -> list[int]:
-    counts = seq.vis.sum(1).tolist()
-    ks = [stage.budget(n) for n in counts]
-    if stage.options.get("budget") == "layer_average":
-        # EntropyPrune's convention: the budget is the average over all layers, layers before K keep all.
-        ks = [0 if n == 0 else layer_average_keep(num_layers, stage.layer, n, k) for n, k in zip(counts, ks)]
-    if method.budget_cap is not None:
-        options = method_options(stage)
-        ks = [k if n == 0 else method.budget_cap(k, None if seq.pad is None else seq.pad[r][seq.vis[r]], **options)
-              for r, (n, k) in enumerate(zip(counts, ks))]
-    return ks
+def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int) -> list[Item]:
+    """The selection items of this stage: one per unit (or per frame, or per row), each with its budget.
+
+    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them).
+    """
+    options = method_options(stage)
+    items = []
+    for r, row_units in enumerate(units):
+        vis = seq.vis[r]
+        if not bool(vis.any()):
+            continue
+        sizes = torch.bincount(seq.unit[r][vis], minlength=len(row_units)).tolist()
+        ks = unit_budgets(stage, [u.kind for u in row_units], sizes)
+        if stage.options["budget"] == "layer_average":
+            # EntropyPrune's convention: the budget is the average over all layers, layers before K keep all.
+            ks = [0 if n == 0 else layer_average_keep(num_layers, stage.layer, n, k) for n, k in zip(sizes, ks)]
+        starts = [sum(sizes[:u]) for u in range(len(sizes))]
+        if method.budget_cap is not None:
+            pad = None if seq.pad is None else seq.pad[r][vis]
+            ks = [k if n == 0 else method.budget_cap(k, None if pad is None else pad[s:s + n], **options)
+                  for s, n, k in zip(starts, sizes, ks)]
+        if stage.options["units"] == "joint":
+            kinds = {u.kind for u in row_units}
+            items.append(Item(r, -1, kinds.pop() if len(kinds) == 1 else "mixed", 0, sum(sizes), sum(ks)))
+            continue
+        for u, (unit, start, n, k) in enumerate(zip(row_units, starts, sizes, ks)):
+            if n == 0:
+                continue
+            whole = unit.grid is not None and n == unit.length  # a pruned unit is no longer a grid
+            t, h, w = unit.grid if whole else (1, None, None)
+            if stage.options["temporal"] == "frame" and whole and t > 1:
+                for f, kf in enumerate(largest_remainder(k, [h * w] * t)):
+                    items.append(Item(r, u, unit.kind, start + f * h * w, h * w, kf, (h, w), 1))
+            else:
+                items.append(Item(r, u, unit.kind, start, n, k, (h, w) if whole else None, t))
+    return items
 
 
 def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Sequence, cap: Captured,
-              num_layers: int):
-    """Choose the visual tokens to keep. hidden: [B, L_cur, D].
+              units: list, num_layers: int):
+    """Choose the visual tokens to keep. hidden: [B, L_cur, D]; units: per row, its ``Unit``s.
 
     Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked),
-    the gathered Sequence, stats dict).
+    the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
     """
     t0 = time.perf_counter()
     vis = seq.vis
-    counts = vis.sum(1).tolist()
-    ks = row_budgets(stage, method, seq, num_layers)
+    b = vis.shape[0]
+    items = plan_items(stage, method, seq, units, num_layers)
     backends: dict = {}
-    # Projector inputs exist for every visual token except LLaVA-NeXT newlines.
-    with_input = vis if seq.newline is None else vis & ~seq.newline
-    offsets = torch.tensor([0] + with_input.sum(1).tolist()).cumsum(0).tolist()
     options = method_options(stage)
     text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
+    vis_pos = [vis[r].nonzero().flatten() for r in range(b)]
     keep = ~vis
-    chosen_rows: list[Optional[torch.Tensor]] = [None] * len(counts)
+    chosen = []  # (item, indices into the item's tokens, ascending)
     merged = hidden.clone() if stage.options["merge"] else hidden
     sizes = seq.sizes
     if stage.options["merge"]:
         sizes = torch.ones(vis.shape, dtype=torch.float32, device=hidden.device) if sizes is None else sizes.clone()
-    for n, k in sorted(set(zip(counts, ks))):
-        if n == 0:
-            continue
-        rows = [r for r in range(len(counts)) if (counts[r], ks[r]) == (n, k)]
-        rows_t = torch.tensor(rows, device=hidden.device)
-        sub = vis[rows_t]
-        positions = sub.nonzero()[:, 1].view(len(rows), n)
+    groups: dict = {}
+    for item in items:
+        groups.setdefault((item.n, item.k), []).append(item)
+    for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
+        rows_t = torch.tensor([it.row for it in group], device=hidden.device)
+        positions = torch.stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
 
         def take(t):
-            # One gather straight to [rows, n, ...]: no copy of whole rows first.
+            # One gather straight to [G, n, ...]: no copy of whole rows first.
             return None if t is None else t[rows_t[:, None], positions]
 
-        pre = None if cap.pre_projector is None else torch.stack([_pre_rows(cap, seq, offsets, r) for r in rows])
         inputs = SelectionInputs(
             features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),
-            pre_projector=pre, projector=cap.projector,
-            grid=None if cap.grids is None else [cap.grids[r] for r in rows],
+            pre_projector=_pre_rows(cap, rows_t, positions), projector=cap.projector,
+            grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
             pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"),
             text=None if text is None else text[rows_t], text_mask=None if text is None else text_mask[rows_t],
             backends=backends)
         _check_needs(method, inputs, stage)
-        chosen = method.fn(inputs, k, **options).sort(dim=-1).values  # [rows, k]
-        kept_pos = positions.gather(1, chosen)
+        picks = method.fn(inputs, k, **options).sort(dim=-1).values  # [G, k]
+        kept_pos = positions.gather(1, picks)
         if stage.options["merge"]:
-            m, s, backends["merge"] = merge_pruned(inputs.features, chosen, take(sizes), with_backend=True)
-            for j, r in enumerate(rows):
-                merged[r, kept_pos[j]] = m[j]
-                sizes[r, kept_pos[j]] = s[j]
-        for j, r in enumerate(rows):
-            chosen_rows[r] = chosen[j]
-            keep[r, kept_pos[j]] = True
+            m, s, backends["merge"] = merge_pruned(inputs.features, picks, take(sizes), with_backend=True)
+            merged[rows_t[:, None], kept_pos] = m
+            sizes[rows_t[:, None], kept_pos] = s
+        keep[rows_t[:, None], kept_pos] = True
+        chosen.extend(zip(group, picks))
     elapsed = time.perf_counter() - t0
     index, valid = keep_layout(keep)
     new_seq = replace(seq, sizes=sizes).gather(index, valid)
-    # The engine adds the backend of its gather (compact) to ``backends`` after this returns.
-    stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
-                 tokens_after=[0 if c is None else len(c) for c in chosen_rows],
-                 kept_indices=_pad_rows(chosen_rows, hidden.device), select_time_s=elapsed,
-                 budget=stage.options["budget"], merged=stage.options["merge"], backend=backends)
+    row_kept = [[] for _ in range(b)]
+    for it, picks in chosen:
+        row_kept[it.row].append(picks + it.start)
+    row_kept = [torch.cat(x).sort().values if x else None for x in row_kept]
+    stats = dict(layer=stage.layer, method=stage.method, tokens_before=vis.sum(1).tolist(),
+                 tokens_after=[0 if x is None else len(x) for x in row_kept],
+                 kept_indices=_pad_rows(row_kept, hidden.device), units=_unit_stats(seq, units, row_kept),
+                 select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
+                 backend=backends)
     return index, merged, new_seq, stats
+
+
+def _unit_stats(seq: Sequence, units: list, row_kept: list) -> list:
+    """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens."""
+    out = []
+    for r, row_units in enumerate(units):
+        ids = seq.unit[r][seq.vis[r]]
+        kept = row_kept[r] if row_kept[r] is not None else ids.new_empty(0)
+        row, start = [], 0
+        for u, unit in enumerate(row_units):
+            n = int((ids == u).sum())
+            mine = kept[(kept >= start) & (kept < start + n)] - start
+            row.append(UnitStats(unit.kind, unit.frames, n, len(mine), mine))
+            start += n
+        out.append(row)
+    return out
 
 
 def _text_tokens(hidden: torch.Tensor, seq: Sequence):
@@ -181,14 +192,12 @@ def _text_tokens(hidden: torch.Tensor, seq: Sequence):
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])), valid
 
 
-def _pre_rows(cap: Captured, seq: Sequence, offsets: list, r: int) -> torch.Tensor:
-    """Row r's projector inputs aligned to its visual tokens: [N_r, Din], zeros at newline tokens."""
-    rows = cap.pre_projector[offsets[r]:offsets[r + 1]]
-    if seq.newline is None:
-        return rows
-    out = rows.new_zeros(int(seq.vis[r].sum()), rows.shape[-1])
-    out[~seq.newline[r][seq.vis[r]]] = rows
-    return out
+def _pre_rows(cap: Captured, rows_t: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+    """The projector inputs of the items' tokens: [G, n, Din], zeros where a token has none (newlines)."""
+    if cap.pre_projector is None:
+        return None
+    idx = cap.pre_index[rows_t[:, None], positions]  # [G, n]
+    return cap.pre_projector[idx.clamp_min(0)].masked_fill((idx < 0)[..., None], 0.0)
 
 
 def _pad_rows(rows, device):

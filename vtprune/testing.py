@@ -65,6 +65,22 @@ def image_prompt(family: str, question: str = "what colour is the circle ?") -> 
     return f"USER: {_adapter(family).prompt_tag} {question} ASSISTANT:"
 
 
+def video_prompt(family: str, question: str = "what moved ?", images: int = 0) -> str:
+    """A prompt with ``images`` image placeholders, then one video placeholder."""
+    cls = _adapter(family)
+    if cls.video_tag is None:
+        raise ValueError(f"family {family!r} takes no videos")
+    tags = " ".join([cls.prompt_tag] * images + [cls.video_tag])
+    return f"USER: {tags} {question} ASSISTANT:"
+
+
+def tiny_videos(n: int, frames: int = 3, seed: int = 0, sizes=None) -> list:
+    """``n`` random RGB clips as uint8 arrays [frames, height, width, 3]; ``sizes`` (width, height) per clip."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(42 - 14 * (i % 2), 28) for i in range(n)]
+    return [rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8) for w, h in sizes[:n]]
+
+
 def tiny_images(n: int, seed: int = 0, sizes=None) -> list:
     """``n`` random RGB images; ``sizes`` is a list of (width, height), default varied non-square sizes."""
     rng = np.random.default_rng(seed)

@@ -35,7 +35,10 @@ class SelectionInputs:
                    Qwen: N_pre == 4 * N, the 2x2 patch groups in merger order).
     projector:     module mapping pre-projector rows to projected rows ([*, group * D_v] -> [*, D]) in float32,
                    with the model's current weights.
-    grid:          one (height, width) per row, the spatial layout of its N tokens in raster order, or None.
+    grid:          one (height, width) per row: each frame's raster layout when the row's N tokens are an unpruned
+                   grid of ``frames`` frames (N = frames * height * width), else None.
+    frames:        one frame count per row (1 for images).
+    kinds:         one "image" / "video" per row (what the row's tokens are).
     pad_mask:      [batch, N] bool, True for tokens that are mostly image padding (LLaVA pad-to-square).
     newline_mask:  [batch, N] bool, True for LLaVA-NeXT row-separator tokens.
     text:          [batch, T, D] hidden states of the row's text tokens (prompt order, left padded), or None.
@@ -50,6 +53,8 @@ class SelectionInputs:
     pre_projector: Optional[torch.Tensor] = None
     projector: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     grid: Optional[list] = None
+    frames: Optional[list] = None
+    kinds: Optional[list] = None
     pad_mask: Optional[torch.Tensor] = None
     newline_mask: Optional[torch.Tensor] = None
     text: Optional[torch.Tensor] = None

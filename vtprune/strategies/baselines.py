@@ -49,14 +49,16 @@ def grid_subsample(height: int, width: int, k: int) -> torch.Tensor:
 
 @register("pool", needs=("grid",), description="uniform spatial subsampling of the token grid")
 def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
-    """Uniform spatial subsampling. Uses each row's (height, width) grid when it covers all ``N`` tokens,
-    otherwise evenly spaced positions along the token sequence. Returns [batch, k] (ascending)."""
+    """Uniform spatial subsampling. Uses each row's (height, width) grid when it covers all ``N`` tokens (a
+    video's frames stacked, so the picks spread over time too), otherwise evenly spaced positions along the token
+    sequence. Returns [batch, k] (ascending)."""
     n = inputs.num_tokens
     out = []
     for row in range(inputs.batch):
         hw = inputs.grid[row] if inputs.grid is not None else None
-        if hw is not None and hw[0] * hw[1] == n:
-            out.append(grid_subsample(hw[0], hw[1], k))
+        t = inputs.frames[row] if inputs.frames is not None else 1
+        if hw is not None and t * hw[0] * hw[1] == n:
+            out.append(grid_subsample(t * hw[0], hw[1], k))
         else:
             out.append(((torch.arange(k) + 0.5) * n / k).long())
     return torch.stack(out).to(inputs.features.device)

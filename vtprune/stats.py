@@ -1,0 +1,56 @@
+"""The typed records ``vtprune.get_stats`` returns: one ``StageStats`` per stage, one ``UnitStats`` per image or
+video of each sample. Both are frozen and also readable as mappings (``stats["kept_indices"]``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class _Record:
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self):
+        return self.__dataclass_fields__.keys()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UnitStats(_Record):
+    """What a stage did to one image or video of one sample: kind ("image" / "video"), frames, tokens_before,
+    tokens_after and kept_indices (LongTensor [tokens_after], ascending, into the unit's tokens entering the
+    stage)."""
+
+    kind: str
+    frames: int
+    tokens_before: int
+    tokens_after: int
+    kept_indices: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StageStats(_Record):
+    """What one stage did on one prefill.
+
+    layer, method; tokens_before / tokens_after: visual tokens per row; kept_indices: LongTensor [batch, k] into
+    the visual tokens entering the stage, ascending, rows keeping fewer padded with -1 on the right;
+    units: per row, one ``UnitStats`` per image or video; select_time_s: wall time of choosing (budgets,
+    scoring, selection, merging); budget: "plain" or "layer_average"; merged: whether pruned tokens were merged
+    into kept ones; backend: the path each op ran ({"greedy": "torch", "compact": "triton", ...}).
+    """
+
+    layer: int
+    method: str
+    tokens_before: list
+    tokens_after: list
+    kept_indices: torch.Tensor
+    units: list
+    select_time_s: float
+    budget: str
+    merged: bool
+    backend: dict

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import TINY_IDS, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, tiny_text_config
 from .qwen2_vl import Qwen2VLAdapter
 
 def gather_visual_rows(embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor,
@@ -82,8 +82,36 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return torch.nn.Sequential(merger.linear_fc1, merger.act_fn, merger.linear_fc2)
 
     def projector_rows(self, captured, call):
+        """One merger call per kind (images, then videos), as in Qwen2-VL; the norm comes before the 2x2 grouping."""
         merger = self.base.visual.merger
-        return merger.norm(captured).view(-1, merger.hidden_size).float()
+        kinds = [k for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
+        out = {}
+        for kind, rows in zip(kinds, captured[-len(kinds):] if kinds else []):
+            if rows.shape[0] != int(torch.as_tensor(call[f"{kind}_grid_thw"]).prod(-1).sum()):
+                raise RuntimeError(f"vtprune: the projector inputs captured for the {kind}s do not match "
+                                   f"{kind}_grid_thw")
+            out[kind] = merger.norm(rows).view(-1, merger.hidden_size).float()
+        return out
+
+    def units(self, call, vis):
+        """As Qwen2-VL, but a video's prompt holds one span per temporal group (timestamps between them): the
+        consecutive video spans that make up one video's t·h·w tokens are one unit."""
+        grids = {kind: iter(self._grids(call, kind)) for kind in ("image", "video")}
+        out = []
+        for runs in Adapter.units(self, call, vis):
+            row, missing = [], 0  # missing: tokens of the current video still to come in later spans
+            for run in runs:
+                if run.kind == "video" and missing > 0:
+                    row[-1] = Unit("video", row[-1].length + run.length, row[-1].grid)
+                    missing -= run.length
+                    continue
+                grid = next(grids[run.kind], None)
+                size = 0 if grid is None else grid[0] * grid[1] * grid[2]
+                row.append(Unit(run.kind, run.length, grid))
+                missing = size - run.length if run.kind == "video" else 0
+            out.append([u if u.grid is not None and u.grid[0] * u.grid[1] * u.grid[2] == u.length
+                        else Unit(u.kind, u.length) for u in row])
+        return out
 
     # ------------------------------------------------------------------ family facts
     @classmethod
@@ -99,14 +127,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return [4 * vc.hidden_size * t * (h * w) ** 2] * vc.depth  # within each frame
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None) -> int:
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None,
+                     **_) -> int:
         """Qwen2-VL's tower count plus the DeepStack mergers, each the main merger's shape on the same rows."""
-        if image_grid_thw is None:
-            return 0
+        grids = dict(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
         d_in, d_mid, d_out = cls.projector_dims(config)
-        rows = cls.projector_rows_run(config, image_grid_thw=image_grid_thw)
+        rows = cls.projector_rows_run(config, **grids)
         deepstack = len(config.vision_config.deepstack_visual_indexes) * rows * 2 * (d_in * d_mid + d_mid * d_out)
-        return super().vision_flops(config, image_grid_thw=image_grid_thw) + deepstack
+        return super().vision_flops(config, **grids) + deepstack
 
     @classmethod
     def model_class(cls):
@@ -138,7 +166,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
         ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14,
                                       max_pixels=56 * 56, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        vp = Qwen3VLVideoProcessor(patch_size=7, merge_size=2, temporal_patch_size=1, size={
+        vp = Qwen3VLVideoProcessor(patch_size=7, merge_size=2, temporal_patch_size=1, do_sample_frames=False, size={
             "shortest_edge": 14 * 14, "longest_edge": 56 * 56 * 4}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
         tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
         return Qwen3VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp)

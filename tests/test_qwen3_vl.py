@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vtprune
-from conftest import _model, make_batch, row
+from conftest import _model, make_batch, make_video_batch, row
 from vtprune.testing import tiny_model
 
 FAMILY = "qwen3_vl"
@@ -27,9 +27,8 @@ def lm_inputs(model, batch):
     return seen
 
 
-def kept_positions(batch, i, kept, image_token_id):
-    """[L] bool over sample i's sequence: its text tokens and the visual tokens a stage kept."""
-    vis = batch["input_ids"][i] == image_token_id
+def kept_positions(batch, i, kept, vis):
+    """[L] bool over sample i's sequence: its text tokens and the visual tokens (``vis`` [L]) a stage kept."""
     keep = batch["attention_mask"][i].bool() & ~vis
     keep[vis.nonzero().flatten()[kept[kept >= 0]]] = True
     return keep
@@ -46,9 +45,10 @@ def sample_rows(full, i):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("method", ["random", "pool", "divprune"])
 @pytest.mark.parametrize("family", BOTH)
-def test_layer0_equals_oracle_with_kept_deepstack_rows(family, attn, method):
+@pytest.mark.parametrize("video", [False, True])  # one image, or one image and one video (joint DeepStack rows)
+def test_layer0_equals_oracle_with_kept_deepstack_rows(family, attn, method, video):
     model = _model(family, attn)
-    batch = make_batch(family, 2)
+    batch = (make_video_batch if video else make_batch)(family, 2)
     full = lm_inputs(model, batch)
     vtprune.apply_pruner(model, method=method, keep_ratio=0.5)
     try:
@@ -56,10 +56,10 @@ def test_layer0_equals_oracle_with_kept_deepstack_rows(family, attn, method):
         kept = vtprune.get_stats(model)[0]["kept_indices"]
     finally:
         vtprune.remove_pruner(model)
-    lm, image_id = model.model.language_model, model.config.image_token_id
+    lm = model.model.language_model
     for i in range(2):
-        keep = kept_positions(batch, i, kept[i], image_id)
-        vis = (batch["input_ids"][i] == image_id)[keep][None]
+        keep = kept_positions(batch, i, kept[i], full["visual_pos_masks"][i])
+        vis = full["visual_pos_masks"][i][keep][None]
         rows = [r[kept[i][kept[i] >= 0]] for r in sample_rows(full, i)]
         args = dict(inputs_embeds=full["inputs_embeds"][i:i + 1, keep], position_ids=full["position_ids"][..., i:i + 1, keep],
                     attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))

@@ -12,23 +12,27 @@ _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 class ClipLlamaFamily(Adapter):
     """What LLaVA-1.5 and LLaVA-NeXT share: a CLIP tower, a two-layer projector, a Llama decoder."""
 
+    tower_cls_tokens = 1  # tokens the tower runs besides the patches (CLIP's CLS; SigLIP has none)
+
     @classmethod
-    def crops(cls, config, pixel_values, image_sizes) -> tuple[int, int, int]:
+    def crops(cls, config, pixel_values, image_sizes, **extra) -> tuple[int, int, int]:
         """(crops run through the tower, crop height, crop width) for pixel_values [n, 3, H, W]."""
+        if pixel_values is None:
+            return 0, 0, 0
         shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
         return shape[0], shape[-2], shape[-1]
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **_) -> int:
+    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
         """CLIP runs every layer (even when vision_feature_layer picks an earlier one) over patches + CLS, once
         per image or crop: conv patch embed, q/k/v/o, QKᵀ and AV, fc1 and fc2."""
-        if pixel_values is None:
+        n, height, width = cls.crops(config, pixel_values, image_sizes, **extra)
+        if n == 0:
             return 0
-        n, height, width = cls.crops(config, pixel_values, image_sizes)
         vc = config.vision_config
         e, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
         patches = (height // p) * (width // p)
-        t = patches + 1
+        t = patches + cls.tower_cls_tokens
         conv = 2 * patches * vc.num_channels * p * p * e
         layer = 2 * t * e * 4 * e + 4 * t * t * e + 2 * 2 * t * e * inter
         return n * (conv + vc.num_hidden_layers * layer)
@@ -41,13 +45,14 @@ class ClipLlamaFamily(Adapter):
         return d_in, d, d
 
     @classmethod
-    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **_) -> int:
-        # Every crop's patch tokens (and CLS with the "full" strategy), before LLaVA-NeXT unpads.
-        if pixel_values is None:
+    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **extra) -> int:
+        # Every crop's tower tokens ("default" drops the first: CLIP's CLS), before LLaVA-NeXT unpads.
+        n, height, width = cls.crops(config, pixel_values, image_sizes, **extra)
+        if n == 0:
             return 0
-        n, height, width = cls.crops(config, pixel_values, image_sizes)
         p = config.vision_config.patch_size
-        return n * ((height // p) * (width // p) + (0 if config.vision_feature_select_strategy == "default" else 1))
+        dropped = 1 if config.vision_feature_select_strategy == "default" else 0
+        return n * ((height // p) * (width // p) + cls.tower_cls_tokens - dropped)
 
     @classmethod
     def tiny_config(cls, num_layers: int = 4):

@@ -15,10 +15,12 @@ class LlavaNextAdapter(ClipLlamaFamily):
     model_types = ("llava_next",)
 
     @classmethod
-    def crops(cls, config, pixel_values, image_sizes):
+    def crops(cls, config, pixel_values, image_sizes, **extra):
         """pixel_values [n, max_crops, 3, H, W] is padded; the real crop count per image comes from image_sizes."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+        if pixel_values is None:
+            return 0, 0, 0
         shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
         if image_sizes is None:
             return shape[0] * shape[1], shape[-2], shape[-1]

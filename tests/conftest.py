@@ -82,4 +82,6 @@ def row(batch, i):
         out["pixel_values"] = batch["pixel_values"][i : i + 1]
     if "image_sizes" in batch:
         out["image_sizes"] = batch["image_sizes"][i : i + 1]
+    if "batch_num_images" in batch:  # one image per sample (tiny_batch)
+        out["batch_num_images"] = batch["batch_num_images"][i : i + 1]
     return out

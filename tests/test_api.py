@@ -4,7 +4,7 @@ import torch
 
 import vtprune
 from conftest import _processor, make_batch
-from vtprune.testing import tiny_model
+from vtprune.testing import NEWLINE_FAMILIES, tiny_model
 
 
 @torch.no_grad()
@@ -43,9 +43,10 @@ def test_text_only_and_no_image_calls_run_unpruned(family):
 
 
 @torch.no_grad()
-def test_llava_next_rows_with_different_visual_counts():
-    m = tiny_model("llava_next")
-    batch = make_batch("llava_next", 2)
+@pytest.mark.parametrize("anyres_family", NEWLINE_FAMILIES)
+def test_anyres_rows_with_different_visual_counts(anyres_family):
+    m = tiny_model(anyres_family)
+    batch = make_batch(anyres_family, 2)
     counts = (batch["input_ids"] == m.config.image_token_id).sum(1).tolist()
     assert counts[0] != counts[1]
     vtprune.apply_pruner(m, method="random", keep_ratio=0.5)

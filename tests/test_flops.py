@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vtprune
 from vtprune import flops
 from conftest import _model, _processor
-from vtprune.testing import FAMILIES, tiny_batch, tiny_images
+from vtprune.testing import FAMILIES, NEWLINE_FAMILIES, tiny_batch, tiny_images
 
 torch.set_num_threads(1)
 TOL = 0.02
@@ -116,11 +116,12 @@ def test_prefill_matches_flop_counter(family, attn, setup, patched):
 
 
 @pytest.mark.parametrize("setup", ["none", "pool0+random2"])
-def test_llava_next_uneven_crops(setup, patched):
+@pytest.mark.parametrize("family", NEWLINE_FAMILIES)
+def test_anyres_uneven_crops(family, setup, patched):
     """Images with 5, 3 and 3 crops: the padded crop slots of pixel_values are not run and not counted."""
-    batch = tiny_batch("llava_next", _processor("llava_next"), tiny_images(3, sizes=[(56, 56), (56, 28), (20, 60)]))
+    batch = tiny_batch(family, _processor(family), tiny_images(3, sizes=[(56, 56), (56, 28), (20, 60)]))
     assert batch["pixel_values"].shape[1] == 5
-    check_prefill(_model("llava_next", "sdpa"), batch, SETUPS[setup], patched)
+    check_prefill(_model(family, "sdpa"), batch, SETUPS[setup], patched)
 
 
 @pytest.mark.parametrize("setup", ["none", "pool0+random2"])
@@ -172,7 +173,11 @@ def test_scoring_costs_match_flop_counter():
     inputs = SelectionInputs(features=feats, pre_projector=torch.randn(1, n, din), projector=proj)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         get_method("zoo").fn(inputs, k, m=4)
-    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config))
+    from vtprune.patches import adapter_class
+
+    dims = adapter_class(model.config).projector_dims(model.config)
+    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config),
+                               projector_dims=dims)
     assert_close(want, fc.get_total_flops(), "zoo")
     # FastV: the capture's last-query row, for a batch of 2 rows.
     q, key = torch.randn(2, heads, length, hd), torch.randn(2, heads // 2, length, hd)

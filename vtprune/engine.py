@@ -446,9 +446,10 @@ class Pruner:
 
 def _unit_ids(vis: torch.Tensor, units: list) -> torch.Tensor:
     """[B, L] long: each visual token's unit index within its row (units are consecutive runs), -1 elsewhere."""
-    out = torch.full(vis.shape, -1, dtype=torch.long, device=vis.device)
-    for r, row in enumerate(units):
-        if row:
-            lengths = torch.tensor([u.length for u in row], device=vis.device)
-            out[r, vis[r]] = torch.repeat_interleave(torch.arange(len(row), device=vis.device), lengths)
-    return out
+    ordinal = vis.long().cumsum(1) - 1  # the token's rank among its row's visual tokens
+    ends = [[sum(u.length for u in row[: i + 1]) for i in range(len(row))] for row in units]
+    width = max((len(e) for e in ends), default=0)
+    if width <= 1:
+        return torch.where(vis, 0, -1)
+    bounds = torch.tensor([e + [e[-1] if e else 0] * (width - len(e)) for e in ends], device=vis.device)
+    return torch.where(vis, torch.searchsorted(bounds, ordinal, right=True), -1)

@@ -12,6 +12,9 @@ are used for CUDA tensors when Triton is importable, unless ``set_backend("torch
 | compact          | compact_reference            | cuda/compact.py                          |
 | merge_tokens     | merge_tokens_reference       | cuda/merge.py                            |
 | greedy_maxmin    | greedy_maxmin_reference      | cuda/greedy.py (on the distance matrix)  |
+
+``greedy_maxmin``'s ``torch`` path is ``vtprune/greedy.py`` (same picks as the reference, without the N x N matrix
+when it does not fit a memory limit, and a cheaper loop).
 """
 from __future__ import annotations
 
@@ -104,22 +107,30 @@ def pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.transpose(1, 2)
 
 
-def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None, *,
-                  with_backend: bool = False):
+def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None,
+                  max_matrix_bytes: int | None = None, *, with_backend: bool = False):
     """Greedy max-min diversity selection on cosine distance, in pick order.
 
     features: [B, N, D]; weights: [B, N] or None. Returns [B, k] (long), the order tokens were picked.
     Without weights (DivPrune): first pick = the token whose nearest other token is farthest, then the token
     farthest from the picked set. With weights (ZOO-Prune): first pick = argmax weight, then
     argmax of weight * distance-to-picked-set. A running minimum makes it O(kN) after the distance matrix.
-    The kernel path takes the same float32 distance matrix and returns the same picks.
+
+    max_matrix_bytes: the largest float32 distance matrix (``4 * N * N`` bytes, one sample) to build (default
+    ``vtprune.greedy.DEFAULT_MATRIX_BYTES``, 1 GiB). Larger N never builds it: the ``torch`` path then computes the
+    nearest-neighbour distances block by block and one distance row per pick, O(N * D) memory (``vtprune.greedy``).
+    The kernel path (CUDA, N <= ``cuda.greedy.MAX_N``, matrix within the limit) takes the same float32 distance
+    matrix and returns the same picks; the ``torch`` path is ``vtprune.greedy.greedy_maxmin``, checked against
+    ``greedy_maxmin_reference`` (bit-identical picks on the matrix path; see that module for the rows path's ties).
     """
-    if _use_kernel(features):
+    from vtprune import greedy
+
+    if _use_kernel(features) and greedy.choose_path(features.shape[1], max_matrix_bytes) == "matrix":
         from vtprune.cuda.greedy import MAX_N, greedy_maxmin as _kernel
 
         if features.shape[1] <= MAX_N:
             return _out(_kernel(pairwise_cosine_distance(features), k, weights), "triton", with_backend)
-    return _out(greedy_maxmin_reference(features, k, weights), "torch", with_backend)
+    return _out(greedy.greedy_maxmin(features, k, weights, max_matrix_bytes=max_matrix_bytes), "torch", with_backend)
 
 
 def greedy_maxmin_reference(features: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -133,10 +133,18 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
         rows_t = torch.tensor([it.row for it in group], device=hidden.device)
         positions = torch.stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
+        first = positions[:, 0].tolist()
+        # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
+        contiguous = bool((positions[:, -1] - positions[:, 0] == n - 1).all())
 
         def take(t):
-            # One gather straight to [G, n, ...]: no copy of whole rows first.
-            return None if t is None else t[rows_t[:, None], positions]
+            if t is None:
+                return None
+            if contiguous:
+                if len(group) == 1:
+                    return t[group[0].row, first[0]:first[0] + n].unsqueeze(0)
+                return torch.stack([t[it.row, p:p + n] for it, p in zip(group, first)])
+            return t[rows_t[:, None], positions]  # one gather straight to [G, n, ...]
 
         inputs = SelectionInputs(
             features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),

@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .patches import ADAPTERS
-from .patches.base import TINY_VOCAB
+from .patches import ADAPTERS, Adapter
+from .patches.base import TINY_IDS, TINY_SPECIAL, TINY_VOCAB
 
 FAMILIES = tuple(ADAPTERS)
+# Anyres families (their adapters find newline tokens): rows of a batch hold different visual-token counts.
+NEWLINE_FAMILIES = tuple(f for f in FAMILIES if ADAPTERS[f].newline_mask is not Adapter.newline_mask)
 
 
 def tiny_tokenizer():
@@ -24,7 +26,7 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": TINY_VOCAB[3:8]})
+    fast.add_special_tokens({"additional_special_tokens": TINY_SPECIAL})
     return fast
 
 
@@ -51,7 +53,7 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, nu
             if "embed_tokens" in name or "multi_modal_projector" in name or "merger" in name:
                 p.mul_(8.0)
     # Random weights would happily generate image placeholders, which re-enter uncached generation as images.
-    model.generation_config.suppress_tokens = list(range(len(TINY_VOCAB[:8])))
+    model.generation_config.suppress_tokens = [0, 1, 2] + [TINY_IDS[w] for w in TINY_SPECIAL]
     model.generation_config.pad_token_id = 0
     return model
 

@@ -1,6 +1,7 @@
 """Baselines: seeded random selection, uniform spatial pooling, and FastV's last-token attention."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, Optional
 
@@ -25,8 +26,19 @@ def random_select(inputs: SelectionInputs, k: int, seed: int | None = 0) -> torc
     return torch.stack(out).to(inputs.features.device)
 
 
+@functools.lru_cache(maxsize=256)
+def _grid_subsample(height: int, width: int, k: int) -> torch.Tensor:
+    return _grid_subsample_uncached(height, width, k)
+
+
 def grid_subsample(height: int, width: int, k: int) -> torch.Tensor:
     """Exactly ``k`` raster indices spread uniformly over a ``height x width`` grid. Returns [k] (ascending).
+    The same few shapes come back on every call, so the result is cached (a copy is returned)."""
+    return _grid_subsample(height, width, k).clone()
+
+
+def _grid_subsample_uncached(height: int, width: int, k: int) -> torch.Tensor:
+    """``grid_subsample`` without the cache.
 
     Takes the evenly spaced sub-grid whose size is closest to ``k`` without exceeding it, then fills the
     remainder with evenly spaced tokens among those not yet taken.

@@ -7,6 +7,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -22,7 +23,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter):
+for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter,
+             Qwen3VLAdapter, Qwen3VLMoeAdapter):
     register_adapter(_cls)
 
 

@@ -144,6 +144,20 @@ class Adapter:
         pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
         return pos if self.position_kind == "1d" else pos.unsqueeze(0).expand(3, -1, -1)
 
+    # Extension points for families whose language model takes extra per-token inputs (Qwen3-VL's DeepStack).
+    def install(self, pruner) -> None:
+        """Called at the end of ``Pruner.install``: instance-level wrappers go here (restored by ``remove``)."""
+
+    def remove(self) -> None:
+        """Undo ``install`` exactly."""
+
+    def after_compact(self, state, layer: int, index: torch.Tensor, kwargs: dict) -> dict:
+        """Called right after a stage gathered the sequence with ``index`` [B, L'] (``state.seq`` is already the
+        gathered one). Returns keyword overrides: for the language model's call (layer 0, ``kwargs`` are its
+        keywords) or for every decoder layer from this stage on (layer K). ``state.extra`` is the adapter's own
+        per-call scratch."""
+        return {}
+
     # Projector access for sensitivity methods (ZOO): the module whose input is captured, the part scored through,
     # and how a captured input becomes [visual tokens of the batch in placement order, Din] rows for it.
     def projector_module(self) -> torch.nn.Module:

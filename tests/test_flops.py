@@ -3,7 +3,8 @@
 FlopCounterMode counts matmuls and convolutions, which is what vtprune.flops counts. On CPU, SDPA runs as
 ``aten._scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode has no formula for and silently
 counts as 0; for the sdpa runs we register the formula it uses for the GPU flash op, 2·B·H·Lq·Lk·(d + dv).
-The eager runs need no help: their attention is plain bmm.
+The eager runs need no help: their attention is plain bmm. Mixture-of-experts layers run ``aten._grouped_mm``,
+also uncounted: its formula is registered too.
 """
 import functools
 
@@ -25,7 +26,14 @@ def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return 2 * b * h * lq * key_shape[-2] * (d + value_shape[-1])
 
 
-CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu}
+def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    # Mixture-of-experts layers (experts_implementation "grouped_mm"): token rows [T, K] grouped against the
+    # experts' [G, K, N] weights; FlopCounterMode has no formula and would count 0.
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+          torch.ops.aten._grouped_mm: _grouped_mm}
 
 # Pruning setups: name -> apply_pruner schedule (None: unpatched).
 SETUPS = {

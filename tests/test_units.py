@@ -187,6 +187,8 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
         model(**batch)
         full = dict(seen)
         handle.remove()
+        if full.get("deepstack_visual_embeds") is not None:
+            pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/test_qwen3_vl.py builds it")
         vtprune.apply_pruner(model, method=method, keep_ratio=0.4)
         # Registered after the pruner's hook, so it sees what the language model really gets.
         handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
@@ -195,7 +197,8 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
         pruned_pos = seen["position_ids"]
     finally:
         handle.remove()
-        vtprune.remove_pruner(model)
+        if vtprune.is_patched(model):
+            vtprune.remove_pruner(model)
     vis = vis_mask(model, batch)
     pos = full["position_ids"]
     for i in range(2):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class CallState:
     fed: int = 0  # tokens fed after the prefill
     next_pos: Optional[torch.Tensor] = None  # [B] next original position id
     new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
+    extra: dict = field(default_factory=dict)  # the adapter's own per-call tensors (Adapter.after_compact)
 
 
 class _ThreadState(threading.local):
@@ -119,6 +121,7 @@ class Pruner:
                 self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
         if "projector" in self._needs:
             self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
+        self.adapter.install(self)
 
     def remove(self):
         for h in self._handles:
@@ -126,6 +129,7 @@ class Pruner:
         for token in self._captures:
             capture.detach(token)
         self._handles, self._captures = [], []
+        self.adapter.remove()
 
     # ---------------------------------------------------------------- per-call state
     @property
@@ -283,6 +287,7 @@ class Pruner:
         if self.cfg.positions == "renumber":
             new_pos, run.shift = self._renumber(state)
         kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
+        kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
 
     def _units(self, call: dict, vis: torch.Tensor) -> list:
@@ -354,26 +359,29 @@ class Pruner:
 
     def _make_layer_hook(self, layer_idx: int):
         stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
+        # A partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy's Pruner.
+        return functools.partial(self._layer_hook, layer_idx, stage_i)
 
-        def hook(module, args, kwargs):
-            state = self._live()
-            if state is None or not state.active:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            kwargs = dict(kwargs)
-            if stage_i is not None:
-                if state.prefill:
-                    hidden = self._layer_stage(state, stage_i, hidden, kwargs)
-                else:
-                    self._layer_decode(state, stage_i, hidden, kwargs)
-            current = self._current_run(state, layer_idx)
-            if current is None:
-                return None
-            kwargs.update(current.overrides)
-            kwargs.pop("hidden_states", None)
-            return (hidden,), kwargs
-
-        return hook
+    def _layer_hook(self, layer_idx: int, stage_i: Optional[int], module, args, kwargs):
+        state = self._live()
+        if state is None or not state.active:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kwargs = dict(kwargs)
+        if stage_i is not None:
+            if state.prefill:
+                # A second in-LLM stage gathers from the tensors the earlier one left, not the model's own.
+                earlier = self._current_run(state, layer_idx - 1)
+                kwargs.update(earlier.overrides if earlier is not None else {})
+                hidden = self._layer_stage(state, stage_i, hidden, kwargs)
+            else:
+                self._layer_decode(state, stage_i, hidden, kwargs)
+        current = self._current_run(state, layer_idx)
+        if current is None:
+            return None
+        kwargs.update(current.overrides)
+        kwargs.pop("hidden_states", None)
+        return (hidden,), kwargs
 
     @staticmethod
     def _current_run(state: CallState, layer_idx: int) -> Optional[_StageRun]:
@@ -394,6 +402,7 @@ class Pruner:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
         run.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos,
                          "attention_mask": self._layer_mask(run.layer, new_hidden, state.seq.mask, kwargs)}
+        run.overrides.update(self.adapter.after_compact(state, run.layer, index, kwargs))
         return new_hidden
 
     def _layer_decode(self, state: CallState, i: int, hidden, kwargs):

@@ -77,10 +77,15 @@ def _llm_dims(tc):
     return tc.hidden_size, tc.intermediate_size, heads, kv, head_dim
 
 
-def _layer_linear(tc, tokens: int) -> tuple[int, int]:
-    """(q/k/v/o projections, SwiGLU MLP) FLOPs of one decoder layer on ``tokens`` token rows."""
+def _layer_linear(tc, tokens: int, layer: int = 0) -> tuple[int, int]:
+    """(q/k/v/o projections, SwiGLU MLP) FLOPs of decoder layer ``layer`` on ``tokens`` token rows. A sparse
+    mixture-of-experts layer (Qwen-MoE config names) runs its router and num_experts_per_tok SwiGLU experts."""
     d, inter, heads, kv, hd = _llm_dims(tc)
     proj = 2 * tokens * d * (heads + 2 * kv) * hd + 2 * tokens * heads * hd * d
+    experts = getattr(tc, "num_experts", 0) or 0
+    if experts and layer not in (getattr(tc, "mlp_only_layers", None) or ()) \
+            and (layer + 1) % getattr(tc, "decoder_sparse_step", 1) == 0:
+        return proj, 2 * tokens * d * experts + tc.num_experts_per_tok * 3 * 2 * tokens * d * tc.moe_intermediate_size
     return proj, 3 * 2 * tokens * d * inter
 
 
@@ -107,8 +112,8 @@ def llm_prefill_flops(text_config, seq_lens_per_stage, batch: int = 1, logits_to
     lens = lengths_per_layer(tc.num_hidden_layers, seq_lens_per_stage)
     _, _, heads, _, hd = _llm_dims(tc)
     out = dict(projections=0, attention=0, attention_causal=0, mlp=0, per_layer=[])
-    for n in lens:
-        proj, mlp = _layer_linear(tc, batch * n)
+    for layer, n in enumerate(lens):
+        proj, mlp = _layer_linear(tc, batch * n, layer)
         attn = 2 * 2 * batch * heads * hd * n * n  # QKᵀ and AV over the full n×n matrix
         out["projections"] += proj
         out["mlp"] += mlp
@@ -136,8 +141,8 @@ def decode_step_flops(text_config, cache_len_per_layer, batch: int = 1) -> dict:
         raise ValueError(f"need one cache length per layer ({tc.num_hidden_layers}), got {len(caches)}")
     _, _, heads, _, hd = _llm_dims(tc)
     layers = 0
-    for c in caches:
-        proj, mlp = _layer_linear(tc, batch)
+    for layer, c in enumerate(caches):
+        proj, mlp = _layer_linear(tc, batch, layer)
         layers += proj + mlp + 2 * 2 * batch * heads * hd * (c + 1)
     head = 2 * batch * tc.hidden_size * tc.vocab_size
     return {"layers": layers, "lm_head": head, "total": layers + head}

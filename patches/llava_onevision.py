@@ -21,6 +21,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     tower_cls_tokens = 0
     prompt_tag = "<image>"
+    video_tag = "<video>"
 
     @classmethod
     def crop_counts(cls, config, image_sizes, batch_num_images=None) -> list[int]:

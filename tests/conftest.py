@@ -80,6 +80,8 @@ def row(batch, i):
                 out[grid] = batch[grid][i : i + 1]
     else:
         out["pixel_values"] = batch["pixel_values"][i : i + 1]
+        if "pixel_values_videos" in batch:  # one clip per sample, batched on the first dim (LLaVA-OneVision)
+            out["pixel_values_videos"] = batch["pixel_values_videos"][i : i + 1]
     if "image_sizes" in batch:
         out["image_sizes"] = batch["image_sizes"][i : i + 1]
     if "batch_num_images" in batch:  # one image per sample (tiny_batch)

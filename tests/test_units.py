@@ -50,7 +50,9 @@ def test_each_unit_keeps_its_own_ratio_and_videos_their_own(vfamily):
         vtprune.remove_pruner(model)
     for r in range(2):
         (ik, i_n, i_k), (vk, v_n, v_k) = unit_counts(stats, r)
-        assert (ik, vk) == ("image", "video") and stats["units"][r][1].frames == 3
+        assert (ik, vk) == ("image", "video")
+        # A video is a t-frame grid where the family lays it out as one (OneVision appends a newline: no grid).
+        assert stats["units"][r][1].frames == (1 if vfamily == "llava_onevision" else 3)
         assert i_k == int(i_n * 0.5 + 0.5) and v_k == int(v_n * 0.25 + 0.5)
         assert stats["tokens_before"][r] == i_n + v_n and stats["tokens_after"][r] == i_k + v_k
         kept = stats["kept_indices"][r][stats["kept_indices"][r] >= 0]
@@ -201,6 +203,8 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
             vtprune.remove_pruner(model)
     vis = vis_mask(model, batch)
     pos = full["position_ids"]
+    if pos is None:  # 1-D RoPE families build arange positions themselves
+        pos = torch.arange(vis.shape[1]).expand(2, -1)
     for i in range(2):
         keep = batch["attention_mask"][i].bool() & ~vis[i]
         keep[vis[i].nonzero().flatten()[kept[i][kept[i] >= 0]]] = True
@@ -250,8 +254,14 @@ def test_zoo_reads_each_units_own_projector_rows(vfamily):
     rows = pruner.adapter.projector_rows(seen[:2], pruner.state.call)
     assert sorted(rows) == ["image", "video"]
     ids = pruner.adapter.visual_token_ids(model.config)
+    newline = pruner.adapter.newline_mask(lm_in["inputs_embeds"], vis_mask(model, batch))
     for kind, kind_rows in rows.items():
-        want = lm_in["inputs_embeds"][batch["input_ids"] == ids[kind]]
+        mine = batch["input_ids"] == ids[kind]
+        want = lm_in["inputs_embeds"][mine if newline is None else mine & ~newline]
+        if vfamily == "llava_onevision" and kind == "video":
+            # Its tokens are pooled projector outputs: the rows are interpolated inputs, an approximation.
+            assert kind_rows.shape[0] == want.shape[0]
+            continue
         torch.testing.assert_close(pruner.projector()(kind_rows), want.float(), rtol=1e-5, atol=1e-4)
 
 

@@ -75,11 +75,15 @@ def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, n
     """
     options = method_options(stage)
     items = []
+    counts = seq.vis.sum(1).tolist()
     for r, row_units in enumerate(units):
-        vis = seq.vis[r]
-        if not bool(vis.any()):
+        if counts[r] == 0:
             continue
-        sizes = torch.bincount(seq.unit[r][vis], minlength=len(row_units)).tolist()
+        vis = seq.vis[r]
+        if len(row_units) == 1:
+            sizes = [counts[r]]
+        else:
+            sizes = torch.bincount(seq.unit[r][vis], minlength=len(row_units)).tolist()
         ks = unit_budgets(stage, [u.kind for u in row_units], sizes)
         if stage.options["budget"] == "layer_average":
             # EntropyPrune's convention: the budget is the average over all layers, layers before K keep all.

@@ -15,12 +15,14 @@ CALL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "pixel_values_vide
 @dataclass(frozen=True)
 class Unit:
     """One image or one video of a sample, as it sits in the sequence: a contiguous run of ``length`` visual
-    tokens (newline tokens included). ``grid`` = (t, h, w) when the tokens are one raster grid of t frames of
-    h × w (after the family's merging), else None (e.g. anyres crops with newlines)."""
+    tokens (newline tokens included). ``grid`` = (t, h, w) when the first ``length - tail`` tokens are one raster
+    grid of t frames of h × w (after the family's merging), else None (e.g. anyres crops with newlines); ``tail``
+    tokens follow the grid (LLaVA-OneVision's newline after a video)."""
 
     kind: str  # "image" or "video"
     length: int
     grid: Optional[tuple] = None
+    tail: int = 0
 
     @property
     def frames(self) -> int:

@@ -105,27 +105,28 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                                         vision_aspect_ratio=cfg.vision_aspect_ratio)
         return lengths.tolist()
 
-    def _video_lengths(self, call) -> list[int]:
-        """Tokens of each video: frames x the pooled grid, + one newline."""
+    def _video_units(self, call) -> list:
+        """Each video: a grid of frames x the pooled side x side tokens, then one newline."""
         videos = call["pixel_values_videos"]
         side = math.ceil(self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size / 2)
-        return [videos.shape[1] * side * side + 1] * videos.shape[0]
+        return [Unit("video", videos.shape[1] * side * side + 1, (videos.shape[1], side, side), tail=1)] * \
+            videos.shape[0]
 
     def units(self, call, vis):
         """One unit per image and per video, in sequence order. Adjacent placeholders of one kind (two images in a
-        row) are split by the lengths the model packs them to. No unit is a plain grid: images have newline
-        tokens, and a video's frames are followed by one newline."""
-        queues = {"image": self._image_lengths(call) if call.get("image_sizes") is not None else [],
-                  "video": self._video_lengths(call) if call.get("pixel_values_videos") is not None else []}
+        row) are split by the lengths the model packs them to. Images have newline tokens, so no grid; a video is
+        its frames' pooled grid followed by one newline (the unit's tail)."""
+        queues = {"image": [Unit("image", n) for n in self._image_lengths(call)]
+                  if call.get("image_sizes") is not None else [],
+                  "video": self._video_units(call) if call.get("pixel_values_videos") is not None else []}
         out = []
         for row in Adapter.units(self, call, vis):  # runs of one kind (not NeXT's packing), maybe several images
             units = []
             for run in row:
                 left = run.length
                 while left > 0 and queues[run.kind]:
-                    length = queues[run.kind].pop(0)
-                    units.append(Unit(run.kind, length))
-                    left -= length
+                    units.append(queues[run.kind].pop(0))
+                    left -= units[-1].length
             out.append(units)
         return out
 

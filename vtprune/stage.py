@@ -98,16 +98,26 @@ def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, n
             items.append(Item(r, -1, kinds.pop() if len(kinds) == 1 else "mixed", 0, sum(sizes), sum(ks)))
             continue
         for u, (unit, start, n, k) in enumerate(zip(row_units, starts, sizes, ks)):
-            if n == 0:
-                continue
-            whole = unit.grid is not None and n == unit.length  # a pruned unit is no longer a grid
-            t, h, w = unit.grid if whole else (1, None, None)
-            if stage.options["temporal"] == "frame" and whole and t > 1:
-                for f, kf in enumerate(largest_remainder(k, [h * w] * t)):
-                    items.append(Item(r, u, unit.kind, start + f * h * w, h * w, kf, (h, w), 1))
-            else:
-                items.append(Item(r, u, unit.kind, start, n, k, (h, w) if whole else None, t))
-    return items
+            items.extend(_unit_items(Item(r, u, unit.kind, start, n, k), unit, stage.options["temporal"]))
+    return [it for it in items if it.k > 0]  # a part keeping nothing needs no strategy call
+
+
+def _unit_items(item: Item, unit, temporal: str) -> list[Item]:
+    """One unit's items: the whole unit, or its grid's frames (``temporal="frame"``), and its tail tokens apart
+    from the grid, each with its largest-remainder share of the unit's budget. A pruned unit is no grid."""
+    if item.n == 0 or unit.grid is None or item.n != unit.length:
+        return [replace(item)]
+    t, h, w = unit.grid
+    frames = t if temporal == "frame" else 1
+    parts = [h * w * t // frames] * frames + ([unit.tail] if unit.tail else [])
+    if len(parts) == 1:
+        return [replace(item, grid=(h, w), frames=t)]
+    out, start = [], item.start
+    for i, (n, k) in enumerate(zip(parts, largest_remainder(item.k, parts))):
+        grid = ((h, w), t // frames) if i < frames else (None, 1)
+        out.append(replace(item, start=start, n=n, k=k, grid=grid[0], frames=grid[1]))
+        start += n
+    return out
 
 
 def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Sequence, cap: Captured,

@@ -7,30 +7,22 @@ greedy ``model.generate``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
+from .catalog import EMBEDDED_MODELS, MODELS_DIR, is_available, model_dir, training_info  # noqa: F401  (re-exported)
 from .data import QUESTION_TYPES, Example, make_split, score
 
-MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
 DEFAULT_EVAL_SIZE = 1000  # examples of a named split when no list and no limit is given
 MAX_NEW_TOKENS = 3
 
 
-def model_dir(name: str) -> Path:
-    return MODELS_DIR / name
-
-
-def is_available(name: str) -> bool:
-    d = model_dir(name)
-    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
-
-
 def load_embedded(name: str, dtype: torch.dtype = torch.float32):
-    """Load an embedded model and its processor from the package folder (no network)."""
+    """Load an embedded model and its processor from the package folder (no network).
+
+    ``name`` is ``"llava-tiny-sortofclevr"`` (``LlavaForConditionalGeneration``, 144 visual tokens per image) or
+    ``"qwen2_5_vl-tiny-sortofclevr"`` (``Qwen2_5_VLForConditionalGeneration``, 150); ``vtprune models`` lists them.
+    Both answer questions about ``vtprune.eval.data`` scenes (``make_split("test", n)[i].image`` / ``.question``).
+    """
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     if name not in EMBEDDED_MODELS:
@@ -44,11 +36,6 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     model = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True, dtype=dtype)
     model.eval()
     return model, processor
-
-
-def training_info(name: str) -> dict:
-    p = model_dir(name) / "training.json"
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def build_prompt(processor, question: str) -> str:

@@ -6,9 +6,23 @@
     vtprune.remove_pruner(model)
 """
 from ._version import __version__
-from .api import apply_pruner, get_config, get_stats, remove_pruner
-from .config import PrunerConfig, StageConfig
-from .strategies import list_methods
 
-__all__ = ["PrunerConfig", "StageConfig", "__version__", "apply_pruner", "get_config", "get_stats", "list_methods",
-           "remove_pruner"]
+# The public names load on first use (PEP 562): importing torch costs seconds, which `vtprune --help` should not pay.
+_LAZY = {"apply_pruner": "api", "get_config": "api", "get_stats": "api", "remove_pruner": "api",
+         "PrunerConfig": "config", "StageConfig": "config", "list_methods": "strategies"}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -9,6 +9,7 @@ MODELS_DIR = Path(__file__).parent / "models"
 TASKS_DIR = Path(__file__).parent / "tasks"  # lmms-eval's --include_path for the vtprune_sortofclevr task
 EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
 # The registry (vtprune.list_methods()) imports torch; tests/test_cli.py checks this copy against it.
+DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
 METHODS = ["divprune", "entropy", "fastv", "pool", "random", "zoo"]  # sorted, as list_methods() returns them
 
 

@@ -38,10 +38,18 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     return model, processor
 
 
-def build_prompt(processor, question: str) -> str:
-    """The prompt string for one question (the processor's chat template: image first, then the question)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def build_prompt(processor, question: str, n_images: int = 1) -> str:
+    """The prompt string for one question (the processor's chat template: the images first, then the question)."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def count_visual_tokens(model, input_ids: torch.Tensor) -> list[int]:
+    """Image tokens per row of ``input_ids``, as vtprune's adapter for the model's family finds them."""
+    from vtprune.patches import get_adapter
+
+    return get_adapter(model).visual_mask(input_ids).sum(1).tolist()
 
 
 def _as_examples(split, limit):

@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                "--budgets 100,25,5.5 --output /tmp/vtprune-eval")
     ev.add_argument("--models", help="embedded models, comma-separated (default: all)")
     ev.add_argument("--methods", help="methods, comma-separated (default: all)")
-    ev.add_argument("--budgets", default="100,50,25,11,5.5",
+    ev.add_argument("--budgets", default=",".join(f"{b:g}" for b in catalog.DEFAULT_BUDGETS),
                     help="percent of visual tokens kept, comma-separated (default: %(default)s)")
     ev.add_argument("--limit", type=int, help="test questions per configuration (default: 500; lmms-eval: all)")
     ev.add_argument("--batch-size", type=int, default=16,

@@ -1,0 +1,240 @@
+"""Side-by-side demo: the same question to the original and the pruned model, with the kept tokens shown.
+
+    vtprune demo                                   # the embedded LLaVA model, example scenes included
+    vtprune demo --model llava-hf/llava-1.5-7b-hf  # any supported HF checkpoint (id or local path)
+
+``compare`` does the work and needs no Gradio; ``build_app`` wraps it in a ``gradio.Blocks`` page
+(``pip install "vtprune[demo]"``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from PIL import Image, ImageDraw
+
+from . import api
+from .flops import count_prefill
+from .strategies import list_methods
+
+OVERLAY_MIN_SIDE = 384  # px on the overlay's long side: one token cell of a 24x24 grid is then 16 px wide
+
+
+@dataclass
+class Answer:
+    text: str
+    latency_s: float  # prefill + greedy decoding, wall clock
+    prefill_flops: int  # analytic real FLOPs (2 per multiply-add)
+    visual_tokens: int  # visual tokens the language model still holds after the last stage
+
+
+@dataclass
+class Comparison:
+    original: Answer
+    pruned: Answer
+    method: str
+    stats: list = field(default_factory=list)  # vtprune.get_stats of the pruned prefill
+    overlay: Optional[Image.Image] = None  # the image with dropped tokens greyed out (single-grid models)
+    note: str = ""  # what the overlay cannot show (several crops) or how it was drawn (an image under one px a token)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.pruned.prefill_flops / self.original.prefill_flops
+
+    def summary(self) -> str:
+        o, p = self.original, self.pruned
+        return (f"{self.method}: {p.visual_tokens} of {o.visual_tokens} visual tokens kept; prefill FLOPs "
+                f"{p.prefill_flops / 1e9:.3g} G vs {o.prefill_flops / 1e9:.3g} G (x{self.flops_ratio:.2f}); "
+                f"latency {p.latency_s * 1e3:.0f} ms vs {o.latency_s * 1e3:.0f} ms"
+                + (f"\n\n{self.note}" if self.note else ""))
+
+
+def kept_visual_tokens(stats: list, n_visual: int) -> torch.Tensor:
+    """Indices (into the image's visual tokens, row 0 of the batch) that survive every stage of ``stats``."""
+    idx = torch.arange(n_visual)
+    for stage in stats:
+        row = stage["kept_indices"][0].cpu()
+        idx = idx[row[row >= 0]]
+    return idx
+
+
+def overlay(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor) -> Image.Image:
+    """``image`` (covering exactly the token grid) with every dropped token's cell greyed out and hatched."""
+    rows, cols = grid
+    keep = torch.zeros(rows * cols, dtype=torch.bool)
+    keep[kept] = True
+    out = image.convert("RGB").copy()
+    shade = Image.new("RGB", out.size, (40, 40, 40))
+    mask = Image.new("L", out.size, 0)
+    draw = ImageDraw.Draw(mask)
+    w, h = out.size
+    for t in (~keep).nonzero().flatten().tolist():
+        r, c = divmod(t, cols)
+        draw.rectangle((c * w / cols, r * h / rows, (c + 1) * w / cols - 1, (r + 1) * h / rows - 1), fill=170)
+    return Image.composite(shade, out, mask)
+
+
+def readable(picture: Image.Image, grid: tuple[int, int], min_side: int = OVERLAY_MIN_SIDE) -> Image.Image:
+    """``picture`` resized (nearest neighbour, so pixels stay sharp) to whole cells of at least ``min_side`` / grid
+    px each: a 96 px crop or a 1x1 upload becomes a picture the eye can read, and every cell has the same size."""
+    rows, cols = grid
+    cell = max(1, math.ceil(min_side / max(rows, cols)))
+    return picture.convert("RGB").resize((cols * cell, rows * cell), Image.NEAREST)
+
+
+def _token_image(processor, image: Image.Image, batch: dict) -> Optional[Image.Image]:
+    """The picture the token grid covers: LLaVA's padded, resized crop (from pixel_values); Qwen's resized image."""
+    pv = batch.get("pixel_values")
+    if "image_grid_thw" in batch:
+        return image
+    if pv is None or pv.dim() != 4 or pv.shape[0] != 1:
+        return None  # several crops (LLaVA-NeXT): no single grid to draw on
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean).view(3, 1, 1)
+    std = torch.tensor(ip.image_std).view(3, 1, 1)
+    arr = ((pv[0].float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(arr)
+
+
+def _run(model, batch, max_new_tokens, tok) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    elapsed = time.perf_counter() - t0
+    text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return text, elapsed
+
+
+def compare(model, processor, image: Image.Image, question: str, method: str = "divprune",
+            keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None, layer: Optional[int] = None,
+            max_new_tokens: int = 32, prompt: Optional[str] = None, **options) -> Comparison:
+    """Answer ``question`` about ``image`` with ``model`` as it is, then pruned by ``method`` (patched for this call
+    only and restored afterwards). The model must not already be patched. ``prompt`` overrides the text given to
+    the processor (default: the processor's chat template with one image and the question)."""
+    from .eval.embedded import build_prompt, count_visual_tokens
+
+    if getattr(model, api._ATTR, None) is not None:
+        raise ValueError("compare() needs an unpatched model: call vtprune.remove_pruner(model) first")
+    if not question or not question.strip():
+        raise ValueError("question is empty: ask something about the image")
+    image = image.convert("RGB")
+    prompt = prompt if prompt is not None else build_prompt(processor, question.strip())
+    try:
+        batch = processor(images=[image], text=[prompt], return_tensors="pt")
+    except ValueError as exc:  # e.g. Qwen's resizing refuses aspect ratios over 200
+        raise ValueError(f"the processor cannot encode this {image.width}x{image.height} px image: {exc}") from exc
+    batch = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
+             for k, v in batch.items()}
+    tok = processor.tokenizer
+    n_visual = count_visual_tokens(model, batch["input_ids"])[0]
+
+    _run(model, batch, 1, tok)  # warm-up: the first call pays one-off allocation and kernel set-up costs
+    text, latency = _run(model, batch, max_new_tokens, tok)
+    original = Answer(text, latency, count_prefill(model, batch)["total"], n_visual)
+
+    api.apply_pruner(model, method=method, keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer, **options)
+    try:
+        text, latency = _run(model, batch, max_new_tokens, tok)
+        stats = api.get_stats(model)
+    finally:
+        api.remove_pruner(model)
+    kept = kept_visual_tokens(stats, n_visual)
+    pruned = Answer(text, latency, count_prefill(model, batch, stats)["total"], len(kept))
+
+    from vtprune.patches import get_adapter
+
+    grid = (get_adapter(model).grids(batch, [n_visual]) or [None])[0]
+    picture = _token_image(processor, image, batch)
+    if grid is None or picture is None:
+        return Comparison(original, pruned, method, stats, None,
+                          "No overlay: this model encodes the image as several crops, not one token grid.")
+    note = ""
+    if image.width < grid[1] or image.height < grid[0]:
+        note = (f"The image ({image.width}x{image.height} px) has fewer pixels than the {grid[0]}x{grid[1]} token "
+                "grid: the processor enlarged it, and the overlay shows that enlarged picture.")
+    return Comparison(original, pruned, method, stats, overlay(readable(picture, grid), grid, kept), note)
+
+
+def load_model(name_or_path: str):
+    """An embedded model by name, or an HF checkpoint (id or folder) with its processor."""
+    from .eval.embedded import EMBEDDED_MODELS, load_embedded
+
+    if name_or_path in EMBEDDED_MODELS:
+        return load_embedded(name_or_path)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype="auto", device_map="auto")
+    return model.eval(), processor
+
+
+def example_scenes(n: int = 4) -> list[list]:
+    """[image, question] pairs from the embedded benchmark's test split."""
+    from .eval.data import make_split
+
+    return [[e.image, e.question] for e in make_split("test", n, seed=0)]
+
+
+def build_app(model, processor, examples: Optional[list] = None, max_new_tokens: int = 32):
+    """A ``gradio.Blocks`` page: image and question in; both answers, the kept-token overlay and the cost out."""
+    try:
+        import gradio as gr
+    except ImportError as exc:  # pragma: no cover - depends on the extra
+        raise ImportError('the demo needs Gradio: pip install "vtprune[demo]"') from exc
+
+    def run(image, question, method, percent, layer):
+        if image is None:
+            raise gr.Error("upload an image first")
+        try:
+            c = compare(model, processor, image, question, method=method, keep_ratio=float(percent) / 100,
+                        layer=None if layer in (None, "", -1) else int(layer), max_new_tokens=max_new_tokens)
+        except (ValueError, NotImplementedError) as exc:
+            raise gr.Error(str(exc)) from exc
+        return c.original.text, c.pruned.text, c.overlay, c.summary()
+
+    with gr.Blocks(title="vtprune: original vs pruned") as app:
+        gr.Markdown("## vtprune: the same question to the original and the pruned model")
+        with gr.Row():
+            image = _upload_component(gr)(type="pil", label="image", elem_id="vt-image")
+            shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)", elem_id="vt-overlay",
+                             format="png", height=OVERLAY_MIN_SIDE + 40)
+        question = gr.Textbox(label="question", elem_id="vt-question")
+        with gr.Row():
+            method = gr.Dropdown(list_methods(), value="divprune", label="method")
+            percent = gr.Slider(1, 100, value=25, step=0.5, label="visual tokens kept (%)")
+            layer = gr.Number(value=-1, precision=0, label="layer (-1: the method's default)")
+        go = gr.Button("compare", variant="primary", elem_id="vt-compare")
+        with gr.Row():
+            original = gr.Textbox(label="original model", elem_id="vt-original")
+            pruned = gr.Textbox(label="pruned model", elem_id="vt-pruned")
+        summary = gr.Markdown(elem_id="vt-summary")
+        go.click(run, [image, question, method, percent, layer], [original, pruned, shown, summary])
+        if examples:
+            gr.Examples(examples, [image, question], elem_id="vt-examples")
+    app.vtprune_run = run  # the click handler, for tests and scripting
+    return app
+
+
+def _upload_component(gr):
+    """gr.Image whose upload of a file PIL cannot read is refused with a message naming the file (Gradio's own
+    error would be a generic "upstream app raised an exception")."""
+    from PIL import UnidentifiedImageError
+from gradio.events import Dependency
+
+    class Upload(gr.Image):
+        def get_block_name(self) -> str:  # drawn by the frontend's image component
+            return "image"
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except (UnidentifiedImageError, OSError) as exc:
+                name = getattr(payload, "orig_name", None) or "the uploaded file"
+                raise gr.Error(f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
+                               "JPEG, WebP, GIF or BMP picture") from exc
+
+    return Upload

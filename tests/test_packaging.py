@@ -1,4 +1,5 @@
 """A plain (non-editable) install must give the same import namespace as the source tree."""
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -7,9 +8,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _can_build_wheels() -> bool:
+    try:
+        import setuptools.command.bdist_wheel  # noqa: F401  (setuptools >= 70.1)
+    except ImportError:
+        return importlib.util.find_spec("wheel") is not None
+    return True
+
+
 def test_wheel_installs_into_fresh_venv(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True)
+    # Build here when this environment can (offline); a fresh venv's setuptools 65 cannot without `wheel`, and
+    # then pip builds in isolation as `pip install .` does.
+    isolation = [] if _can_build_wheels() else ["--use-pep517"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *(isolation or ["--no-build-isolation"]),
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
     wheel = next(tmp_path.glob("vtprune-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("vtprune/__init__.py", "vtprune/patches/__init__.py", "vtprune/eval/__init__.py",
@@ -17,10 +29,16 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
         assert expected in names, expected
     assert not any(n.startswith(("patches/", "eval/", "cuda/", "tests/")) for n in names)
     venv = tmp_path / "venv"
-    # System site-packages supply torch/transformers; the venv holds only vtprune, away from the source tree.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # A bare venv holds only vtprune; torch and transformers come from this interpreter's site-packages, listed
+    # in a .pth after the venv's own (whether this interpreter is a venv or the system one). Their .pth files are
+    # not run, so an editable vtprune install there cannot shadow the wheel.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_dir = next((venv / "lib").glob("python3*/site-packages"))
+    outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (site_dir / "outer.pth").write_text("\n".join(outer) + "\n")
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True)
     code = ("import vtprune, vtprune.patches, vtprune.eval, vtprune.cuda; "
             "assert 'site-packages' in vtprune.__file__ and 'site-packages' in vtprune.patches.__file__, "
             "vtprune.__file__; print(vtprune.list_methods())")

@@ -6,6 +6,17 @@ here = Path(__file__).parent
 version = {}
 exec((here / "vtprune" / "_version.py").read_text(), version)
 
+# One requirement string per package, shared by every extra: `pip install -e ".[test]"` after `".[eval]"` (the
+# README's order) then finds every installed version acceptable and changes none.
+PILLOW = "pillow>=10,<13"  # gradio (demo, test) requires pillow < 13; a newer one from [eval] would be downgraded
+EVAL = ["matplotlib>=3.7", "tqdm>=4.60",
+        "torchvision>=0.19"]  # torchvision: the Qwen2-VL processors build a video processor that needs it
+LMMS = ["lmms-eval>=0.7.3,<0.8"]
+DEMO = ["gradio>=5,<7"]
+# filelock: lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed; torch installs filelock, so every
+# extra caps it, or [eval] would install 4.x and [test] downgrade it.
+SHARED = [PILLOW, "filelock>=3.24.2,<4"]
+
 setup(
     name="vtprune",
     version=version["__version__"],
@@ -25,15 +36,12 @@ setup(
     include_package_data=True,
     package_data={"vtprune.eval": ["models/**/*", "tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl",
                                    "results/*"]},
-    install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", "pillow>=10"],
+    install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", PILLOW],
     extras_require={
-        # torchvision: the Qwen2-VL processors build a video processor that needs it.
-        # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
-        "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60", "lmms-eval==0.7.3",
-                 "filelock>=3.24.2,<4", "gradio>=5"],
-        "eval": ["matplotlib>=3.7", "tqdm>=4.60", "torchvision"],
-        "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.24.2,<4"],
-        "demo": ["gradio>=5"],
+        "eval": EVAL + SHARED,
+        "lmms": LMMS + SHARED,
+        "demo": DEMO + SHARED,
+        "test": ["pytest>=8", "playwright>=1.40"] + EVAL + LMMS + DEMO + SHARED,
         "flash": ["flash-attn>=2.6"],
         "triton": ["triton>=3.0"],
     },

@@ -125,6 +125,24 @@ def test_entry_point_registers_both_wrappers():
 
     assert get_model("vtprune_llava") is VtpruneLlava
     assert get_model("vtprune_qwen2_5_vl") is VtpruneQwen25VL
+    from vtprune.eval.lmms_plugin import VtpruneLMM
+
+    assert get_model("vtprune") is VtpruneLMM
+
+
+@requires_lmms
+def test_model_types_come_from_the_adapter_registry(monkeypatch, qwen_dir):
+    """A family added to vtprune.patches.ADAPTERS is taken by the wrappers without a plugin edit."""
+    from vtprune.eval import lmms_plugin
+    from vtprune.patches import ADAPTERS
+
+    assert lmms_plugin.VtpruneLMM.model_types() == sorted(ADAPTERS)
+    monkeypatch.setitem(lmms_plugin.ADAPTERS, "llava_onevision", object)
+    assert "llava_onevision" in lmms_plugin.VtpruneLlava.model_types()
+    assert "llava_onevision" not in lmms_plugin.VtpruneQwen25VL.model_types()
+    monkeypatch.delitem(lmms_plugin.ADAPTERS, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="'qwen2_5_vl' checkpoint but --model vtprune takes"):
+        lmms_plugin.VtpruneLMM(pretrained=str(qwen_dir), device="cpu")
 
 
 # --------------------------------------------------------------------------------------------- wrapper units

@@ -200,8 +200,8 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
         gr.Markdown("## vtprune: the same question to the original and the pruned model")
         with gr.Row():
             # png: Gradio would store examples and uploads as lossy WebP, and the model would see another picture
-            image = _upload_component(gr)(type="pil", label="image", elem_id="vt-image", format="png",
-                                          height=OVERLAY_MIN_SIDE + 40)
+            image = _refuse_non_images(gr.Image(type="pil", label="image", elem_id="vt-image", format="png",
+                                                height=OVERLAY_MIN_SIDE + 40), gr)
             shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)", elem_id="vt-overlay",
                              format="png", height=OVERLAY_MIN_SIDE + 40)
         question = gr.Textbox(label="question", elem_id="vt-question")
@@ -221,21 +221,21 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
     return app
 
 
-def _upload_component(gr):
-    """gr.Image whose upload of a file PIL cannot read is refused with a message naming the file (Gradio's own
-    error would be a generic "upstream app raised an exception")."""
+def _refuse_non_images(component, gr):
+    """Make ``component`` (a gr.Image) refuse a file PIL cannot read with a message naming the file; Gradio's own
+    error would be a generic "upstream app raised an exception". The instance is wrapped, not subclassed: Gradio
+    writes a .pyi stub next to the module of every component subclass."""
     from PIL import UnidentifiedImageError
 
-    class Upload(gr.Image):
-        def get_block_name(self) -> str:  # drawn by the frontend's image component
-            return "image"
+    preprocess = component.preprocess
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (UnidentifiedImageError, OSError) as exc:
-                name = getattr(payload, "orig_name", None) or "the uploaded file"
-                raise gr.Error(f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
-                               "JPEG, WebP, GIF or BMP picture") from exc
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (UnidentifiedImageError, OSError) as exc:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
+                           "JPEG, WebP, GIF or BMP picture") from exc
 
-    return Upload
+    component.preprocess = checked
+    return component

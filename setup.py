@@ -13,9 +13,10 @@ EVAL = ["matplotlib>=3.7", "tqdm>=4.60",
         "torchvision>=0.19"]  # torchvision: the Qwen2-VL processors build a video processor that needs it
 LMMS = ["lmms-eval>=0.7.3,<0.8"]
 DEMO = ["gradio>=5,<7"]
-# filelock: lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed; torch installs filelock, so every
-# extra caps it, or [eval] would install 4.x and [test] downgrade it.
-SHARED = [PILLOW, "filelock>=3.24.2,<4"]
+# Caps that [test]'s tree imposes on packages [eval] installs too (found with `pip install --dry-run --report`
+# of [test] over a fresh [eval]): lmms-eval 0.7.3 imports filelock._api, gone in filelock 4 (torch installs
+# filelock); lmms-eval's table writer needs typepy[datetime], which caps python-dateutil < 3 (matplotlib's).
+SHARED = [PILLOW, "filelock>=3.24.2,<4", "python-dateutil>=2.8,<3"]
 
 setup(
     name="vtprune",

@@ -45,3 +45,30 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "divprune" in out.stdout
+
+
+def _setup_kwargs() -> dict:
+    import runpy
+    from unittest import mock
+
+    with mock.patch("setuptools.setup") as setup:
+        runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
+    return setup.call_args.kwargs
+
+
+def test_extras_agree_on_every_shared_package():
+    """One requirement string per package across install_requires and every extra, and [test] holds all of
+    [eval]: so `pip install -e ".[test]"` after `".[eval]"` (the README's order) has no reason to change a version."""
+    import re
+
+    kw = _setup_kwargs()
+    groups = {"install": kw["install_requires"], **kw["extras_require"]}
+    seen: dict[str, tuple[str, str]] = {}
+    for group, reqs in groups.items():
+        for req in reqs:
+            name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+            if name in seen:
+                assert seen[name][1] == req, f"{name}: {seen[name][0]} says {seen[name][1]!r}, {group} says {req!r}"
+            seen[name] = (group, req)
+    assert set(groups["eval"]) <= set(groups["test"])
+    assert any(r.startswith("pillow") and "<13" in r for r in groups["install"])  # gradio's cap, for everyone

@@ -6,6 +6,18 @@ here = Path(__file__).parent
 version = {}
 exec((here / "vtprune" / "_version.py").read_text(), version)
 
+# One requirement string per package, shared by every extra: `pip install -e ".[test]"` after `".[eval]"` (the
+# README's order) then finds every installed version acceptable and changes none.
+PILLOW = "pillow>=10,<13"  # gradio (demo, test) requires pillow < 13; a newer one from [eval] would be downgraded
+EVAL = ["matplotlib>=3.7", "tqdm>=4.60",
+        "torchvision>=0.19"]  # torchvision: the Qwen2-VL processors build a video processor that needs it
+LMMS = ["lmms-eval>=0.7.3,<0.8"]
+DEMO = ["gradio>=5,<7"]
+# Caps that [test]'s tree imposes on packages [eval] installs too (found with `pip install --dry-run --report`
+# of [test] over a fresh [eval]): lmms-eval 0.7.3 imports filelock._api, gone in filelock 4 (torch installs
+# filelock); lmms-eval's table writer needs typepy[datetime], which caps python-dateutil < 3 (matplotlib's).
+SHARED = [PILLOW, "filelock>=3.24.2,<4", "python-dateutil>=2.8,<3"]
+
 setup(
     name="vtprune",
     version=version["__version__"],
@@ -25,15 +37,12 @@ setup(
     include_package_data=True,
     package_data={"vtprune.eval": ["models/**/*", "tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl",
                                    "results/*"]},
-    install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", "pillow>=10"],
+    install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", PILLOW],
     extras_require={
-        # torchvision: the Qwen2-VL processors build a video processor that needs it.
-        # lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
-        "test": ["pytest>=8", "torchvision", "matplotlib>=3.7", "tqdm>=4.60", "lmms-eval==0.7.3",
-                 "filelock>=3.24.2,<4", "gradio>=5"],
-        "eval": ["matplotlib>=3.7", "tqdm>=4.60", "torchvision"],
-        "lmms": ["lmms-eval>=0.7.3,<0.8", "filelock>=3.24.2,<4"],
-        "demo": ["gradio>=5"],
+        "eval": EVAL + SHARED,
+        "lmms": LMMS + SHARED,
+        "demo": DEMO + SHARED,
+        "test": ["pytest>=8", "playwright>=1.40"] + EVAL + LMMS + DEMO + SHARED,
         "flash": ["flash-attn>=2.6"],
         "triton": ["triton>=3.0"],
     },

@@ -20,6 +20,7 @@ import time
 import torch
 
 import vtprune
+from vtprune.flops import llm_prefill_flops
 
 
 def build(hidden: int, layers: int, seed: int = 0):
@@ -35,17 +36,6 @@ def build(hidden: int, layers: int, seed: int = 0):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(cfg).eval()
-
-
-def llm_prefill_flops(cfg, length: int) -> int:
-    """Real FLOPs (2 per multiply-add) of the decoder prefill on ``length`` tokens, LM head included."""
-    d, inter = cfg.hidden_size, cfg.intermediate_size
-    hd = d // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    proj = 2 * length * d * (q + 2 * kv) + 2 * length * q * d
-    attn = 2 * 2 * length * length * q
-    mlp = 2 * length * 3 * d * inter
-    return cfg.num_hidden_layers * (proj + attn + mlp) + 2 * length * d * cfg.vocab_size
 
 
 def median_times(fns: dict, repeats: int) -> dict:
@@ -79,7 +69,7 @@ def run(hidden=1024, layers=4, repeats=7, text_before=35, text_after=20, budgets
                                               vision_feature_select_strategy="default", return_dict=True)
     call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": features},
                 use_cache=False)
-    base_flops = llm_prefill_flops(model.config.text_config, length)
+    base_flops = llm_prefill_flops(model.config.text_config, length)["total"]
     rows = []
     for k in (n, *budgets):
         for method in ("pool", "random") if k < n else ("pool",):
@@ -108,7 +98,8 @@ def run(hidden=1024, layers=4, repeats=7, text_before=35, text_after=20, budgets
             _unpatch(model)
             rows.append({"method": method, "kept": k, "full_s": t["full"], "pruned_s": t["pruned"],
                          "oracle_s": t["oracle"], "select_s": statistics.median(select_times),
-                         "ideal_speedup": base_flops / llm_prefill_flops(model.config.text_config, int(keep.sum()))})
+                         "ideal_speedup": base_flops / llm_prefill_flops(model.config.text_config,
+                                                                           int(keep.sum()))["total"]})
     return rows
 
 

@@ -117,13 +117,6 @@ class Scene:
         """A canonical string of the scene (used to check that splits share no scene)."""
         return ";".join(f"{o.colour}:{o.shape}:{o.x:.0f}:{o.y:.0f}" for o in sorted(self.objects, key=lambda o: o.colour))
 
-    def to_dict(self) -> dict:
-        return {
-            "width": self.width,
-            "height": self.height,
-            "objects": [{"colour": o.colour, "shape": o.shape, "x": o.x, "y": o.y} for o in self.objects],
-        }
-
 
 def random_scene(rng: random.Random) -> Scene:
     """Draw 4-6 non-overlapping objects with distinct colours."""

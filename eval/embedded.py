@@ -7,30 +7,22 @@ greedy ``model.generate``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
+from .catalog import EMBEDDED_MODELS, MODELS_DIR, is_available, model_dir, training_info  # noqa: F401  (re-exported)
 from .data import QUESTION_TYPES, Example, make_split, score
 
-MODELS_DIR = Path(__file__).parent / "models"
-EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
 DEFAULT_EVAL_SIZE = 1000  # examples of a named split when no list and no limit is given
 MAX_NEW_TOKENS = 3
 
 
-def model_dir(name: str) -> Path:
-    return MODELS_DIR / name
-
-
-def is_available(name: str) -> bool:
-    d = model_dir(name)
-    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
-
-
 def load_embedded(name: str, dtype: torch.dtype = torch.float32):
-    """Load an embedded model and its processor from the package folder (no network)."""
+    """Load an embedded model and its processor from the package folder (no network).
+
+    ``name`` is ``"llava-tiny-sortofclevr"`` (``LlavaForConditionalGeneration``, 144 visual tokens per image) or
+    ``"qwen2_5_vl-tiny-sortofclevr"`` (``Qwen2_5_VLForConditionalGeneration``, 150); ``vtprune models`` lists them.
+    Both answer questions about ``vtprune.eval.data`` scenes (``make_split("test", n)[i].image`` / ``.question``).
+    """
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
     if name not in EMBEDDED_MODELS:
@@ -46,15 +38,18 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     return model, processor
 
 
-def training_info(name: str) -> dict:
-    p = model_dir(name) / "training.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+def build_prompt(processor, question: str, n_images: int = 1) -> str:
+    """The prompt string for one question (the processor's chat template: the images first, then the question)."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
-def build_prompt(processor, question: str) -> str:
-    """The prompt string for one question (the processor's chat template: image first, then the question)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def count_visual_tokens(model, input_ids: torch.Tensor) -> list[int]:
+    """Image tokens per row of ``input_ids``, as vtprune's adapter for the model's family finds them."""
+    from vtprune.patches import get_adapter
+
+    return get_adapter(model).visual_mask(input_ids).sum(1).tolist()
 
 
 def _as_examples(split, limit):

@@ -15,10 +15,10 @@ import torch
 
 import vtprune
 
+from .catalog import DEFAULT_BUDGETS, EMBEDDED_MODELS
 from .data import QUESTION_TYPES, make_split, score
-from .embedded import EMBEDDED_MODELS, load_embedded, predict
+from .embedded import count_visual_tokens, load_embedded, predict
 
-DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept
 DEFAULT_LIMIT = 500  # test questions per configuration when no --limit is given
 
 
@@ -27,8 +27,7 @@ def parse_budgets(text: str) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"budgets must be comma-separated percentages in (0, 100], got {text!r}") from None
-    bad = [v for v in values if not 0 < v <= 100]
-    if bad or not values:
+    if not values or any(not 0 < v <= 100 for v in values):
         raise ValueError(f"budgets must be percentages in (0, 100], got {text!r}")
     return values
 
@@ -39,6 +38,15 @@ def check_methods(methods: Iterable[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {vtprune.list_methods()}")
     return methods
+
+
+def configs(methods: Iterable[str], budgets: Iterable[float]) -> list[tuple[Optional[str], float]]:
+    """(method, budget %) pairs: the unpruned model (None, 100) first, then every method at every budget < 100."""
+    methods = check_methods(m for m in methods if m != "none")
+    budgets = list(budgets)
+    if any(not 0 < b <= 100 for b in budgets):
+        raise ValueError(f"budgets are percentages of the visual tokens kept, in (0, 100]; got {budgets}")
+    return [(None, 100.0)] + [(m, b) for m in methods for b in budgets if b < 100]
 
 
 @torch.no_grad()
@@ -62,7 +70,7 @@ def evaluate_config(model, processor, examples, method: Optional[str], budget: f
 
     def on_batch(inputs, chunk):
         stats = vtprune.get_stats(model) if method is not None else None
-        n_vis = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        n_vis = count_visual_tokens(model, inputs["input_ids"])
         before.extend(n_vis)
         kept.extend(stats[-1]["tokens_after"] if stats else n_vis)
         flops.append(count_prefill(model, inputs, stats)["total"])
@@ -97,20 +105,18 @@ def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Opti
     unknown = [m for m in models if m not in EMBEDDED_MODELS]
     if unknown:
         raise ValueError(f"unknown embedded model(s) {unknown}; available: {EMBEDDED_MODELS}")
-    methods = check_methods(methods or vtprune.list_methods())
+    todo = configs(methods or vtprune.list_methods(), budgets)
     examples = make_split("test", limit or DEFAULT_LIMIT, seed=0)
-    pruned_budgets = [b for b in budgets if b < 100]
-    configs = [(None, 100.0)] + [(m, b) for m in methods for b in pruned_budgets]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(models) * len(configs) * len(examples), unit="q", desc="vtprune eval")
+        bar = tqdm(total=len(models) * len(todo) * len(examples), unit="q", desc="vtprune eval")
     rows = []
     try:
         for name in models:
             model, processor = load_embedded(name)
-            for method, budget in configs:
+            for method, budget in todo:
                 if bar is not None:
                     bar.set_postfix_str(f"{name.split('-')[0]} {method or 'unpruned'} {budget:g}%")
                 row = evaluate_config(model, processor, examples, method, budget, batch_size, bar)

@@ -1,22 +1,24 @@
-"""lmms-eval model wrappers that run Hugging Face LLaVA and Qwen2.5-VL with vtprune's visual token pruning.
+"""lmms-eval model wrapper that runs Hugging Face VLMs with vtprune's visual token pruning.
 
-Registered with lmms-eval (0.7.x) through the Python entry-point group ``lmms_eval.models`` as
+Registered with lmms-eval (0.7.x) through the Python entry-point group ``lmms_eval.models`` as ``vtprune`` (any
+family in ``vtprune.patches.ADAPTERS``: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), with the older names
+``vtprune_llava`` (the LLaVA families) and ``vtprune_qwen2_5_vl`` (the Qwen families) kept as aliases, so that,
+once vtprune is installed::
 
-* ``vtprune_llava``      -- ``LlavaForConditionalGeneration`` / ``LlavaNextForConditionalGeneration`` checkpoints
-* ``vtprune_qwen2_5_vl`` -- ``Qwen2_5_VLForConditionalGeneration`` (and Qwen2-VL) checkpoints
-
-so that, once vtprune is installed with its entry points::
-
-    lmms-eval --model vtprune_llava \\
+    lmms-eval --model vtprune \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,keep_ratio=0.25 \\
-        --tasks vtprune_sortofclevr --include_path <vtprune.eval.lmms_runner.TASKS_DIR>
+        --tasks vtprune_sortofclevr_word --include_path "$(vtprune tasks-path)"
+
+``pretrained`` may also name an embedded model (``llava-tiny-sortofclevr``, ``qwen2_5_vl-tiny-sortofclevr``),
+loaded offline from the package as ``vtprune.eval.embedded.load_embedded`` does.
 
 model_args (``key=value,...``; "0.25", "true", "12", "none" are converted to float / bool / int / None):
 
 * ``pretrained`` (required): HF id or local directory.
 * ``method`` (default ``divprune``; ``none`` runs the unpruned model), ``keep_ratio``, ``keep_tokens``, ``layer``,
   ``positions``, ``schedule`` (a JSON list of stage dicts): passed to ``vtprune.apply_pruner``.
-* ``device`` (default ``cuda`` if available, else ``cpu``), ``device_map`` (e.g. ``auto``; single process only),
+* ``device`` (default ``cuda`` if available, else ``cpu``; under ``accelerate launch`` the process's own
+  device), ``device_map`` (e.g. ``auto``; single process only),
   ``dtype`` (``auto``, ``float32``, ``bfloat16``, ``float16``), ``attn_implementation``, ``revision``,
   ``trust_remote_code``.
 * ``batch_size`` (left-padded batched generation), ``max_new_tokens`` (overrides the task's value).
@@ -30,16 +32,18 @@ through lmms-eval's generation metrics, so the results JSON carries them under `
 (``avg_kept_visual_tokens``, ``avg_visual_tokens``, ``avg_prefill_flops``); ``records`` / ``summary()`` give them
 per sample in-process (``vtprune.eval.lmms_runner.run_lmms``).
 
-Multi-GPU: under ``accelerate launch`` every process loads a full copy of the model on ``cuda:<local rank>`` and
-lmms-eval shards the documents by ``rank`` / ``world_size`` (data parallel, as lmms-eval's own HF wrappers do).
-FSDP / DeepSpeed sharding is refused. The pruning statistics in the results JSON are those of rank 0.
-This path is not exercised by the tests (no GPU there).
+Several processes: under ``accelerate launch --multi_gpu --num_processes N`` every process loads a full copy of the
+model on its own device (``cuda:<local rank>``, or the CPU when there is no GPU or ``device=cpu``) and lmms-eval
+shards the documents by ``rank`` / ``world_size`` (data parallel, as lmms-eval's own HF wrappers do); the answers and metrics
+are those of one process (tests/test_lmms.py checks it with two CPU processes). FSDP / DeepSpeed sharding is
+refused. The pruning statistics in the results JSON are those of rank 0.
 
 Only this module (and the task's utils.py) imports lmms_eval; ``import vtprune`` never does.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Any, Optional
@@ -48,14 +52,16 @@ _MODULE = "vtprune.eval.lmms_plugin"
 
 
 def lmms_eval_manifests():
-    """The ``lmms_eval.models`` entry-point payload: one ModelManifest per wrapper.
+    """The ``lmms_eval.models`` entry-point payload: one ModelManifest per registered name.
 
     Defined before any lmms_eval import so that lmms-eval can load it even while this module is being imported
     (lmms-eval loads entry points while ``lmms_eval.models`` initialises)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id="vtprune_llava", simple_class_path=f"{_MODULE}.VtpruneLlava"),
-            ModelManifest(model_id="vtprune_qwen2_5_vl", simple_class_path=f"{_MODULE}.VtpruneQwen25VL")]
+    return [ModelManifest(model_id=name, simple_class_path=f"{_MODULE}.{cls}") for name, cls in _NAMES.items()]
+
+
+_NAMES = {"vtprune": "VtpruneLMM", "vtprune_llava": "VtpruneLlava", "vtprune_qwen2_5_vl": "VtpruneQwen25VL"}
 
 
 import torch  # noqa: E402
@@ -65,19 +71,27 @@ from loguru import logger  # noqa: E402
 
 import vtprune  # noqa: E402
 
+from vtprune.patches import ADAPTERS  # noqa: E402
+
+from . import catalog  # noqa: E402
+from .embedded import build_prompt, count_visual_tokens  # noqa: E402
 from .lmms_args import _as_bool, _as_dtype, _as_int, coerce, pruning_settings  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
 # ----------------------------------------------------------------------------------------------- the wrappers
+@register_model("vtprune")
 class VtpruneLMM(lmms):
-    """Shared logic of the vtprune lmms-eval wrappers (simple, i.e. doc_to_visual / doc_to_text, interface)."""
+    """Any family vtprune has an adapter for (simple, i.e. doc_to_visual / doc_to_text, interface)."""
 
+    name = "vtprune"
     is_simple = True
-    family = "?"
-    model_types: tuple = ()
-    other_wrapper = ""
+    prefix = ""  # the aliases accept only the adapter model types starting with their prefix
+
+    @classmethod
+    def model_types(cls) -> list[str]:
+        return sorted(t for t in ADAPTERS if t.startswith(cls.prefix))
 
     def __init__(self, pretrained: Optional[str] = None, method: Any = "divprune", keep_ratio: Any = None,
                  keep_tokens: Any = None, layer: Any = None, positions: Any = "original", schedule: Any = None,
@@ -106,27 +120,36 @@ class VtpruneLMM(lmms):
         trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
         hub = dict(revision=revision, trust_remote_code=trust_remote_code) if revision else \
             dict(trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(self.pretrained, **hub)
-        if config.model_type not in self.model_types:
-            hint = f"; use --model {self.other_wrapper}" if self.other_wrapper else ""
+        embedded = self.pretrained if self.pretrained in catalog.EMBEDDED_MODELS else None
+        config = AutoConfig.from_pretrained(catalog.resolve(self.pretrained), **hub)
+        if config.model_type not in self.model_types():
+            fits = [n for n, c in _aliases().items() if config.model_type in c.model_types()]
             raise ValueError(f"{self.pretrained} is a {config.model_type!r} checkpoint but --model "
-                             f"{self.registered_name} takes {list(self.model_types)}{hint}")
+                             f"{self.registered_name} takes {self.model_types()}"
+                             + (f"; use --model {' or '.join(fits)}" if fits else ""))
 
         # Device placement as lmms-eval's HF wrappers do it: one full model per process under accelerate launch.
         self.accelerator = Accelerator()
         device_map = coerce(device_map)
-        if self.accelerator.num_processes > 1:
+        # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes that accelerate itself
+        # reports as one; lmms-eval shards by WORLD_SIZE / RANK from the environment, and so do we.
+        world = max(self.accelerator.num_processes, int(os.environ.get("WORLD_SIZE", "1")))
+        if world > 1:
             from accelerate import DistributedType
 
-            if self.accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.NO):
+            allowed = (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.NO)
+            if self.accelerator.distributed_type not in allowed:
                 raise NotImplementedError(
                     f"{self.registered_name} supports data-parallel accelerate launch only (one model copy per "
-                    f"GPU), not {self.accelerator.distributed_type}: vtprune patches one model instance")
+                    f"process), not {self.accelerator.distributed_type}: vtprune patches one model instance")
             if device_map:
                 raise ValueError("device_map cannot be combined with multi-process (accelerate launch) evaluation")
-            self._device = torch.device(f"cuda:{self.accelerator.local_process_index}")
-            self._rank = self.accelerator.process_index
-            self._world_size = self.accelerator.num_processes
+            # accelerate's device is cuda:<local rank> on GPUs and the CPU otherwise; device=cpu forces the CPU.
+            device = coerce(device)
+            self._device = torch.device("cpu") if device == "cpu" else self.accelerator.device
+            self._rank = self.accelerator.process_index if self.accelerator.num_processes > 1 else \
+                int(os.environ.get("RANK", "0"))
+            self._world_size = world
         else:
             device = coerce(device)
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,14 +158,20 @@ class VtpruneLMM(lmms):
         load = dict(hub, dtype=_as_dtype(dtype))
         if attn_implementation is not None:
             load["attn_implementation"] = coerce(attn_implementation)
-        if device_map and self.accelerator.num_processes == 1:
+        if device_map and world == 1:
             load["device_map"] = device_map
-        model = AutoModelForImageTextToText.from_pretrained(self.pretrained, **load)
+        if embedded:  # offline, with the image backend the embedded models were trained with
+            from .embedded import load_embedded
+
+            model, self.processor = load_embedded(embedded, **({} if load["dtype"] == "auto" else
+                                                                 {"dtype": load["dtype"]}))
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(self.pretrained, **load)
+            self.processor = AutoProcessor.from_pretrained(self.pretrained, **hub)
         if "device_map" not in load:
             model.to(self._device)
         self._model = model.eval()
         self._config = model.config
-        self.processor = AutoProcessor.from_pretrained(self.pretrained, **hub)
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation continues every row from its last column
 
@@ -247,16 +276,16 @@ class VtpruneLMM(lmms):
 
     # -- prompts and inputs --------------------------------------------------------------------------------------
     def build_prompt(self, context: str, n_images: int) -> str:
-        """The processor's chat template with the images first, then the text (as eval/embedded.build_prompt);
-        a plain ``USER: <image> ... ASSISTANT:`` style prompt when the processor has no template."""
+        """The processor's chat template with the images first, then the text (eval/embedded.build_prompt);
+        without a template, ``USER: <image> ... ASSISTANT:`` with the processor's image token, wrapped in the
+        tokenizer's vision start/end tokens when it has them (Qwen)."""
         if getattr(self.processor, "chat_template", None):
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                      add_generation_prompt=True, tokenize=False)
-        return self.fallback_prompt(context, n_images)
-
-    def fallback_prompt(self, context: str, n_images: int) -> str:
-        raise NotImplementedError
+            return build_prompt(self.processor, context, n_images)
+        tag = self.processor.image_token
+        vocab = self._tokenizer.get_vocab()
+        if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+            tag = f"<|vision_start|> {tag} <|vision_end|>"
+        return "USER: " + "".join(f"{tag} " for _ in range(n_images)) + f"{context} ASSISTANT:"
 
     @staticmethod
     def _images(visuals, task: str) -> list:
@@ -350,10 +379,7 @@ class VtpruneLMM(lmms):
                 text = text.split(stop, 1)[0]
             answers.append(text.strip())
 
-        image_token = getattr(self._config, "image_token_id", None)
-        if image_token is None:
-            image_token = getattr(self._config, "image_token_index", None)
-        visual = (inputs["input_ids"] == image_token).sum(1).tolist() if image_token is not None else [0] * n
+        visual = count_visual_tokens(self._model, inputs["input_ids"])
         stats = vtprune.get_stats(self._model) if self.pruning is not None else None
         if stats:
             kept = [int(k) for k in stats[-1]["tokens_after"]]
@@ -454,31 +480,19 @@ _WRAPPER_ARGS = ("pretrained", "method", "keep_ratio", "keep_tokens", "layer", "
 
 @register_model("vtprune_llava")
 class VtpruneLlava(VtpruneLMM):
-    """LLaVA-1.5 / LLaVA-NeXT (HF) with vtprune."""
+    """Alias kept from 0.x: ``vtprune`` restricted to the LLaVA families."""
 
     name = "vtprune_llava"
-    family = "llava"
-    model_types = ("llava", "llava_next")
-    other_wrapper = "vtprune_qwen2_5_vl"
-
-    def fallback_prompt(self, context: str, n_images: int) -> str:
-        tag = getattr(self.processor, "image_token", "<image>")
-        return "USER: " + "".join(f"{tag} " for _ in range(n_images)) + f"{context} ASSISTANT:"
+    prefix = "llava"
 
 
 @register_model("vtprune_qwen2_5_vl")
 class VtpruneQwen25VL(VtpruneLMM):
-    """Qwen2.5-VL (and Qwen2-VL) with vtprune."""
+    """Alias kept from 0.x: ``vtprune`` restricted to the Qwen2-VL families."""
 
     name = "vtprune_qwen2_5_vl"
-    family = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl", "qwen2_vl")
-    other_wrapper = "vtprune_llava"
-
-    def fallback_prompt(self, context: str, n_images: int) -> str:
-        tag = getattr(self.processor, "image_token", "<|image_pad|>")
-        return "".join(f"<|vision_start|> {tag} <|vision_end|> " for _ in range(n_images)) + context
+    prefix = "qwen"
 
 
-WRAPPERS = {"llava": VtpruneLlava, "llava_next": VtpruneLlava, "qwen2_5_vl": VtpruneQwen25VL,
-            "qwen2_vl": VtpruneQwen25VL}
+def _aliases() -> dict:
+    return {c.name: c for c in (VtpruneLMM, VtpruneLlava, VtpruneQwen25VL)}

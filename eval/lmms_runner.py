@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-TASKS_DIR = Path(__file__).parent / "tasks"  # pass to lmms-eval as --include_path
-EMBEDDED_TASK = "vtprune_sortofclevr"
+from .catalog import TASKS_DIR  # noqa: F401  (pass to lmms-eval as --include_path; `vtprune tasks-path`)
+
 UNPRUNED = "none"
 
 
@@ -34,46 +34,6 @@ def _as_list(x) -> list:
     if isinstance(x, str):
         return [s.strip() for s in x.split(",") if s.strip()]
     return list(x)
-
-
-def resolve_model_path(model_path: str) -> str:
-    """A local directory, an embedded model name (``llava-tiny-sortofclevr``) or an HF id, as from_pretrained takes."""
-    from .embedded import EMBEDDED_MODELS, model_dir
-
-    if not Path(model_path).exists() and model_path in EMBEDDED_MODELS:
-        return str(model_dir(model_path))
-    return model_path
-
-
-def wrapper_class(model_path: str, family: Optional[str] = None):
-    """The lmms_plugin wrapper for a checkpoint: ``family`` (llava, llava_next, qwen2_vl, qwen2_5_vl or a wrapper
-    name) or, when None, the checkpoint's config.model_type."""
-    from . import lmms_plugin
-
-    if family is None:
-        from transformers import AutoConfig
-
-        family = AutoConfig.from_pretrained(model_path).model_type
-    by_name = {cls.name: cls for cls in set(lmms_plugin.WRAPPERS.values())}
-    cls = lmms_plugin.WRAPPERS.get(family) or by_name.get(family)
-    if cls is None:
-        raise ValueError(f"no vtprune lmms-eval wrapper for {family!r}; supported: "
-                         f"{sorted(lmms_plugin.WRAPPERS) + sorted(by_name)}")
-    return cls
-
-
-def _configs(methods, budgets) -> list[tuple[Optional[str], float]]:
-    import vtprune
-
-    methods = [m for m in _as_list(methods) if m != UNPRUNED]
-    unknown = [m for m in methods if m not in vtprune.list_methods()]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {vtprune.list_methods()}")
-    budgets = [float(b) for b in _as_list(budgets)]
-    bad = [b for b in budgets if not 0 < b <= 100]
-    if bad:
-        raise ValueError(f"budgets are percentages of the visual tokens kept, in (0, 100]; got {bad}")
-    return [(None, 100.0)] + [(m, b) for m in methods for b in budgets if b < 100]
 
 
 def main_metric(task_results: dict, task_config: Optional[dict]) -> tuple[Optional[str], Optional[float]]:
@@ -111,7 +71,7 @@ def _rows_for(results: dict, lm, base: dict) -> list[dict]:
 
 def run_lmms(model_path: str, tasks: Union[str, Iterable[str]], methods: Union[str, Iterable[str]],
              budgets: Union[str, Iterable[float]], limit: Optional[int] = None,
-             output_dir: Optional[Union[str, Path]] = None, family: Optional[str] = None, *,
+             output_dir: Optional[Union[str, Path]] = None, *,
              batch_size: int = 16, device: Optional[str] = None, dtype: str = "auto",
              model_args: Optional[dict] = None, include_path: Optional[Union[str, Iterable[str]]] = None,
              time_prefill: bool = True, verbosity: str = "WARNING") -> list[dict]:
@@ -119,8 +79,7 @@ def run_lmms(model_path: str, tasks: Union[str, Iterable[str]], methods: Union[s
 
     ``budgets`` are percentages of the visual tokens kept, as in the embedded harness (100 is the unpruned row,
     which always comes first as method ``none``). ``limit``: documents per task. ``output_dir``: where each
-    configuration's lmms-eval results dict is written as JSON (nothing written when None). ``family`` picks the
-    wrapper (default: the checkpoint's model_type). ``model_args``: extra wrapper model_args
+    configuration's lmms-eval results dict is written as JSON (nothing written when None). ``model_args``: extra wrapper model_args
     (e.g. ``{"attn_implementation": "sdpa"}``); the embedded task folder is always on the include path.
 
     Returns one row per task and configuration: model, task, metric, method, keep_ratio, budget_pct, accuracy
@@ -133,15 +92,16 @@ def run_lmms(model_path: str, tasks: Union[str, Iterable[str]], methods: Union[s
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
+    from . import harness, lmms_plugin
+
     task_list = _as_list(tasks)
     if not task_list:
         raise ValueError("no lmms-eval task given")
-    configs = _configs(methods, budgets)
-    path = resolve_model_path(str(model_path))
-    cls = wrapper_class(path, family)
-    name = Path(path).name if Path(path).exists() else str(model_path)
+    configs = harness.configs(_as_list(methods), [float(b) for b in _as_list(budgets)])
+    path = str(model_path)
+    name = Path(path).name if Path(path).exists() else path
 
-    lm = cls(pretrained=path, method=UNPRUNED, batch_size=batch_size, device=device, dtype=dtype,
+    lm = lmms_plugin.VtpruneLMM(pretrained=path, method=UNPRUNED, batch_size=batch_size, device=device, dtype=dtype,
              time_prefill=time_prefill, **(model_args or {}))
     lm.keep_loaded = True  # simple_evaluate would otherwise free the model after the first configuration
     includes = [str(TASKS_DIR)] + [str(p) for p in _as_list(include_path)]

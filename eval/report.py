@@ -11,20 +11,27 @@ def label(r: dict) -> str:
     return r["model"] + (f" [{r['task']}]" if r.get("task") else "")
 
 
+def tokens(value) -> str:
+    """A token count as printed: a whole number when it is one (144, not 144.0), else one decimal (a mean)."""
+    return "-" if value is None else (f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}")
+
+
 def table(rows: list[dict]) -> str:
-    """A Markdown table of the main columns (FLOPs in GFLOPs per sample)."""
-    head = ("| model | method | budget | kept tokens | accuracy | prefill GFLOPs | FLOPs ratio | "
-            "latency ms | speedup |")
-    lines = [head, "|" + "---|" * 9]
+    """Markdown: the results (FLOPs in GFLOPs per sample), then the latencies apart, marked as indicative."""
+    lines = ["| model | method | budget | kept tokens | accuracy | prefill GFLOPs | FLOPs ratio |", "|" + "---|" * 7]
     for r in rows:
-        ratio = r.get("flops_ratio")
-        speed = r.get("latency_speedup")
-        flops = r.get("prefill_flops")
+        flops, ratio = r.get("prefill_flops"), r.get("flops_ratio")
         lines.append(
-            f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {r['kept_tokens']:.1f} | "
+            f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {tokens(r['kept_tokens'])} | "
             f"{100 * r['accuracy']:.1f} % | {'-' if flops is None else f'{flops / 1e9:.3f}'} | "
-            f"{'-' if ratio is None else f'{ratio:.3f}'} | {r.get('prefill_latency_ms', float('nan')):.1f} | "
-            f"{'-' if speed is None else f'{speed:.2f}x'} |")
+            f"{'-' if ratio is None else f'{ratio:.3f}'} |")
+    lines += ["", "Latency (indicative only: one batch, wall clock, on whatever else this machine was doing; compare "
+              "FLOPs, or time side by side with `python -m vtprune.eval.bench_prefill`):", "",
+              "| model | method | budget | prefill ms | speedup |", "|" + "---|" * 5]
+    for r in rows:
+        ms, speed = r.get("prefill_latency_ms"), r.get("latency_speedup")
+        lines.append(f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {'-' if ms is None else f'{ms:.1f}'} | "
+                     f"{'-' if speed is None else f'{speed:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -42,24 +49,47 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
     return paths
 
 
-def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
-    """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model."""
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (FLOPs, accuracy) points no other point beats: none has fewer or equal FLOPs and a higher accuracy
+    (ties in FLOPs keep the most accurate). Sorted by FLOPs; accuracy rises along it."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+MARKERS = "osD^vP*Xh<>p"  # one per method, drawn hollow and shrinking so that coincident points stay visible
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str):
+    """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model, with
+    that model's Pareto frontier. Returns the figure (already saved and closed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(label(r) for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if label(r) == name and r.get("prefill_flops") is not None]
         base = [r for r in mine if r["method"] == "none"]
-        for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "none"):
+        for i, method in enumerate(methods):
             pts = sorted(base + [r for r in mine if r["method"] == method], key=lambda r: r["prefill_flops"])
-            ax.plot([r["prefill_flops"] / 1e9 for r in pts], [100 * r["accuracy"] for r in pts], marker="o",
-                    label=method)
+            if len(pts) == len(base):
+                continue
+            ax.plot([r["prefill_flops"] / 1e9 for r in pts], [100 * r["accuracy"] for r in pts], label=method,
+                    marker=MARKERS[i % len(MARKERS)], markersize=11 - 6 * i / max(1, len(methods) - 1),
+                    markerfacecolor="none", markeredgewidth=1.4, linewidth=1, alpha=0.9)
         for r in base:
-            ax.scatter([r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5)
+            ax.scatter([r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5, s=25,
+                       label="unpruned")
+        front = frontier([(r["prefill_flops"] / 1e9, 100 * r["accuracy"]) for r in mine])
+        if front:
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--",
+                    linewidth=1.5, zorder=4, label="Pareto frontier")
         ax.set_xscale("log")
         ax.set_xlabel("prefill GFLOPs per sample (real FLOPs, log scale)")
         ax.set_ylabel("accuracy (%)")
@@ -70,6 +100,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> None:

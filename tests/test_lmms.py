@@ -6,6 +6,7 @@ missing or unusable lmms-eval is a failure, elsewhere the tests that need it are
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,24 @@ def test_entry_point_registers_both_wrappers():
 
     assert get_model("vtprune_llava") is VtpruneLlava
     assert get_model("vtprune_qwen2_5_vl") is VtpruneQwen25VL
+    from vtprune.eval.lmms_plugin import VtpruneLMM
+
+    assert get_model("vtprune") is VtpruneLMM
+
+
+@requires_lmms
+def test_model_types_come_from_the_adapter_registry(monkeypatch, qwen_dir):
+    """A family added to vtprune.patches.ADAPTERS is taken by the wrappers without a plugin edit."""
+    from vtprune.eval import lmms_plugin
+    from vtprune.patches import ADAPTERS
+
+    assert lmms_plugin.VtpruneLMM.model_types() == sorted(ADAPTERS)
+    monkeypatch.setitem(lmms_plugin.ADAPTERS, "llava_onevision", object)
+    assert "llava_onevision" in lmms_plugin.VtpruneLlava.model_types()
+    assert "llava_onevision" not in lmms_plugin.VtpruneQwen25VL.model_types()
+    monkeypatch.delitem(lmms_plugin.ADAPTERS, "qwen2_5_vl")
+    with pytest.raises(ValueError, match="'qwen2_5_vl' checkpoint but --model vtprune takes"):
+        lmms_plugin.VtpruneLMM(pretrained=str(qwen_dir), device="cpu")
 
 
 # --------------------------------------------------------------------------------------------- wrapper units
@@ -234,3 +253,68 @@ def test_run_lmms_in_process(qwen_dir, tmp_path, monkeypatch):
     assert pruned["prefill_flops"] < base["prefill_flops"]
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == \
         [f"lmms_{Path(qwen_dir).name}_divprune_50.json", f"lmms_{Path(qwen_dir).name}_none_100.json"]
+
+
+# --------------------------------------------------------------------------------------------- as users run it
+def _path_with_console_scripts(tmp_path) -> str:
+    """PATH on which `lmms-eval` and `vtprune` are this interpreter's (a venv may see another install's scripts)."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, module in (("lmms-eval", "lmms_eval"), ("vtprune", "vtprune.cli")):
+        (shims / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" -m {module} "$@"\n')
+        (shims / name).chmod(0o755)
+    return f"{shims}{os.pathsep}{os.environ['PATH']}"
+
+
+def _readme_lmms_command() -> str:
+    section = (ROOT / "README.md").read_text().split("\n## lmms-eval\n", 1)[1].split("\n## ", 1)[0]
+    return next(c for c in re.findall(r"```bash\n(.+?)\n```", section, flags=re.S) if c.startswith("lmms-eval "))
+
+
+def _samples(folder: Path) -> dict:
+    (path,) = folder.glob("*/*_samples_vtprune_sortofclevr.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["doc_id"]: (r["filtered_resps"], r["exact_match"]) for r in rows}
+
+
+@requires_lmms
+def test_readme_lmms_eval_command_runs_offline_on_an_embedded_name(tmp_path):
+    """The README's raw lmms-eval command, verbatim: task folder from `vtprune tasks-path`, model by its name."""
+    command = _readme_lmms_command()
+    assert "pretrained=llava-tiny-sortofclevr" in command and "$(vtprune tasks-path)" in command
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf"), "PATH": _path_with_console_scripts(tmp_path)}
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list((tmp_path / "lmms-results").glob("*/*_results.json"))
+    assert proc.returncode == 0 and len(files) == 1, log  # lmms-eval exits 0 even when nothing ran
+    res = json.loads(files[0].read_text())
+    limit = int(re.search(r"--limit (\d+)", command).group(1))
+    assert res["n-samples"]["vtprune_sortofclevr"]["effective"] == limit
+    assert res["results"]["vtprune_sortofclevr"]["exact_match,none"] > 0.5  # the trained model, not a random one
+    assert res["throughput"]["avg_kept_visual_tokens"] == 36 < res["throughput"]["avg_visual_tokens"] == 144
+
+
+@requires_lmms
+def test_two_cpu_processes_give_the_answers_of_one(tmp_path):
+    """accelerate launch with two CPU processes: each answers its shard; together the answers and metric of one."""
+    args = ["-m", "lmms_eval", "--model", "vtprune",
+            "--model_args", "pretrained=qwen2_5_vl-tiny-sortofclevr,method=divprune,keep_ratio=0.25",
+            "--tasks", "vtprune_sortofclevr", "--include_path", str(ROOT / "eval" / "tasks"), "--limit", "6",
+            "--batch_size", "2", "--log_samples"]
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
+    runs = {"one": [sys.executable, *args],
+            "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--main_process_port", "0", *args]}
+    results = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run([*cmd, "--output_path", str(tmp_path / name)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=400)
+        log = proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0 and list((tmp_path / name).glob("*/*_results.json")), log
+        if name == "two":
+            full = proc.stdout + proc.stderr
+            assert "(rank 1/2)" in full and "(rank 0/2)" in full, log  # really two processes, one shard each
+        (path,) = (tmp_path / name).glob("*/*_results.json")
+        results[name] = json.loads(path.read_text())["results"]["vtprune_sortofclevr"]
+    assert _samples(tmp_path / "two") == _samples(tmp_path / "one") and len(_samples(tmp_path / "one")) == 6
+    assert results["two"] == results["one"]

@@ -6,10 +6,25 @@
     vtprune.remove_pruner(model)
 """
 from ._version import __version__
-from .api import apply_pruner, get_config, get_pruner, get_stats, is_patched, paused, remove_pruner
-from .config import PrunerConfig, StageConfig
-from .stats import StageStats, UnitStats
-from .strategies import list_methods, register, unregister
 
-__all__ = ["PrunerConfig", "StageConfig", "StageStats", "UnitStats", "__version__", "apply_pruner", "get_config", "get_pruner",
-           "get_stats", "is_patched", "list_methods", "paused", "register", "remove_pruner", "unregister"]
+# The public names load on first use (PEP 562): importing torch costs seconds, which `vtprune --help` should not pay.
+_LAZY = {"apply_pruner": "api", "get_config": "api", "get_pruner": "api", "get_stats": "api", "is_patched": "api",
+         "paused": "api", "remove_pruner": "api", "PrunerConfig": "config", "StageConfig": "config",
+         "StageStats": "stats", "UnitStats": "stats", "list_methods": "strategies", "register": "strategies",
+         "unregister": "strategies"}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,4 +1,8 @@
-"""The ``vtprune`` command line: ``vtprune eval`` (accuracy vs FLOPs), ``vtprune demo`` and ``vtprune methods``."""
+"""The ``vtprune`` command line: ``eval`` (accuracy vs FLOPs), ``demo``, ``models``, ``methods``, ``tasks-path``.
+
+Only the standard library and ``vtprune.eval.catalog`` are imported up front; torch, transformers and Gradio are
+imported inside the subcommand that needs them, so ``--help`` and ``--version`` answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from . import __version__
+from .eval import catalog
+
 
 def _eval(args) -> int:
     import torch
-
-    import vtprune
 
     from .eval import harness, report
 
@@ -23,7 +28,7 @@ def _eval(args) -> int:
             raise SystemExit("vtprune eval: --model and --tasks go together (an HF id or path, and lmms-eval tasks)")
         from .eval.lmms_runner import run_lmms
 
-        rows = run_lmms(args.model, args.tasks.split(","), harness.check_methods(methods or vtprune.list_methods()),
+        rows = run_lmms(args.model, args.tasks.split(","), harness.check_methods(methods or catalog.METHODS),
                         budgets, args.limit, output, batch_size=args.batch_size)
         rows = harness.add_ratios(rows)
     else:
@@ -40,43 +45,90 @@ def _demo(args) -> int:
     import torch
 
     from .demo import build_app, example_scenes, load_model
-    from .eval.embedded import EMBEDDED_MODELS
 
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
-    examples = example_scenes() if args.model in EMBEDDED_MODELS else None  # scenes of their own benchmark
+    examples = example_scenes() if args.model in catalog.EMBEDDED_MODELS else None  # scenes of their benchmark
     app = build_app(model, processor, examples, max_new_tokens=args.max_new_tokens)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
 
-def main(argv=None) -> int:
+def _models(args) -> int:
+    print("| name | class | visual tokens per image | test accuracy | weights |")
+    print("|---|---|---|---|---|")
+    for r in catalog.describe():
+        acc = "?" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f} %"
+        print(f"| {r['name']} | {r['class']} | {r['visual_tokens'] or '?'} | {acc} | "
+              f"{'present' if r['available'] else 'missing'} |")
+    return 0
+
+
+def _methods(args) -> int:
+    import vtprune
+
+    print("\n".join(vtprune.list_methods()))
+    return 0
+
+
+def _tasks_path(args) -> int:
+    print(catalog.TASKS_DIR)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for HF VLMs")
-    sub = ap.add_subparsers(dest="command", required=True)
-    ev = sub.add_parser("eval", help="accuracy vs prefill FLOPs on the embedded models (or lmms-eval tasks)")
+    ap.add_argument("--version", action="version", version=f"vtprune {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models, methods = ", ".join(catalog.EMBEDDED_MODELS), ", ".join(catalog.METHODS)
+    ev = sub.add_parser(
+        "eval", help="accuracy vs prefill FLOPs on the embedded models (or lmms-eval tasks)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Accuracy versus prefill FLOPs of every method and budget. By default on the embedded models and"
+                    "\ntheir Sort-of-CLEVR test split; with --model and --tasks on a real checkpoint through lmms-eval."
+                    "\nWrites results.json, results.csv and pareto.png and prints a table.",
+        epilog=f"embedded models: {models}\nmethods: {methods}\n\nexample: vtprune eval --limit 40 "
+               "--budgets 100,25,5.5 --output /tmp/vtprune-eval")
     ev.add_argument("--models", help="embedded models, comma-separated (default: all)")
-    ev.add_argument("--methods", help="methods, comma-separated (default: all registered)")
-    ev.add_argument("--budgets", default="100,50,25,11,5.5", help="percent of visual tokens kept (default: %(default)s)")
-    ev.add_argument("--limit", type=int, help="test questions per configuration (default 500)")
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--methods", help="methods, comma-separated (default: all)")
+    ev.add_argument("--budgets", default=",".join(f"{b:g}" for b in catalog.DEFAULT_BUDGETS),
+                    help="percent of visual tokens kept, comma-separated (default: %(default)s)")
+    ev.add_argument("--limit", type=int, help="test questions per configuration (default: 500; lmms-eval: all)")
+    ev.add_argument("--batch-size", type=int, default=16,
+                    help="questions per generate() call, left-padded (default: %(default)s)")
     ev.add_argument("--output", help="results folder (default: a new vtprune-eval-<time> folder)")
-    ev.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--model", help="HF id or path of a real model, evaluated through lmms-eval")
-    ev.add_argument("--tasks", help="lmms-eval tasks, comma-separated (with --model)")
+    ev.add_argument("--threads", type=int, default=1,
+                    help="torch threads; tiny models run fastest on 1 (default: %(default)s)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    ev.add_argument("--model", help="HF id or path of a real model, evaluated through lmms-eval (default: none)")
+    ev.add_argument("--tasks", help="lmms-eval tasks, comma-separated, with --model (default: none)")
     ev.set_defaults(fn=_eval)
-    de = sub.add_parser("demo", help="Gradio page comparing the original and the pruned model side by side")
+    de = sub.add_parser("demo", help="Gradio page comparing the original and the pruned model side by side",
+                        description="Serve a page that asks one question to the original and the pruned model.",
+                        epilog=f"embedded models: {models}")
     de.add_argument("--model", default="llava-tiny-sortofclevr",
                     help="embedded model name, HF id or local path (default: %(default)s)")
-    de.add_argument("--max-new-tokens", type=int, default=32)
-    de.add_argument("--host", default="127.0.0.1")
-    de.add_argument("--port", type=int, default=7860)
-    de.add_argument("--share", action="store_true", help="ask Gradio for a public link")
-    de.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
+    de.add_argument("--max-new-tokens", type=int, default=32,
+                    help="longest answer, in tokens (default: %(default)s)")
+    de.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; 0.0.0.0 serves other machines (default: %(default)s)")
+    de.add_argument("--port", type=int, default=7860, help="port to listen on (default: %(default)s)")
+    de.add_argument("--share", action="store_true", help="ask Gradio for a public link (default: off)")
+    de.add_argument("--threads", type=int, default=1,
+                    help="torch threads; tiny models run fastest on 1 (default: %(default)s)")
     de.set_defaults(fn=_demo)
-    me = sub.add_parser("methods", help="list the registered pruning methods")
-    me.set_defaults(fn=lambda args: print("\n".join(__import__("vtprune").list_methods())) or 0)
-    args = ap.parse_args(argv)
+    sub.add_parser("models", help="list the embedded models and their visual-token counts",
+                   description="The VLMs shipped in the package, usable by name in eval, demo and lmms-eval."
+                   ).set_defaults(fn=_models)
+    sub.add_parser("methods", help="list the registered pruning methods",
+                   description="The methods apply_pruner accepts (imports torch).").set_defaults(fn=_methods)
+    sub.add_parser("tasks-path", help="print the lmms-eval task folder (for lmms-eval --include_path)",
+                   description="The folder holding the vtprune_sortofclevr lmms-eval tasks.").set_defaults(fn=_tasks_path)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, OSError) as exc:  # OSError: a checkpoint that cannot be found or read

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -20,6 +21,8 @@ from PIL import Image, ImageDraw
 from . import api
 from .flops import count_prefill
 from .strategies import list_methods
+
+OVERLAY_MIN_SIDE = 384  # px on the overlay's long side: one token cell of a 24x24 grid is then 16 px wide
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Comparison:
     method: str
     stats: list = field(default_factory=list)  # vtprune.get_stats of the pruned prefill
     overlay: Optional[Image.Image] = None  # the image with dropped tokens greyed out (single-grid models)
+    note: str = ""  # what the overlay cannot show (several crops) or how it was drawn (an image under one px a token)
 
     @property
     def flops_ratio(self) -> float:
@@ -46,7 +50,8 @@ class Comparison:
         o, p = self.original, self.pruned
         return (f"{self.method}: {p.visual_tokens} of {o.visual_tokens} visual tokens kept; prefill FLOPs "
                 f"{p.prefill_flops / 1e9:.3g} G vs {o.prefill_flops / 1e9:.3g} G (x{self.flops_ratio:.2f}); "
-                f"latency {p.latency_s * 1e3:.0f} ms vs {o.latency_s * 1e3:.0f} ms")
+                f"latency {p.latency_s * 1e3:.0f} ms vs {o.latency_s * 1e3:.0f} ms"
+                + (f"\n\n{self.note}" if self.note else ""))
 
 
 def kept_visual_tokens(stats: list, n_visual: int) -> torch.Tensor:
@@ -72,6 +77,14 @@ def overlay(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor) -> Im
         r, c = divmod(t, cols)
         draw.rectangle((c * w / cols, r * h / rows, (c + 1) * w / cols - 1, (r + 1) * h / rows - 1), fill=170)
     return Image.composite(shade, out, mask)
+
+
+def readable(picture: Image.Image, grid: tuple[int, int], min_side: int = OVERLAY_MIN_SIDE) -> Image.Image:
+    """``picture`` resized (nearest neighbour, so pixels stay sharp) to whole cells of at least ``min_side`` / grid
+    px each: a 96 px crop or a 1x1 upload becomes a picture the eye can read, and every cell has the same size."""
+    rows, cols = grid
+    cell = max(1, math.ceil(min_side / max(rows, cols)))
+    return picture.convert("RGB").resize((cols * cell, rows * cell), Image.NEAREST)
 
 
 def _token_image(processor, image: Image.Image, batch: dict) -> Optional[Image.Image]:
@@ -123,7 +136,7 @@ def compare(model, processor, image: Image.Image, question: str, method: str = "
 
 def _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt,
              options) -> Comparison:
-    from .eval.embedded import build_prompt
+    from .eval.embedded import build_prompt, count_visual_tokens
 
     if api.is_patched(model):
         raise ValueError("compare() needs an unpatched model: call vtprune.remove_pruner(model) first")
@@ -131,11 +144,14 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
         raise ValueError("question is empty: ask something about the image")
     image = image.convert("RGB")
     prompt = prompt if prompt is not None else build_prompt(processor, question.strip())
-    batch = processor(images=[image], text=[prompt], return_tensors="pt")
+    try:
+        batch = processor(images=[image], text=[prompt], return_tensors="pt")
+    except ValueError as exc:  # e.g. Qwen's resizing refuses aspect ratios over 200
+        raise ValueError(f"the processor cannot encode this {image.width}x{image.height} px image: {exc}") from exc
     batch = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
              for k, v in batch.items()}
     tok = processor.tokenizer
-    n_visual = int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    n_visual = count_visual_tokens(model, batch["input_ids"])[0]
 
     _run(model, batch, 1, tok)  # warm-up: the first call pays one-off allocation and kernel set-up costs
     text, latency = _run(model, batch, max_new_tokens, tok)
@@ -154,8 +170,14 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
 
     grid = (get_adapter(model).grids(batch, [n_visual]) or [None])[0]
     picture = _token_image(processor, image, batch)
-    shown = overlay(picture, grid, kept) if grid is not None and picture is not None else None
-    return Comparison(original, pruned, method, stats, shown)
+    if grid is None or picture is None:
+        return Comparison(original, pruned, method, stats, None,
+                          "No overlay: this model encodes the image as several crops, not one token grid.")
+    note = ""
+    if image.width < grid[1] or image.height < grid[0]:
+        note = (f"The image ({image.width}x{image.height} px) has fewer pixels than the {grid[0]}x{grid[1]} token "
+                "grid: the processor enlarged it, and the overlay shows that enlarged picture.")
+    return Comparison(original, pruned, method, stats, overlay(readable(picture, grid), grid, kept), note)
 
 
 def load_model(name_or_path: str):
@@ -198,20 +220,43 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
     with gr.Blocks(title="vtprune: original vs pruned") as app:
         gr.Markdown("## vtprune: the same question to the original and the pruned model")
         with gr.Row():
-            image = gr.Image(type="pil", label="image")
-            shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)")
-        question = gr.Textbox(label="question")
+            # png: Gradio would store examples and uploads as lossy WebP, and the model would see another picture
+            image = _refuse_non_images(gr.Image(type="pil", label="image", elem_id="vt-image", format="png",
+                                                height=OVERLAY_MIN_SIDE + 40), gr)
+            shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)", elem_id="vt-overlay",
+                             format="png", height=OVERLAY_MIN_SIDE + 40)
+        question = gr.Textbox(label="question", elem_id="vt-question")
         with gr.Row():
             method = gr.Dropdown(list_methods(), value="divprune", label="method")
             percent = gr.Slider(1, 100, value=25, step=0.5, label="visual tokens kept (%)")
             layer = gr.Number(value=-1, precision=0, label="layer (-1: the method's default)")
-        go = gr.Button("compare", variant="primary")
+        go = gr.Button("compare", variant="primary", elem_id="vt-compare")
         with gr.Row():
-            original = gr.Textbox(label="original model")
-            pruned = gr.Textbox(label="pruned model")
-        summary = gr.Markdown()
+            original = gr.Textbox(label="original model", elem_id="vt-original")
+            pruned = gr.Textbox(label="pruned model", elem_id="vt-pruned")
+        summary = gr.Markdown(elem_id="vt-summary")
         go.click(run, [image, question, method, percent, layer], [original, pruned, shown, summary])
         if examples:
-            gr.Examples(examples, [image, question])
+            gr.Examples(examples, [image, question], elem_id="vt-examples")
     app.vtprune_run = run  # the click handler, for tests and scripting
     return app
+
+
+def _refuse_non_images(component, gr):
+    """Make ``component`` (a gr.Image) refuse a file PIL cannot read with a message naming the file; Gradio's own
+    error would be a generic "upstream app raised an exception". The instance is wrapped, not subclassed: Gradio
+    writes a .pyi stub next to the module of every component subclass."""
+    from PIL import UnidentifiedImageError
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except (UnidentifiedImageError, OSError) as exc:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
+                           "JPEG, WebP, GIF or BMP picture") from exc
+
+    component.preprocess = checked
+    return component

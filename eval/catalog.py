@@ -1,0 +1,46 @@
+"""What ships in the package, known without importing torch: the embedded models, the lmms-eval task folder and
+the method names (so ``vtprune --help`` and ``vtprune models`` answer at once)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODELS_DIR = Path(__file__).parent / "models"
+TASKS_DIR = Path(__file__).parent / "tasks"  # lmms-eval's --include_path for the vtprune_sortofclevr task
+EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
+# The registry (vtprune.list_methods()) imports torch; tests/test_cli.py checks this copy against it.
+DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
+METHODS = ["divprune", "entropy", "fastv", "pool", "random", "zoo"]  # sorted, as list_methods() returns them
+
+
+def model_dir(name: str) -> Path:
+    return MODELS_DIR / name
+
+
+def is_available(name: str) -> bool:
+    d = model_dir(name)
+    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
+
+
+def training_info(name: str) -> dict:
+    p = model_dir(name) / "training.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def resolve(name_or_path: str) -> str:
+    """An embedded model name becomes its folder; a local path or an HF id is returned unchanged."""
+    if name_or_path in EMBEDDED_MODELS and not Path(name_or_path).exists():
+        return str(model_dir(name_or_path))
+    return name_or_path
+
+
+def describe() -> list[dict]:
+    """One row per embedded model: name, class, visual tokens per image, test accuracy, folder."""
+    rows = []
+    for name in EMBEDDED_MODELS:
+        info = training_info(name)
+        acc = (info.get("test_accuracy") or {}).get("overall")
+        rows.append({"name": name, "class": info.get("model_class", "?"),
+                     "visual_tokens": info.get("visual_tokens_per_image"), "test_accuracy": acc,
+                     "available": is_available(name), "path": str(model_dir(name))})
+    return rows

@@ -12,7 +12,7 @@ PILLOW = "pillow>=10,<13"  # gradio (demo, test) requires pillow < 13; a newer o
 EVAL = ["matplotlib>=3.7", "tqdm>=4.60",
         "torchvision>=0.19"]  # torchvision: the Qwen2-VL processors build a video processor that needs it
 LMMS = ["lmms-eval>=0.7.3,<0.8"]
-DEMO = ["gradio>=5,<7"]
+DEMO = ["gradio>=5,<7", "av>=12"]  # av: the demo reads uploaded videos
 # Caps that [test]'s tree imposes on packages [eval] installs too (found with `pip install --dry-run --report`
 # of [test] over a fresh [eval]): lmms-eval 0.7.3 imports filelock._api, gone in filelock 4 (torch installs
 # filelock); lmms-eval's table writer needs typepy[datetime], which caps python-dateutil < 3 (matplotlib's).

@@ -38,9 +38,10 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     return model, processor
 
 
-def build_prompt(processor, question: str, n_images: int = 1) -> str:
-    """The prompt string for one question (the processor's chat template: the images first, then the question)."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+def build_prompt(processor, question: str, n_images: int = 1, n_videos: int = 0) -> str:
+    """The prompt string for one question (the processor's chat template: the images, then the videos, then the
+    question)."""
+    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 

@@ -110,7 +110,8 @@ def test_gradio_app_runs_the_comparison(embedded):
     model, processor = embedded
     app = build_app(model, processor, example_scenes(2), max_new_tokens=3)
     e = make_split("test", 2, seed=0)[1]
-    original, pruned, shown, summary = app.vtprune_run(e.image, e.question, "pool", 25, -1)
+    original, pruned, shown, second, summary = app.vtprune_run(e.image, e.question, "pool", 25, -1)
+    assert second is None  # one image: no second overlay
     c = compare(model, processor, e.image, e.question, method="pool", keep_ratio=0.25, max_new_tokens=3)
     assert (original, pruned) == (c.original.text, c.pruned.text)
     assert np.array_equal(np.asarray(shown), np.asarray(c.overlay))
@@ -152,11 +153,50 @@ def test_served_page_answers_over_http(tmp_path):
         e = make_split("test", 3, seed=0)[2]
         e.image.save(tmp_path / "scene.png")
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        original, pruned, shown, summary = client.predict(handle_file(str(tmp_path / "scene.png")), e.question,
-                                                          "divprune", 11, -1, api_name="/run")
+        original, pruned, shown, second, summary = client.predict(
+            handle_file(str(tmp_path / "scene.png")), e.question, "divprune", 11, -1, None, None, api_name="/run")
     finally:
         app.close()
     c = compare(model, processor, e.image, e.question, method="divprune", keep_ratio=0.11, max_new_tokens=3)
     assert (original, pruned) == (c.original.text, c.pruned.text)
     assert summary.startswith(f"divprune: {c.pruned.visual_tokens} of 144 visual tokens kept")
     assert Image.open(shown).size == c.overlay.size
+
+
+@torch.no_grad()
+def test_compare_two_images_and_a_video():
+    """Two images and a clip in one prompt (a Qwen model): both answers, an overlay per image drawn from that image's
+    own kept tokens, and the video's count in the note."""
+    from conftest import _model, _processor
+    from vtprune.demo import compare
+    from vtprune.testing import tiny_images, tiny_videos, video_prompt
+
+    model, proc = _model("qwen2_vl", "sdpa"), _processor("qwen2_vl")
+    images, clip = tiny_images(2, seed=3), tiny_videos(1, frames=3, seed=3)[0]
+    prompt = video_prompt("qwen2_vl", "what moved ?", images=2)
+    c = compare(model, proc, images, "what moved ?", method="pool", keep_ratio=0.5, video_keep_ratio=0.25,
+                prompt=prompt, video=clip, max_new_tokens=2)
+    units = c.stats[0]["units"][0]
+    assert [u.kind for u in units] == ["image", "image", "video"]
+    assert [u.tokens_after for u in units] == [int(u.tokens_before * r + 0.5) for u, r in zip(units, (0.5, 0.5, 0.25))]
+    assert len(c.overlays) == 2 and c.overlay is c.overlays[0]
+    from vtprune.demo import readable
+
+    for img, shown, unit in zip(images, c.overlays, units):
+        plain = np.asarray(readable(img, _grid_of(unit, img, shown)))
+        changed = (np.asarray(shown) != plain).any(-1).mean()
+        # The cells greyed out on this image's overlay are exactly its own dropped share.
+        assert abs(changed - (1 - unit.tokens_after / unit.tokens_before)) < 0.02
+    assert f"{units[2].tokens_after} of {units[2].tokens_before} tokens kept over 3 frames" in c.note
+    with pytest.raises(ValueError, match="takes no videos"):
+        compare(_model("llava", "sdpa"), _processor("llava"), images[0], "what ?", video=clip, prompt="x")
+
+
+def _grid_of(unit, img, shown):
+    """(rows, cols) of a unit's token grid, from its overlay's cell layout and the image's aspect."""
+    n = unit.tokens_before
+    for rows in range(1, n + 1):
+        if n % rows == 0 and shown.size[1] % rows == 0 and shown.size[0] % (n // rows) == 0 \
+                and shown.size[1] // rows == shown.size[0] // (n // rows):
+            return rows, n // rows
+    raise AssertionError(f"no square-cell grid of {n} tokens fits {shown.size}")

@@ -39,8 +39,9 @@ class Comparison:
     pruned: Answer
     method: str
     stats: list = field(default_factory=list)  # vtprune.get_stats of the pruned prefill
-    overlay: Optional[Image.Image] = None  # the image with dropped tokens greyed out (single-grid models)
+    overlay: Optional[Image.Image] = None  # the (first) image with dropped tokens greyed out (single-grid models)
     note: str = ""  # what the overlay cannot show (several crops) or how it was drawn (an image under one px a token)
+    overlays: list = field(default_factory=list)  # one per image of the prompt, where its tokens form one grid
 
     @property
     def flops_ratio(self) -> float:
@@ -87,18 +88,58 @@ def readable(picture: Image.Image, grid: tuple[int, int], min_side: int = OVERLA
     return picture.convert("RGB").resize((cols * cell, rows * cell), Image.NEAREST)
 
 
-def _token_image(processor, image: Image.Image, batch: dict) -> Optional[Image.Image]:
-    """The picture the token grid covers: LLaVA's padded, resized crop (from pixel_values); Qwen's resized image."""
+def _token_image(processor, image: Image.Image, batch: dict, index: int = 0) -> Optional[Image.Image]:
+    """The picture image ``index``'s token grid covers: LLaVA's padded, resized crop (from pixel_values); Qwen's
+    resized image."""
     pv = batch.get("pixel_values")
     if "image_grid_thw" in batch:
         return image
-    if pv is None or pv.dim() != 4 or pv.shape[0] != 1:
+    if pv is None or pv.dim() != 4 or index >= pv.shape[0]:
         return None  # several crops (LLaVA-NeXT): no single grid to draw on
     ip = processor.image_processor
     mean = torch.tensor(ip.image_mean).view(3, 1, 1)
     std = torch.tensor(ip.image_std).view(3, 1, 1)
-    arr = ((pv[0].float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    arr = ((pv[index].float().cpu() * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     return Image.fromarray(arr)
+
+
+def _as_images(image) -> list:
+    if image is None:
+        return []
+    return [im.convert("RGB") for im in (image if isinstance(image, (list, tuple)) else [image])]
+
+
+def read_clip(video, max_frames: int = 16):
+    """A clip as the processors take it, uint8 [frames, H, W, 3]: an array as it is, a list of PIL frames, or a
+    video file's path (decoded with PyAV, evenly sampled down to ``max_frames``)."""
+    import numpy as np
+
+    if isinstance(video, (str, bytes)) or hasattr(video, "__fspath__"):
+        try:
+            import av
+        except ImportError as exc:  # pragma: no cover - depends on the extra
+            raise ImportError('reading a video file needs PyAV: pip install "vtprune[demo]"') from exc
+        with av.open(str(video)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        if not frames:
+            raise ValueError(f"{video} holds no video frames")
+        step = max(1, math.ceil(len(frames) / max_frames))
+        video = frames[::step][:max_frames]
+    if isinstance(video, (list, tuple)):
+        video = np.stack([np.asarray(f.convert("RGB") if isinstance(f, Image.Image) else f) for f in video])
+    clip = np.asarray(video)
+    if clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(f"a video must be [frames, height, width, 3]; got shape {clip.shape}")
+    return clip.astype(np.uint8)
+
+
+def _unit_kept(stats: list, units: list) -> list:
+    """Per unit of row 0, the indices into its tokens that survive every stage."""
+    kept = [torch.arange(u.length) for u in units]
+    for stage in stats:
+        for u, unit_stats in enumerate(stage["units"][0]):
+            kept[u] = kept[u][unit_stats.kept_indices.cpu()]
+    return kept
 
 
 def _run(model, batch, max_new_tokens, tok) -> tuple[str, float]:
@@ -122,32 +163,44 @@ def _model_lock(model) -> threading.Lock:
         return _LOCKS.setdefault(model, threading.Lock())
 
 
-def compare(model, processor, image: Image.Image, question: str, method: str = "divprune",
+def compare(model, processor, image, question: str, method: str = "divprune",
             keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None, layer: Optional[int] = None,
-            max_new_tokens: int = 32, prompt: Optional[str] = None, **options) -> Comparison:
-    """Answer ``question`` about ``image`` with ``model`` as it is, then pruned by ``method`` (patched for this call
-    only and restored afterwards). The model must not already be patched. ``prompt`` overrides the text given to
-    the processor (default: the processor's chat template with one image and the question). Safe to call from
-    several threads on one model: the comparisons run one after another."""
+            max_new_tokens: int = 32, prompt: Optional[str] = None, video=None, **options) -> Comparison:
+    """Answer ``question`` about ``image`` (a PIL image, a list of them, or None) and ``video`` (a clip: array
+    [frames, H, W, 3], list of frames or a file path; families that take videos) with ``model`` as it is, then
+    pruned by ``method`` (patched for this call only and restored afterwards). ``options`` go to
+    ``apply_pruner`` (``video_keep_ratio=``, ``temporal=``, method options). The model must not already be patched.
+    ``prompt`` overrides the text given to the processor (default: the processor's chat template with the images,
+    the video and the question). Safe to call from several threads on one model: the comparisons take turns."""
     with _model_lock(model):
         return _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens,
-                        prompt, options)
+                        prompt, video, options)
 
 
 def _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt,
-             options) -> Comparison:
+             video, options) -> Comparison:
     from .eval.embedded import build_prompt, count_visual_tokens
+    from .patches import get_adapter
 
     if api.is_patched(model):
         raise ValueError("compare() needs an unpatched model: call vtprune.remove_pruner(model) first")
     if not question or not question.strip():
         raise ValueError("question is empty: ask something about the image")
-    image = image.convert("RGB")
-    prompt = prompt if prompt is not None else build_prompt(processor, question.strip())
+    adapter = get_adapter(model)
+    images = _as_images(image)
+    if video is not None and adapter.video_tag is None:
+        raise ValueError(f"{type(model).__name__} takes no videos; give images only")
+    clip = None if video is None else read_clip(video)
+    if not images and clip is None:
+        raise ValueError("give an image, several images or a video to ask about")
+    prompt = prompt if prompt is not None else build_prompt(processor, question.strip(), len(images),
+                                                            int(clip is not None))
+    media = dict(images=images or None, videos=None if clip is None else [clip])
     try:
-        batch = processor(images=[image], text=[prompt], return_tensors="pt")
+        batch = processor(text=[prompt], return_tensors="pt", **media)
     except ValueError as exc:  # e.g. Qwen's resizing refuses aspect ratios over 200
-        raise ValueError(f"the processor cannot encode this {image.width}x{image.height} px image: {exc}") from exc
+        sizes = ", ".join(f"{im.width}x{im.height}" for im in images) or "video"
+        raise ValueError(f"the processor cannot encode this input ({sizes} px): {exc}") from exc
     batch = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
              for k, v in batch.items()}
     tok = processor.tokenizer
@@ -166,18 +219,25 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
     kept = kept_visual_tokens(stats, n_visual)
     pruned = Answer(text, latency, count_prefill(model, batch, stats)["total"], len(kept))
 
-    from vtprune.patches import get_adapter
-
-    grid = (get_adapter(model).grids(batch, [n_visual]) or [None])[0]
-    picture = _token_image(processor, image, batch)
-    if grid is None or picture is None:
-        return Comparison(original, pruned, method, stats, None,
-                          "No overlay: this model encodes the image as several crops, not one token grid.")
-    note = ""
-    if image.width < grid[1] or image.height < grid[0]:
-        note = (f"The image ({image.width}x{image.height} px) has fewer pixels than the {grid[0]}x{grid[1]} token "
-                "grid: the processor enlarged it, and the overlay shows that enlarged picture.")
-    return Comparison(original, pruned, method, stats, overlay(readable(picture, grid), grid, kept), note)
+    units = adapter.units(batch, adapter.visual_mask(batch["input_ids"]))[0]
+    kept_per_unit = _unit_kept(stats, units) if stats else [torch.arange(u.length) for u in units]
+    overlays, notes = [], []
+    image_units = [(u, k) for u, k in zip(units, kept_per_unit) if u.kind == "image"]
+    for i, (img, (unit, unit_kept)) in enumerate(zip(images, image_units)):
+        grid = unit.grid[1:] if unit.grid is not None and unit.grid[0] == 1 else None
+        picture = _token_image(processor, img, batch, i) if grid is not None else None
+        if picture is None:
+            notes.append("No overlay: this model encodes the image as several crops, not one token grid.")
+            continue
+        if img.width < grid[1] or img.height < grid[0]:
+            notes.append(f"The image ({img.width}x{img.height} px) has fewer pixels than the {grid[0]}x{grid[1]} "
+                         "token grid: the processor enlarged it, and the overlay shows that enlarged picture.")
+        overlays.append(overlay(readable(picture, grid), grid, unit_kept))
+    if clip is not None:
+        video_units = [(u, k) for u, k in zip(units, kept_per_unit) if u.kind == "video"]
+        notes += [f"Video: {len(k)} of {u.length} tokens kept over {u.frames} frames." for u, k in video_units]
+    note = " ".join(dict.fromkeys(notes))  # the same note once
+    return Comparison(original, pruned, method, stats, overlays[0] if overlays else None, note, overlays)
 
 
 def load_model(name_or_path: str):
@@ -201,21 +261,25 @@ def example_scenes(n: int = 4) -> list[list]:
 
 
 def build_app(model, processor, examples: Optional[list] = None, max_new_tokens: int = 32):
-    """A ``gradio.Blocks`` page: image and question in; both answers, the kept-token overlay and the cost out."""
+    """A ``gradio.Blocks`` page: one or two images (and a video, for families that take videos) and a question in;
+    both answers, the kept-token overlays and the cost out."""
     try:
         import gradio as gr
     except ImportError as exc:  # pragma: no cover - depends on the extra
         raise ImportError('the demo needs Gradio: pip install "vtprune[demo]"') from exc
+    from .patches import get_adapter
 
-    def run(image, question, method, percent, layer):
-        if image is None:
-            raise gr.Error("upload an image first")
+    def run(image, question, method, percent, layer, image2=None, video=None):
+        if image is None and image2 is None and video is None:
+            raise gr.Error("upload an image (or a video) first")
         try:
-            c = compare(model, processor, image, question, method=method, keep_ratio=float(percent) / 100,
-                        layer=None if layer in (None, "", -1) else int(layer), max_new_tokens=max_new_tokens)
+            c = compare(model, processor, [im for im in (image, image2) if im is not None], question, method=method,
+                        keep_ratio=float(percent) / 100, layer=None if layer in (None, "", -1) else int(layer),
+                        max_new_tokens=max_new_tokens, video=video)
         except (ValueError, NotImplementedError) as exc:
             raise gr.Error(str(exc)) from exc
-        return c.original.text, c.pruned.text, c.overlay, c.summary()
+        second = c.overlays[1] if len(c.overlays) > 1 else None
+        return c.original.text, c.pruned.text, c.overlay, second, c.summary()
 
     with gr.Blocks(title="vtprune: original vs pruned") as app:
         gr.Markdown("## vtprune: the same question to the original and the pruned model")
@@ -225,6 +289,11 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
                                                 height=OVERLAY_MIN_SIDE + 40), gr)
             shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)", elem_id="vt-overlay",
                              format="png", height=OVERLAY_MIN_SIDE + 40)
+        with gr.Row():
+            image2 = gr.Image(type="pil", label="second image (optional)", elem_id="vt-image-2", format="png")
+            shown2 = gr.Image(type="pil", label="second image: tokens kept", elem_id="vt-overlay-2", format="png")
+            takes_video = get_adapter(model).video_tag is not None
+            video = gr.Video(label="video (optional)", elem_id="vt-video", visible=takes_video)
         question = gr.Textbox(label="question", elem_id="vt-question")
         with gr.Row():
             method = gr.Dropdown(list_methods(), value="divprune", label="method")
@@ -235,7 +304,8 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
             original = gr.Textbox(label="original model", elem_id="vt-original")
             pruned = gr.Textbox(label="pruned model", elem_id="vt-pruned")
         summary = gr.Markdown(elem_id="vt-summary")
-        go.click(run, [image, question, method, percent, layer], [original, pruned, shown, summary])
+        go.click(run, [image, question, method, percent, layer, image2, video],
+                 [original, pruned, shown, shown2, summary])
         if examples:
             gr.Examples(examples, [image, question], elem_id="vt-examples")
     app.vtprune_run = run  # the click handler, for tests and scripting

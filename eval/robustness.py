@@ -18,7 +18,6 @@ a cell partly inside the patch counts with the share of its area inside.
 from __future__ import annotations
 
 import ast
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,16 +199,11 @@ def table(rows: list[dict]) -> str:
 
 def write_results(rows: list[dict], output: Path) -> dict:
     """robustness.json, robustness.csv and robustness.png under ``output``."""
-    import csv
+    from .report import write_rows
 
     output.mkdir(parents=True, exist_ok=True)
     paths = {k: output / f"robustness.{k}" for k in ("json", "csv", "png")}
-    paths["json"].write_text(json.dumps(rows, indent=2))
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(rows, paths["json"], paths["csv"])
     plot(rows, paths["png"])
     return paths
 

@@ -65,7 +65,7 @@ def _pixel_change(family, processor, clean, changed):
         d = d[0].sum(0)
         side = d.shape[0] // p
         return d.view(side, p, side, p).sum((1, 3)).flatten(), (side, side)
-    t, h, w = a["image_grid_thw"][0].tolist()  # Qwen: 2x2 patch groups are consecutive rows, in token order
+    _, h, w = a["image_grid_thw"][0].tolist()  # Qwen: 2x2 patch groups are consecutive rows, in token order
     return d.sum(-1).view(-1, 4).sum(-1), (h // 2, w // 2)
 
 

@@ -54,7 +54,7 @@ def test_margin_and_quantum_break_near_ties_by_raster_order():
     assert stable.greedy_stable(torch.floor(d / 0.05) * 0.05, 2, init=init)[0, 1] == 1
 
 
-@pytest.mark.parametrize("cell_pick", ["central", "greedy"])
+@pytest.mark.parametrize("cell_pick", stable.CELL_PICKS)
 def test_cells_put_one_pick_in_each_chosen_cell(cell_pick):
     x, grid = features(b=3, rows=6, cols=7)
     cell = stable.cell_index(grid, 2)
@@ -66,16 +66,19 @@ def test_cells_put_one_pick_in_each_chosen_cell(cell_pick):
         assert all(len(set(c.tolist())) == first.shape[1] for c in first)  # distinct cells first
 
 
-def test_central_token_is_nearest_to_its_cell_mean():
+def test_cell_pick_central_and_salient_against_naive():
     x, grid = features(b=1, rows=4, cols=4)
     cell = stable.cell_index(grid, 2)
     pooled = stable.pool_cells(x, cell, 4)
+    everything = x[0].mean(0)
     for c in range(4):
         members = (cell == c).nonzero().flatten()
         torch.testing.assert_close(pooled[0, c], x[0, members].mean(0))
-        sims = F.cosine_similarity(x[0, members], pooled[0, c][None], dim=-1)
-        got = stable.central_tokens(x, pooled, cell, torch.tensor([[c]]))[0, 0]
-        assert got == members[sims.argmax()]
+        near_cell = F.cosine_similarity(x[0, members], pooled[0, c][None], dim=-1)
+        far_all = -F.cosine_similarity(x[0, members], everything[None], dim=-1)
+        for how, naive in (("central", near_cell), ("salient", far_all)):
+            got = stable.best_in_cells(stable.cell_scores(x, pooled, cell, how), cell, torch.tensor([[c]]))
+            assert got[0, 0] == members[naive.argmax()]
 
 
 def test_no_grid_falls_back_to_raster_only_knobs():

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     de.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     de.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
     de.set_defaults(fn=_demo)
-    from .eval import robustness  # the selection-stability report keeps its options next to its code
+    # The selection-stability report keeps its options next to its code.
+    from .eval import robustness
 
     ro = sub.add_parser("robustness", help="how stable each method's selection is under pixel noise and patches")
     robustness.add_arguments(ro)

@@ -10,9 +10,10 @@ tokens that the greedy then keeps. The knobs here (each off by default, so the p
   ``argmax`` breaks by a fixed spatial order (raster order: the lowest index);
 * ``margin``:  at each step take, among the tokens scoring at least ``(1 - margin) x`` the best, the first in
   raster order (a tie band that moves with the score instead of fixed buckets);
-* ``cells``:   choose the diverse ``cells x cells`` cells first (features pooled per cell), then the most
-  central token of each chosen cell (closest in cosine to the cell mean); picks beyond the number of cells
-  continue the greedy on single tokens.
+* ``cells``:   choose the diverse ``cells x cells`` cells first (features pooled per cell), then one token of each
+  chosen cell (``cell_pick``: the most central, closest in cosine to the cell mean; the most salient, farthest
+  from the mean of all tokens; or the token greedy restricted to the chosen cells); picks beyond the number of
+  cells continue the greedy on single tokens.
 """
 from __future__ import annotations
 
@@ -128,27 +129,34 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
             cdist = torch.floor(cdist / quantum) * quantum
         cw = None if weights is None else pool_cells(weights.unsqueeze(-1), cell, n_cells).squeeze(-1)
         chosen = greedy_stable(cdist, min(k, n_cells), cw, margin)  # [B, c]
-        if cell_pick == "central":
-            init = central_tokens(features, pooled, cell, chosen)
+        if cell_pick != "greedy":
+            init = best_in_cells(cell_scores(features, pooled, cell, cell_pick), cell, chosen)
         else:  # "greedy": the token greedy chooses within the chosen cells, one per cell
             open_cells = torch.zeros(chosen.shape[0], n_cells, dtype=torch.bool, device=features.device)
             open_cells.scatter_(1, chosen, True)
     return greedy_stable(dist, k, weights, margin, init, cell, open_cells)
 
 
-def central_tokens(features: torch.Tensor, pooled: torch.Tensor, cell: torch.Tensor,
-                   chosen: torch.Tensor) -> torch.Tensor:
-    """For each chosen cell, its token closest in cosine to the cell's mean feature.
+def cell_scores(features: torch.Tensor, pooled: torch.Tensor, cell: torch.Tensor, how: str) -> torch.Tensor:
+    """How well each token represents its cell. features: [B, N, D]; pooled: [B, C, D]; cell: [N]. -> [B, N].
 
-    features: [B, N, D]; pooled: [B, C, D] cell means; cell: [N] cell of each token; chosen: [B, c] cell ids.
-    Returns [B, c] token indices (ties: the lowest index).
+    ``"central"``: cosine similarity to its own cell's mean; ``"salient"``: cosine distance to the mean of all
+    tokens (the background-dominated average), so an object's token beats the background beside it.
     """
-    sim = F.normalize(features.float(), dim=-1) @ F.normalize(pooled, dim=-1).transpose(1, 2)  # [B, N, C]
+    x = F.normalize(features.float(), dim=-1)
+    if how == "central":
+        return (x * F.normalize(pooled[:, cell], dim=-1)).sum(-1)
+    return 1 - (x * F.normalize(features.float().mean(1, keepdim=True), dim=-1)).sum(-1)
+
+
+def best_in_cells(score: torch.Tensor, cell: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """score [B, N], cell [N], chosen [B, c] cell ids -> [B, c]: each chosen cell's highest-scoring token
+    (ties: the lowest index)."""
     member = cell[None, :, None] == chosen[:, None, :]  # [B, N, c]
-    sim = torch.gather(sim, 2, chosen[:, None, :].expand(-1, sim.shape[1], -1))
-    return sim.masked_fill(~member, float("-inf")).argmax(dim=1)
+    return score.unsqueeze(-1).expand_as(member).masked_fill(~member, float("-inf")).argmax(dim=1)
 
 
+CELL_PICKS = ("central", "salient", "greedy")
 _OPTIONS = {"smooth": 1, "quantum": 0.0, "margin": 0.0, "cells": 1, "cell_pick": "central"}
 
 
@@ -157,9 +165,9 @@ def _check(inputs: SelectionInputs, k: int, smooth: int, quantum: float, margin:
     n = inputs.num_tokens
     if not 0 <= k <= n:
         raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
-    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1 or cell_pick not in ("central", "greedy"):
-        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick 'central' or "
-                         f"'greedy'; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
+    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
+        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick in "
+                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
                          f"cell_pick={cell_pick!r}")
     return usable_grid(inputs.grid, inputs.batch, n)
 

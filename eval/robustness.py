@@ -178,6 +178,21 @@ def run_embedded(models=None, specs=None, budgets=DEFAULT_BUDGETS, perturbations
     return rows
 
 
+def merge_runs(runs: list[Path]) -> list[dict]:
+    """Rows of several runs' robustness.json, keeping the first of rows that repeat the same configuration (the
+    unpruned control that every run measures)."""
+    import json
+
+    rows, seen = [], set()
+    for run in runs:
+        for r in json.loads((run / "robustness.json").read_text()):
+            key = (r["model"], r["method"], r["budget_pct"], r["perturbation"], r["n"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row; percentages, Jaccard to two decimals, attraction as a factor."""
     def pct(v):
@@ -252,6 +267,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--output", help="results folder (default: a new vtprune-robustness-<time> folder)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--merge", nargs="+", metavar="RUN", help="instead of measuring, merge the robustness.json of "
+                    "earlier runs (one unpruned control per model and perturbation) into --output")
 
 
 def run(args) -> int:
@@ -260,6 +277,11 @@ def run(args) -> int:
 
     from .harness import parse_budgets
 
+    if args.merge:
+        rows = merge_runs([Path(r) for r in args.merge])
+        paths = write_results(rows, Path(args.output or "."))
+        print(table(rows))
+        return 0
     torch.set_num_threads(args.threads)
     # Options of one method are separated by ';' on the command line, since ',' separates methods.
     specs = [s.replace(";", ",") for s in args.methods.split(",")] if args.methods else None

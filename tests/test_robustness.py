@@ -124,3 +124,14 @@ def test_write_results(tmp_path):
     assert paths["csv"].read_text().count("\n") == 4 and paths["png"].stat().st_size > 5000
     assert "| llava | divprune | 11 % | patch-noise:12 | 0.50 | 10.0 | 70.0 (80.0) | 5.0 (2.0) | 2.50 (1.00) |" \
         in R.table(rows)
+
+
+def test_merge_keeps_one_control(tmp_path):
+    base = {"model": "m", "budget_pct": 100, "perturbation": "noise:1", "n": 4, "seed": 0, "answer_change": 0.0,
+            "accuracy": 1.0, "accuracy_clean": 1.0}
+    for name, method in (("a", "divprune"), ("b", "zoo")):
+        (tmp_path / name).mkdir()
+        rows = [dict(base, method="none"), dict(base, method=method, budget_pct=11, jaccard=0.9)]
+        R.write_results(rows, tmp_path / name)
+    merged = R.merge_runs([tmp_path / "a", tmp_path / "b"])
+    assert [r["method"] for r in merged] == ["none", "divprune", "zoo"]

@@ -8,7 +8,7 @@ import vtprune
 from conftest import _model, make_batch, row
 from vtprune import ops
 from vtprune.strategies import stable
-from vtprune.strategies.base import SelectionInputs
+from vtprune.strategies.base import SelectionInputs, get_method
 
 torch.set_num_threads(1)
 
@@ -27,6 +27,16 @@ def test_every_knob_off_is_the_plain_greedy():
     for k in (1, 7, x.shape[1]):
         assert torch.equal(stable.stable_maxmin(x, k, grid), ops.greedy_maxmin(x, k))
         assert torch.equal(stable.stable_maxmin(x, k, grid, w), ops.greedy_maxmin(x, k, w))
+
+
+@pytest.mark.parametrize("name", ["divprune_stable", "zoo_stable"])
+def test_registered_options_are_the_signature_defaults(name):
+    import inspect
+
+    method = get_method(name)
+    params = inspect.signature(method.fn).parameters.values()
+    assert method.options == {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    assert method.options["cells"] == 2
 
 
 def test_smooth_features_is_the_mean_of_the_right_down_neighbourhood():

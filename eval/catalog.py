@@ -10,7 +10,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"  # lmms-eval's --include_path for th
 EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
 # The registry (vtprune.list_methods()) imports torch; tests/test_cli.py checks this copy against it.
 DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
-METHODS = ["divprune", "entropy", "fastv", "pool", "random", "temporal", "zoo"]  # sorted, as list_methods() returns them
+METHODS = ["divprune", "divprune_stable", "entropy", "fastv", "pool", "random", "temporal", "zoo", "zoo_stable"]  # sorted, as list_methods() returns them
 
 
 def model_dir(name: str) -> Path:

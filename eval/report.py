@@ -39,14 +39,19 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
     """results.json, results.csv, pareto.png under ``output``. Returns their paths."""
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "csv": output / "results.csv", "plot": output / "pareto.png"}
-    paths["json"].write_text(json.dumps(rows, indent=2))
+    write_rows(rows, paths["json"], paths["csv"])
+    pareto_plot(rows, paths["plot"], title)
+    return paths
+
+
+def write_rows(rows: list[dict], json_path: Path, csv_path: Path) -> None:
+    """Rows as a JSON list and as CSV (columns: every key, in first-seen order; missing cells empty)."""
+    json_path.write_text(json.dumps(rows, indent=2))
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with paths["csv"].open("w", newline="") as f:
+    with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    pareto_plot(rows, paths["plot"], title)
-    return paths
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

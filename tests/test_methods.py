@@ -15,6 +15,8 @@ METHODS = {
     "zoo": dict(m=8),
     "entropy": dict(layer=2),
     "temporal": {},
+    "divprune_stable": {},
+    "zoo_stable": dict(m=8),
 }
 
 

@@ -50,4 +50,4 @@ def test_readme_python_example_runs(tmp_path):
     answer_line = next(ln for ln in out.stdout.splitlines() if " -> " in ln)
     answer, expected = re.fullmatch(r".+ -> (.*) \(expected (.+)\)", answer_line).groups()
     assert answer.strip() == expected  # the pruned model still answers this scene right
-    assert "'tokens_after': [36]" in out.stdout  # the comment's "keep 36 of the 144 visual tokens"
+    assert "[144] -> [36]" in out.stdout  # the comment's "keep 36 of the 144 visual tokens"

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .eval import catalog
+from .eval import catalog, robustness_args
 
 
 def _eval(args) -> int:
@@ -71,6 +71,12 @@ def _methods(args) -> int:
     return 0
 
 
+def _robustness(args) -> int:
+    from .eval import robustness
+
+    return robustness.run(args)
+
+
 def _tasks_path(args) -> int:
     print(catalog.TASKS_DIR)
     return 0
@@ -124,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                    description="The methods apply_pruner accepts (imports torch).").set_defaults(fn=_methods)
     sub.add_parser("tasks-path", help="print the lmms-eval task folder (for lmms-eval --include_path)",
                    description="The folder holding the vtprune_sortofclevr lmms-eval tasks.").set_defaults(fn=_tasks_path)
+    ro = sub.add_parser("robustness", help="how stable each method's selection is under pixel noise and patches",
+                        description="Kept-set Jaccard, answer changes and patch attraction of every method under "
+                                    "pixel noise and corner patches, on the embedded models.")
+    robustness_args.add_arguments(ro)
+    ro.set_defaults(fn=_robustness)
     return ap
 
 

@@ -139,6 +139,25 @@ def test_config_validates_when_constructed():
 
 # --------------------------------------------------------------------------------------------- threads
 
+def _in_threads(work, n: int) -> list:
+    """Run work(0..n-1) in n threads; the exceptions they raised (an error in a thread must fail the test, not
+    vanish)."""
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return errors
+
+
 def _generate_and_keep(model, batch):
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     return out, vtprune.get_stats(model)[0]["kept_indices"].clone()
@@ -154,22 +173,15 @@ def test_threads_on_one_patched_model_do_not_see_each_other(family, method, laye
     batches = [tiny_batch(family, proc, tiny_images(1 + t % 2, seed=10 + t)) for t in range(4)]
     vtprune.apply_pruner(model, method=method, keep_ratio=0.4, layer=layer)
     want = [[_generate_and_keep(model, batches[t]) for _ in range(3)] for t in range(4)]
-    got, errors = [[None] * 3 for _ in range(4)], []
+    got = [[None] * 3 for _ in range(4)]
     start = threading.Barrier(4)
 
     def work(t):
-        try:
-            start.wait()
-            for i in range(3):
-                got[t][i] = _generate_and_keep(model, batches[t])
-        except Exception as exc:  # a shape error in one thread must fail the test, not vanish
-            errors.append(exc)
+        start.wait()
+        for i in range(3):
+            got[t][i] = _generate_and_keep(model, batches[t])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = _in_threads(work, 4)
     vtprune.remove_pruner(model)
     assert not errors, errors
     for t in range(4):
@@ -194,20 +206,13 @@ def test_compare_from_several_threads():
 
     model, proc = tiny_model("qwen2_vl"), _processor("qwen2_vl")
     images = tiny_images(3, seed=5)
-    results, errors = [None] * 3, []
+    results = [None] * 3
 
     def work(i):
-        try:
-            results[i] = compare(model, proc, images[i], "what shape is the square ?", method="pool",
-                                 keep_tokens=2, prompt=image_prompt("qwen2_vl"), max_new_tokens=2)
-        except Exception as exc:
-            errors.append(exc)
+        results[i] = compare(model, proc, images[i], "what shape is the square ?", method="pool",
+                             keep_tokens=2, prompt=image_prompt("qwen2_vl"), max_new_tokens=2)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = _in_threads(work, 3)
     assert not errors, errors
     alone = compare(model, proc, images[1], "what shape is the square ?", method="pool", keep_tokens=2,
                     prompt=image_prompt("qwen2_vl"), max_new_tokens=2)

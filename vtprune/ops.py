@@ -104,7 +104,8 @@ def compact_reference(hidden: torch.Tensor, index: torch.Tensor, position_ids: t
 def pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """x: [B, N, D] -> [B, N, N] with 1 - cos(x_i, x_j), computed in float32."""
     x = torch.nn.functional.normalize(x.float(), dim=-1)
-    return 1.0 - x @ x.transpose(1, 2)
+    # In place: (-g) + 1 rounds exactly as 1 - g, and only one N x N matrix exists at a time.
+    return (x @ x.transpose(1, 2)).neg_().add_(1.0)
 
 
 def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None,

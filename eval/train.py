@@ -531,6 +531,13 @@ def save(model, processor, out_dir: Path):
     processor.save_pretrained(out_dir)
 
 
+def results_record(threads, n_test, previous, full, blank, blank_key, prior, val_res) -> dict:
+    """The part of a run's training.json shared by the image and video recipes."""
+    return {"threads": threads, "test_split": {"name": "test", "seed": 0, "n": n_test}, "previous_run": previous,
+            "test_accuracy": full, blank_key: blank, "answer_prior": prior, "last_validation": val_res,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+
+
 def _previous_time(previous) -> float:
     if not previous:
         return 0.0
@@ -667,16 +674,8 @@ def main(argv=None):
                    "eval": round(t_eval, 1)},
         "train_time_s_including_previous_runs": round(
             train_time + _previous_time(previous), 1),
-        "threads": args.threads,
-        "test_split": {"name": "test", "seed": 0, "n": len(test)},
         "init_from": str(args.init_from) if args.init_from else None,
-        "previous_run": previous,
-        "test_accuracy": full,
-        "blank_image_accuracy": blank,
-        "answer_prior": prior,
-        "last_validation": val_res,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **results_record(args.threads, len(test), previous, full, blank, "blank_image_accuracy", prior, val_res),
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
     return info

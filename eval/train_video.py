@@ -190,15 +190,7 @@ def main(argv=None):
         # the video runs alone, and with the image model's own training before them
         "train_time_s_video_runs": round(train_time + (previous or {}).get("train_time_s_video_runs", 0.0), 1),
         "train_time_s_including_previous_runs": round(train_time + base_time, 1),
-        "threads": args.threads,
-        "test_split": {"name": "test", "seed": 0, "n": len(test)},
-        "previous_run": previous,
-        "test_accuracy": full,
-        "blank_clip_accuracy": blank,
-        "answer_prior": prior,
-        "last_validation": val_res,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **T.results_record(args.threads, len(test), previous, full, blank, "blank_clip_accuracy", prior, val_res),
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
     return info

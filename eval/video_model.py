@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .data import score
-from .embedded import MAX_NEW_TOKENS, model_dir
+from .embedded import MAX_NEW_TOKENS, model_dir, predict_batches
 from .video_data import MULTI_FRAME_TYPES, SINGLE_FRAME_TYPES, VIDEO_QUESTION_TYPES, VideoExample
 
 VIDEO_MODEL = "qwen2_5_vl-tiny-sortofclevr-video"
@@ -38,27 +38,15 @@ def build_video_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-@torch.no_grad()
 def predict_video(model, processor, examples: list[VideoExample], batch_size: int = 16, blank: bool = False,
                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy short answers (left-padded batches); ``blank=True`` shows every clip as white frames."""
-    tok = processor.tokenizer
-    old_side, tok.padding_side = tok.padding_side, "left"
-    preds: list[str] = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i : i + batch_size]
-            videos = [e.blank_frames() if blank else e.frames for e in chunk]
-            texts = [build_video_prompt(processor, e.question) for e in chunk]
-            inputs = processor(videos=videos, text=texts, padding=True, return_tensors="pt")
-            inputs = {k: (v.to(model.dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            preds.extend(s.strip() for s in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                             skip_special_tokens=True))
-    finally:
-        tok.padding_side = old_side
-    return preds
+
+    def media_and_prompts(chunk):
+        videos = [e.blank_frames() if blank else e.frames for e in chunk]
+        return {"videos": videos}, [build_video_prompt(processor, e.question) for e in chunk]
+
+    return predict_batches(model, processor, examples, batch_size, media_and_prompts, max_new_tokens)
 
 
 def video_accuracy(preds: list[str], examples: list[VideoExample]) -> dict:

@@ -380,10 +380,12 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
 
 
 def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
-                  with_caption: bool = True, ask_fn=ask, prompt_fn=build_prompt) -> str:
+                  with_caption: bool = True, ask_fn=ask, prompt_fn=build_prompt, caption_fn=caption,
+                  caption_question: str = CAPTION_QUESTION) -> str:
     """``qa_turns`` question turns (rounds of ``qa_types`` -- every question type once by default -- shuffled
-    within the round, no question repeated), then the caption turn.  ``ask_fn`` / ``prompt_fn`` swap in another
-    benchmark's questions and first-turn prompt (the video clips of ``eval/train_video.py``)."""
+    within the round, no question repeated), then the caption turn.  ``ask_fn`` / ``prompt_fn`` / ``caption_fn`` /
+    ``caption_question`` swap in another benchmark's questions, first-turn prompt and caption (the video clips of
+    ``eval/train_video.py``)."""
     turns = []
     seen = set()
     rounds = -(-qa_turns // len(qa_types))
@@ -400,7 +402,7 @@ def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa
                 turns.append(qa)
                 break
     if with_caption:
-        turns.append((CAPTION_QUESTION, caption(scene)))
+        turns.append((caption_question, caption_fn(scene)))
     q0, a0 = turns[0]
     text = prompt_fn(processor, q0) + f" {a0} </s>"
     for q, a in turns[1:]:

@@ -39,10 +39,12 @@ if __package__ in (None, ""):  # run as a script: python eval/train_video.py
 from . import train as T  # noqa: E402
 from .embedded import model_dir  # noqa: E402
 from .video_data import (  # noqa: E402
+    CLIP_CAPTION_QUESTION,
     DEFAULT_FRAMES,
     VIDEO_QUESTION_TYPES,
     VIDEO_WORDS,
     ask_video,
+    clip_caption,
     make_video_split,
     random_clip,
     video_answer_prior,
@@ -56,16 +58,18 @@ TOKENS_PER_SECOND = 24
 RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100"]
 
 
-def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, qa_types, blank_every):
-    """One batch of training clips (a seed stream of the train split) with their question turns."""
+def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, qa_types, blank_every, caption):
+    """One batch of training clips (a seed stream of the train split) with their question turns, and with
+    ``caption`` a last turn describing the clip state by state (not on blank clips)."""
     videos, texts = [], []
     for j in range(batch):
         i = step * batch + j
         rng = random.Random(video_seed("train", seed, (stream << 40) + i))
         clip = random_clip(rng, n_frames)
-        texts.append(T.sequence_text(processor, clip, rng, qa_turns, qa_types, with_caption=False,
-                                     ask_fn=ask_video, prompt_fn=build_video_prompt))
         blank = blank_every > 0 and i % blank_every == 0
+        texts.append(T.sequence_text(processor, clip, rng, qa_turns, qa_types, with_caption=caption and not blank,
+                                     ask_fn=ask_video, prompt_fn=build_video_prompt, caption_fn=clip_caption,
+                                     caption_question=CLIP_CAPTION_QUESTION))
         videos.append(clip.blank_frames() if blank else clip.frames())
     return T.supervised_inputs(processor, texts, videos=videos)
 
@@ -106,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
                     help="comma list of question types making one round of turns (repeats weight a type)")
     ap.add_argument("--projector-lr-scale", type=float, default=0.0)
     ap.add_argument("--blank-every", type=int, default=8)
+    ap.add_argument("--caption", type=int, default=0, help="1: end each sequence with the state-by-state caption")
     ap.add_argument("--stream", type=int, default=4, help="seed stream of the training clips")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--val-size", type=int, default=120)
@@ -147,7 +152,7 @@ def main(argv=None):
 
     def batch_fn(step):
         return make_video_batch(processor, args.seed, step, args.batch, args.stream, args.frames, args.qa_turns,
-                                qa_types, args.blank_every)
+                                qa_types, args.blank_every, bool(args.caption))
 
     def eval_fn(m):
         m.eval()

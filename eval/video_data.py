@@ -46,7 +46,8 @@ MULTI_FRAME_TYPES = ("moved", "frames", "appeared", "ended")
 SINGLE_FRAME_TYPES = ("shape", "side")
 VIDEO_QUESTION_TYPES = MULTI_FRAME_TYPES + SINGLE_FRAME_TYPES
 # Words of the video questions the image benchmark's vocabulary lacks (the video model's tokenizer adds them).
-VIDEO_WORDS = ("which", "moved", "frames", "show", "appeared", "last", "where", "did", "end", "up")
+VIDEO_WORDS = ("which", "moved", "frames", "show", "appeared", "last", "where", "did", "end", "up", "clip")
+CLIP_CAPTION_QUESTION = "describe the clip ."
 # Offset of the per-example seed index: video examples hash differently from image examples of the same split.
 _VIDEO_STREAM = 1 << 48
 
@@ -206,6 +207,13 @@ def answer_video_question(clip: Clip, question: str) -> str:
     if w[:2] == ["is", "the"]:
         return clip.track(w[2])[0].side
     raise ValueError(f"cannot parse {question!r}")
+
+
+def clip_caption(clip: Clip) -> str:
+    """State by state (the order of the temporal groups), the objects left to right with shape, side and top/bottom.
+    A training target: reading it off makes the LLM address each temporal group in turn."""
+    return " . ".join(" , ".join(f"{o.colour} {o.shape} {o.side} {o.vertical}" for o in sorted(s.objects, key=lambda o: o.x))
+                      for s in clip.states)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

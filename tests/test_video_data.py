@@ -32,6 +32,7 @@ def test_hand_built_clip_answers():
     assert a(c, "which object appeared last ?") == "yellow"
     counts = {k: a(c, f"how many frames show the {k} object ?") for k in ("red", "cyan", "blue", "yellow", "green")}
     assert counts == {"red": "8", "cyan": "8", "blue": "6", "yellow": "4", "green": "2"}
+    assert V.clip_caption(c).split(" . ")[1] == "blue square left bottom , red circle left top , cyan triangle right bottom"
     assert c.still() == ["cyan"]  # the mover and the objects that come or go are not single-frame material
     assert a(c, "what shape is the cyan object ?") == "triangle" and a(c, "is the cyan object on the left or right ?") == "right"
     for t in V.VIDEO_QUESTION_TYPES:  # the generator's questions on this clip agree with the parser

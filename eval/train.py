@@ -473,11 +473,14 @@ def projector(model, kind):
 
 
 def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every, out_dir, qa_turns, stream=2,
-            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0, batch_fn=None, eval_fn=None):
+            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0, batch_fn=None, eval_fn=None,
+            loss_fn=None, extra_params=()):
     """Question answering + captions.  The vision tower stays frozen; the projector trains at
     ``projector_lr_scale * lr`` (0: frozen), as in LLaVA's own second stage, which lets the answers' loss amplify
     the feature directions the questions key on.  ``batch_fn(step)`` / ``eval_fn(model)`` replace the image
-    benchmark's batches and validation (the video recipe uses this loop unchanged otherwise)."""
+    benchmark's batches and validation, ``loss_fn(inputs)`` the LM loss (``extra_params``: its own trainable heads;
+    the video recipe uses this loop unchanged otherwise)."""
+    loss_fn = loss_fn or (lambda inputs: model(**inputs).loss)
     batch_fn = batch_fn or (lambda step: make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns,
                                                     qa_types=qa_types, blank_every=blank_every))
     eval_fn = eval_fn or (lambda m: quick_eval(m, processor, val, kind))
@@ -491,7 +494,7 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     for p in proj:
         p.requires_grad_(True)
     proj_ids = {id(p) for p in proj}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids] + list(extra_params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
@@ -507,9 +510,7 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     torch.manual_seed(seed + 2)
     best = None
     for step in range(steps):
-        inputs = batch_fn(step)
-        out = model(**inputs)
-        loss = out.loss
+        loss = loss_fn(batch_fn(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -111,3 +111,20 @@ def test_video_model_accuracy():
     blank = evaluate_video(model, processor, ex, batch_size=24, blank=True)
     assert res["n"] == 48 and res["multi_frame"] >= 0.75 and res["single_frame"] >= 0.85, res
     assert blank["multi_frame"] <= 0.5, blank  # without the clip it cannot answer
+
+
+def test_probe_targets_of_the_hand_built_clip():
+    from vtprune.eval import train as T
+    from vtprune.eval.train_video import PROBES, probe_targets
+
+    c = hand_clip()
+    t = probe_targets(c).view(4, 150, len(PROBES))
+    rows, cols, cell, _ = T.token_grid("qwen")
+    at = lambda g, o: t[g, int(o.y // cell) * cols + int(o.x // cell)].tolist()  # noqa: E731 - the centre's token
+    red, cyan = c.track("red"), c.track("cyan")[0]
+    # moved, frames (2/4/6/8 -> 0..3), first state, appeared last, ends right
+    assert at(0, red[0]) == at(3, red[3]) == [1, 3, 0, 0, 1]
+    assert at(2, cyan) == [0, 3, 0, 0, 1]
+    assert at(2, c.track("yellow")[2]) == [0, 1, 2, 1, 0] and at(0, c.track("green")[0]) == [0, 0, 0, 0, 1]
+    assert at(1, c.track("blue")[1]) == [0, 2, 1, 0, 0]
+    assert (t[0, 0] == -100).all()  # background

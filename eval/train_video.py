@@ -57,7 +57,10 @@ from .video_model import VIDEO_MODEL, build_video_prompt, evaluate_video  # noqa
 BASE_MODEL = "qwen2_5_vl-tiny-sortofclevr"
 # 24 fps (the processor's default for frames without metadata) x 2 frames per group x this = 2 positions per group
 TOKENS_PER_SECOND = 24
-RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100"]
+# run 1: question answering only (61 % multi-frame); run 2 continues it with the per-token probes on new clips
+RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100",
+           "--steps 600 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --probe-weight 1 --probe-layer 2 "
+           "--stream 5 --eval-every 100"]
 
 
 # Per-token probes on the LLM's hidden states at the video tokens (``--probe-layer``): every object token is taught

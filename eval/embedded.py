@@ -60,11 +60,18 @@ def _as_examples(split, limit):
     return ex[:limit] if limit else ex
 
 
+def generate_answers(model, tok, inputs, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers of one left-padded batch, decoded and stripped."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [s.strip() for s in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
 @torch.no_grad()
-def predict(model, processor, examples: list[Example], batch_size: int = 16, blank: bool = False,
-            max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
-    """Greedy short answers for a list of examples (left-padded batches). ``on_batch(inputs, chunk)`` is called
-    after each batch is generated (the harness reads pruning stats and FLOPs there)."""
+def predict_batches(model, processor, examples, batch_size: int, media_and_prompts,
+                    max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+    """Greedy answers over left-padded batches; ``media_and_prompts(chunk)`` gives the processor's media keyword
+    arguments (``images=`` / ``videos=``) and the prompts of a chunk of examples."""
     tok = processor.tokenizer
     old_side = tok.padding_side
     tok.padding_side = "left"
@@ -72,19 +79,27 @@ def predict(model, processor, examples: list[Example], batch_size: int = 16, bla
     try:
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            images = [e.blank_image() if blank else e.image for e in chunk]
-            texts = [build_prompt(processor, e.question) for e in chunk]
-            inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+            media, texts = media_and_prompts(chunk)
+            inputs = processor(text=texts, padding=True, return_tensors="pt", **media)
             inputs = {k: (v.to(model.dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            new = out[:, inputs["input_ids"].shape[1]:]
-            preds.extend(s.strip() for s in tok.batch_decode(new, skip_special_tokens=True))
+            preds.extend(generate_answers(model, tok, inputs, max_new_tokens))
             if on_batch is not None:
                 on_batch(inputs, chunk)
     finally:
         tok.padding_side = old_side
     return preds
+
+
+def predict(model, processor, examples: list[Example], batch_size: int = 16, blank: bool = False,
+            max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+    """Greedy short answers for a list of examples (left-padded batches). ``on_batch(inputs, chunk)`` is called
+    after each batch is generated (the harness reads pruning stats and FLOPs there)."""
+
+    def media_and_prompts(chunk):
+        images = [e.blank_image() if blank else e.image for e in chunk]
+        return {"images": images}, [build_prompt(processor, e.question) for e in chunk]
+
+    return predict_batches(model, processor, examples, batch_size, media_and_prompts, max_new_tokens, on_batch)
 
 
 def evaluate_accuracy(model, processor, split="test", limit=None, batch_size: int = 16, blank: bool = False) -> dict:

@@ -84,12 +84,13 @@ def word_list() -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer(kind: str):
+def build_tokenizer(kind: str, extra_words=()):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = SPECIALS_COMMON + SPECIALS[kind]
-    vocab = {t: i for i, t in enumerate(specials + word_list())}
+    # extra words go last, so a model trained on the base vocabulary keeps its token ids
+    vocab = {t: i for i, t in enumerate(specials + word_list() + [w for w in extra_words if w not in word_list()])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -106,11 +107,13 @@ def build_tokenizer(kind: str):
     return tok
 
 
-def chat_template(kind: str) -> str:
+def chat_template(kind: str, video: bool = False) -> str:
     img = IMAGE_TEXT[kind]
+    vid = "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>" if video else ""
     return (
         "{% for message in messages %}{% if message['content'] is string %} question : {{ message['content'] }}"
-        "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}" + img + "{% endif %}{% endfor %}"
+        "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}" + img + vid + "{% endif %}"
+        "{% endfor %}"
         "{% for c in message['content'] %}{% if c['type'] == 'text' %} question : {{ c['text'] }}{% endif %}"
         "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
     )
@@ -121,8 +124,10 @@ LLAVA_IMAGE, LLAVA_PATCH = 96, 8  # (120x80 padded to 120x120) -> 96x96 -> 12x12
 QWEN_PATCH, QWEN_MERGE = 4, 2  # 120x80 kept -> 30x20 patches -> 15x10 = 150 merged tokens
 
 
-def build_processor(kind: str):
-    tok = build_tokenizer(kind)
+def build_processor(kind: str, extra_words=(), video: bool = False):
+    """``video=True`` (Qwen): a chat template with a video entry, and video frames kept at the benchmark's size (the
+    image processor's) instead of the video processor's default upscaling to >= 100k pixels."""
+    tok = build_tokenizer(kind, extra_words)
     if kind == "llava":
         from transformers import LlavaProcessor
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -141,8 +146,10 @@ def build_processor(kind: str):
                                   size={"shortest_edge": npix, "longest_edge": npix})
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    vp = Qwen2VLVideoProcessor(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2)
-    return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=chat_template(kind))
+    vsize = {"size": {"shortest_edge": npix, "longest_edge": npix}} if video else {}
+    vp = Qwen2VLVideoProcessor(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2, **vsize)
+    return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                               chat_template=chat_template(kind, video))
 
 
 def build_model(kind: str, tok, seed: int):
@@ -373,9 +380,12 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
 
 
 def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
-                  with_caption: bool = True) -> str:
+                  with_caption: bool = True, ask_fn=ask, prompt_fn=build_prompt, caption_fn=caption,
+                  caption_question: str = CAPTION_QUESTION) -> str:
     """``qa_turns`` question turns (rounds of ``qa_types`` -- every question type once by default -- shuffled
-    within the round, no question repeated), then the caption turn."""
+    within the round, no question repeated), then the caption turn.  ``ask_fn`` / ``prompt_fn`` / ``caption_fn`` /
+    ``caption_question`` swap in another benchmark's questions, first-turn prompt and caption (the video clips of
+    ``eval/train_video.py``)."""
     turns = []
     seen = set()
     rounds = -(-qa_turns // len(qa_types))
@@ -386,15 +396,15 @@ def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa
         types += r
     for t in types[:qa_turns]:
         for _ in range(4):
-            qa = ask(scene, t, rng)
+            qa = ask_fn(scene, t, rng)
             if qa is not None and qa[0] not in seen:
                 seen.add(qa[0])
                 turns.append(qa)
                 break
     if with_caption:
-        turns.append((CAPTION_QUESTION, caption(scene)))
+        turns.append((caption_question, caption_fn(scene)))
     q0, a0 = turns[0]
-    text = build_prompt(processor, q0) + f" {a0} </s>"
+    text = prompt_fn(processor, q0) + f" {a0} </s>"
     for q, a in turns[1:]:
         text += turn_text(q) + f" {a} </s>"
     return text
@@ -423,13 +433,18 @@ def make_batch(processor, seed, step, batch, stream=2, qa_turns=len(QUESTION_TYP
     and has no caption: its answers, those of the unseen scene, follow the answer distribution given the question,
     so the model learns to fall back on that prior when the image shows nothing (instead of leaving the answer
     format, which a blank or heavily pruned image otherwise provokes)."""
-    tok = processor.tokenizer
     sc = scenes_for_step(seed, step, batch, stream)
     blank = [blank_every > 0 and (step * batch + j) % blank_every == 0 for j in range(batch)]
     texts = [sequence_text(processor, s, rng, qa_turns, qa_types, with_caption=not b) for (s, rng), b in zip(sc, blank)]
     images = [render(None) if b else render(s) for (s, _), b in zip(sc, blank)]
+    return supervised_inputs(processor, texts, images=images)
+
+
+def supervised_inputs(processor, texts, **media):
+    """Right-padded model inputs of training sequences, labels on the answer tokens only."""
+    tok = processor.tokenizer
     tok.padding_side = "right"
-    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    inputs = processor(text=texts, padding=True, return_tensors="pt", **media)
     tok.padding_side = "left"
     labels = inputs["input_ids"].clone()
     labels[~supervise_mask(inputs["input_ids"], tok)] = -100
@@ -458,10 +473,17 @@ def projector(model, kind):
 
 
 def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every, out_dir, qa_turns, stream=2,
-            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0):
+            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0, batch_fn=None, eval_fn=None,
+            loss_fn=None, extra_params=()):
     """Question answering + captions.  The vision tower stays frozen; the projector trains at
     ``projector_lr_scale * lr`` (0: frozen), as in LLaVA's own second stage, which lets the answers' loss amplify
-    the feature directions the questions key on."""
+    the feature directions the questions key on.  ``batch_fn(step)`` / ``eval_fn(model)`` replace the image
+    benchmark's batches and validation, ``loss_fn(inputs)`` the LM loss (``extra_params``: its own trainable heads;
+    the video recipe uses this loop unchanged otherwise)."""
+    loss_fn = loss_fn or (lambda inputs: model(**inputs).loss)
+    batch_fn = batch_fn or (lambda step: make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns,
+                                                    qa_types=qa_types, blank_every=blank_every))
+    eval_fn = eval_fn or (lambda m: quick_eval(m, processor, val, kind))
     if steps <= 0:
         return 0.0, None
     for m in visual_parts(model, kind):
@@ -472,7 +494,7 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     for p in proj:
         p.requires_grad_(True)
     proj_ids = {id(p) for p in proj}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids]
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in proj_ids] + list(extra_params)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
@@ -488,10 +510,7 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     torch.manual_seed(seed + 2)
     best = None
     for step in range(steps):
-        inputs = make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns, qa_types=qa_types,
-                            blank_every=blank_every)
-        out = model(**inputs)
-        loss = out.loss
+        loss = loss_fn(batch_fn(step))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -500,7 +519,7 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
         if step % 25 == 0:
             log(f"[B {step:5d}] loss {loss.item():.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f}s")
         if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
-            res = quick_eval(model, processor, val, kind)
+            res = eval_fn(model)
             log(f"[B {step:5d}] val {res} {time.time() - t0:.0f}s")
             if out_dir is not None:  # keep a usable snapshot in case the run is cut short
                 save(model, processor, out_dir)
@@ -513,6 +532,13 @@ def save(model, processor, out_dir: Path):
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.tokenizer.padding_side = "left"
     processor.save_pretrained(out_dir)
+
+
+def results_record(threads, n_test, previous, full, blank, blank_key, prior, val_res) -> dict:
+    """The part of a run's training.json shared by the image and video recipes."""
+    return {"threads": threads, "test_split": {"name": "test", "seed": 0, "n": n_test}, "previous_run": previous,
+            "test_accuracy": full, blank_key: blank, "answer_prior": prior, "last_validation": val_res,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
 
 
 def _previous_time(previous) -> float:
@@ -651,16 +677,8 @@ def main(argv=None):
                    "eval": round(t_eval, 1)},
         "train_time_s_including_previous_runs": round(
             train_time + _previous_time(previous), 1),
-        "threads": args.threads,
-        "test_split": {"name": "test", "seed": 0, "n": len(test)},
         "init_from": str(args.init_from) if args.init_from else None,
-        "previous_run": previous,
-        "test_accuracy": full,
-        "blank_image_accuracy": blank,
-        "answer_prior": prior,
-        "last_validation": val_res,
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
+        **results_record(args.threads, len(test), previous, full, blank, "blank_image_accuracy", prior, val_res),
     }
     (out_dir / "training.json").write_text(json.dumps(info, indent=2))
     return info

@@ -92,3 +92,52 @@ def test_recipe_chains_its_runs(tmp_path, monkeypatch):
     assert info["init_from"] == str(tmp_path / "m" / "run1")
     assert info["previous_run"]["args"]["a_steps"] == 1 and info["args"]["a_steps"] == 0
     assert (tmp_path / "m" / "training.json").exists()
+
+
+def test_video_short_run_grows_the_vocabulary_and_keeps_the_tower(tmp_path):
+    from safetensors.torch import load_file
+
+    from vtprune.eval import train_video as TV
+    from vtprune.eval.embedded import is_available, model_dir
+
+    if not is_available(TV.BASE_MODEL):
+        pytest.skip(f"{TV.BASE_MODEL} not built")
+    torch.set_num_threads(1)
+    out = tmp_path / "v"
+    info = TV.main(["--steps", "2", "--batch", "2", "--eval-every", "0", "--val-size", "6", "--test-size", "6",
+                    "--out", str(out)])
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["command"].startswith("python -m vtprune.eval.train_video --steps 2")
+    assert rec["visual_tokens_per_clip"] == 600 and rec["frames_per_clip"] == 8 and rec["test_accuracy"]["n"] == 6
+    assert rec["base_model"] == TV.BASE_MODEL and rec["previous_run"] is None and info["seed"] == 0
+    base, new = load_file(model_dir(TV.BASE_MODEL) / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(base[k], new[k]) for k in base if k.startswith("visual."))  # tower and merger frozen
+    emb = [k for k in new if k.endswith("embed_tokens.weight")][0]
+    n_old = base[emb].shape[0]
+    assert new[emb].shape[0] == n_old + len(TV.VIDEO_WORDS) and not torch.equal(new[emb][:n_old], base[emb])
+    from transformers import AutoTokenizer
+
+    old_vocab = AutoTokenizer.from_pretrained(model_dir(TV.BASE_MODEL), local_files_only=True).get_vocab()
+    new_vocab = AutoTokenizer.from_pretrained(out, local_files_only=True).get_vocab()
+    assert {w: new_vocab[w] for w in old_vocab} == old_vocab and set(TV.VIDEO_WORDS) <= set(new_vocab)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["tokens_per_second"] == TV.TOKENS_PER_SECOND
+
+
+def test_video_recipe_replays_the_recorded_runs_of_the_shipped_model():
+    from vtprune.eval import train_video as TV
+    from vtprune.eval.video_model import VIDEO_MODEL, is_video_model_available
+    from vtprune.eval.embedded import training_info
+
+    if not is_video_model_available():
+        pytest.skip(f"{VIDEO_MODEL} not built")
+    chain, run = [], training_info(VIDEO_MODEL)
+    while run:
+        chain.insert(0, run)
+        run = run.get("previous_run")
+    assert len(chain) == len(TV.RECIPES) and chain[0]["base_model"] == TV.BASE_MODEL
+    defaults = vars(TV.parser().parse_args([]))
+    for recorded, extra in zip(chain, TV.RECIPES):
+        replay = vars(TV.parser().parse_args(extra.split()))
+        for key in set(replay) - {"out", "init_from", "recipe"}:
+            assert recorded["args"].get(key, defaults[key]) == replay[key], key
+    assert chain[-1]["visual_tokens_per_clip"] >= 200 and chain[-1]["size_bytes"] < 20e6

@@ -1,0 +1,271 @@
+"""Fine-tune the embedded Qwen2.5-VL image model into a video model on the clips of ``eval/video_data.py``.
+
+    python -m vtprune.eval.train_video --recipe --out eval/models/qwen2_5_vl-tiny-sortofclevr-video
+    (or ``python eval/train_video.py ...`` from the repository root)
+
+Recipe:
+
+* Start from ``qwen2_5_vl-tiny-sortofclevr``, whose tower already makes colour, shape, position and counts linearly
+  readable on every object token.  A clip holds each state for two frames, the tower's temporal patch, so the tokens
+  of each temporal group are exactly the image model's tokens of that state: no new vision training is needed and
+  the tower stays frozen.  8 frames -> 4 groups x 150 tokens = 600 visual tokens per clip.
+* The tokenizer gains the video questions' words (``VIDEO_WORDS``), appended so every old token keeps its id; their
+  new embedding rows are unit-variance like the others (seeded).
+* ``tokens_per_second`` is set so that a plain list of frames (which the processor takes as 24 fps: 1/12 s per
+  group) puts consecutive temporal groups 2 M-RoPE steps apart; with the stock 4 the groups' time ids would be
+  0, 0, 0, 1 and the LLM could not tell the states apart.
+* The LLM learns from sequences ``clip, Q1 A1, ..., Qn An`` (question turns in shuffled rounds of ``--qa-types``, no
+  question repeated, every answer supervised; the first turn is exactly the evaluation prompt), with eval/train.py's
+  stage-B loop.  Every ``--blank-every``-th clip is blank with its answers kept, so that on a clip showing nothing
+  the model answers from the prior.
+* ``--recipe`` replays the recorded runs (``RECIPES``); each run after the first continues the previous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: python eval/train_video.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "eval"
+
+from . import train as T  # noqa: E402
+from .data import COLOUR_NAMES  # noqa: E402
+from .embedded import model_dir  # noqa: E402
+from .video_data import (  # noqa: E402
+    CLIP_CAPTION_QUESTION,
+    DEFAULT_FRAMES,
+    VIDEO_QUESTION_TYPES,
+    VIDEO_WORDS,
+    ask_video,
+    clip_caption,
+    make_video_split,
+    random_clip,
+    video_answer_prior,
+    video_seed,
+)
+from .video_model import VIDEO_MODEL, build_video_prompt, evaluate_video  # noqa: E402
+
+BASE_MODEL = "qwen2_5_vl-tiny-sortofclevr"
+# 24 fps (the processor's default for frames without metadata) x 2 frames per group x this = 2 positions per group
+TOKENS_PER_SECOND = 24
+# run 1: question answering only (61 % multi-frame); run 2 continues it with the per-token probes on new clips
+RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100",
+           "--steps 600 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --probe-weight 1 --probe-layer 2 "
+           "--stream 5 --eval-every 100"]
+
+
+# Per-token probes on the LLM's hidden states at the video tokens (``--probe-layer``): every object token is taught
+# its object's clip-level facts, so each multi-frame question becomes the image model's lookup ("find the token by
+# one attribute, read another"; see eval/train.py's stage A) instead of a comparison across temporal groups that the
+# question-answer loss alone taught slowly (the first run: ~65 % after 500 steps).
+# moved (0/1), frames showing it (2/4/6/8 -> 0..3), state it first appears in, appeared last (0/1), ends right (0/1).
+PROBES = {"moved": 2, "frames": 4, "first_state": 4, "appeared_last": 2, "ends_right": 2}
+
+
+def probe_targets(clip) -> torch.Tensor:
+    """[states * tokens per state, len(PROBES)] targets of the clip's video tokens (-100 off objects)."""
+    last, movers = clip.appeared_last(), clip.movers()
+    facts = {c: [int(c in movers), clip.frames_showing(c) // 2 - 1, clip.first_state(c), int(c == last),
+                 int(clip.end_side(c) == "right")] for c in clip.colours()}
+    out = []
+    for state in clip.states:
+        colour = T.dense_targets(state, "qwen")[1][:, 0]  # colour index of the object a token covers, -100 off
+        t = torch.full((colour.shape[0], len(PROBES)), -100, dtype=torch.long)
+        for i in (colour >= 0).nonzero().flatten().tolist():
+            t[i] = torch.tensor(facts[COLOUR_NAMES[colour[i]]])
+        out.append(t)
+    return torch.cat(out)
+
+
+def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25):
+    """LM loss plus ``weight`` x the probes' cross-entropy at decoder layer ``layer``'s output on the video tokens
+    (their accuracies logged every ``every`` calls)."""
+    calls = [0]
+
+    def loss_fn(inputs):
+        targets = inputs.pop("probe_targets").flatten(0, 1)
+        out = model(**inputs, output_hidden_states=True)
+        h = out.hidden_states[layer][inputs["input_ids"] == model.config.video_token_id]
+        aux, accs = 0.0, {}
+        for (name, _), j, head in zip(PROBES.items(), range(len(heads)), heads):
+            on = targets[:, j] != -100
+            if on.any():
+                logits = head(h[on])
+                aux = aux + F.cross_entropy(logits, targets[on, j])
+                accs[name] = round((logits.argmax(-1) == targets[on, j]).float().mean().item(), 3)
+        if log is not None and calls[0] % every == 0:
+            log(f"probes {accs}")
+        calls[0] += 1
+        return out.loss + weight * aux
+
+    return loss_fn
+
+
+def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, qa_types, blank_every, caption,
+                     probes: bool = False):
+    """One batch of training clips (a seed stream of the train split) with their question turns, and with
+    ``caption`` a last turn describing the clip state by state (not on blank clips)."""
+    videos, texts, targets = [], [], []
+    for j in range(batch):
+        i = step * batch + j
+        rng = random.Random(video_seed("train", seed, (stream << 40) + i))
+        clip = random_clip(rng, n_frames)
+        blank = blank_every > 0 and i % blank_every == 0
+        texts.append(T.sequence_text(processor, clip, rng, qa_turns, qa_types, with_caption=caption and not blank,
+                                     ask_fn=ask_video, prompt_fn=build_video_prompt, caption_fn=clip_caption,
+                                     caption_question=CLIP_CAPTION_QUESTION))
+        videos.append(clip.blank_frames() if blank else clip.frames())
+        if probes:  # a blank clip has no object tokens
+            targets.append(torch.full_like(probe_targets(clip), -100) if blank else probe_targets(clip))
+    inputs = T.supervised_inputs(processor, texts, videos=videos)
+    if probes:
+        inputs["probe_targets"] = torch.stack(targets)
+    return inputs
+
+
+def load_start(init_from: Path, processor, seed: int, log):
+    """The model to fine-tune, its vocabulary grown to the processor's tokenizer (old ids kept)."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(init_from, local_files_only=True, dtype=torch.float32)
+    old = AutoTokenizer.from_pretrained(init_from, local_files_only=True).get_vocab()
+    new = processor.tokenizer.get_vocab()
+    assert all(new[w] == i for w, i in old.items()), "the video tokenizer must keep the base model's token ids"
+    n_old = model.get_input_embeddings().weight.shape[0]
+    if len(new) > n_old:
+        model.resize_token_embeddings(len(new), mean_resizing=False)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[n_old:] = torch.randn(len(new) - n_old, emb.shape[1], generator=gen)
+            model.get_output_embeddings().weight[n_old:] = 0.0  # new words are never answers
+        log(f"vocabulary {n_old} -> {len(new)}")
+    model.config.vision_config.tokens_per_second = TOKENS_PER_SECOND
+    return model
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--init-from", type=Path, default=None, help=f"default: the shipped {BASE_MODEL}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--qa-turns", type=int, default=12)
+    ap.add_argument("--qa-types", default=",".join(VIDEO_QUESTION_TYPES),
+                    help="comma list of question types making one round of turns (repeats weight a type)")
+    ap.add_argument("--projector-lr-scale", type=float, default=0.0)
+    ap.add_argument("--blank-every", type=int, default=8)
+    ap.add_argument("--probe-weight", type=float, default=0.0, help="weight of the per-token probes (0: none)")
+    ap.add_argument("--probe-layer", type=int, default=2, help="decoder layer whose output the probes read")
+    ap.add_argument("--caption", type=int, default=0, help="1: end each sequence with the state-by-state caption")
+    ap.add_argument("--stream", type=int, default=4, help="seed stream of the training clips")
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--val-size", type=int, default=120)
+    ap.add_argument("--test-size", type=int, default=600)
+    ap.add_argument("--recipe", action="store_true", help="replay RECIPES; other training flags are ignored")
+    return ap
+
+
+def run_recipe(seed: int, out: Path, threads: int) -> dict:
+    info, previous = None, None
+    for i, extra in enumerate(RECIPES):
+        target = out if i == len(RECIPES) - 1 else out / f"run{i + 1}"
+        argv = ["--seed", str(seed), "--threads", str(threads), *extra.split(), "--out", str(target)]
+        info = main(argv + (["--init-from", str(previous)] if previous else []))
+        previous = target
+    return info
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    out_dir = args.out or model_dir(VIDEO_MODEL)
+    if args.recipe:
+        return run_recipe(args.seed, out_dir, args.threads)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+
+    def log(msg):
+        print(f"{time.time() - t_start:7.0f}s {msg}", flush=True)
+
+    init_from = args.init_from or model_dir(BASE_MODEL)
+    processor = T.build_processor("qwen", VIDEO_WORDS, video=True)
+    model = load_start(init_from, processor, args.seed, log)
+    pj = init_from / "training.json"
+    start_record = json.loads(pj.read_text()) if pj.exists() else {}
+    previous = start_record if start_record.get("name") == VIDEO_MODEL else None
+    qa_types = tuple(args.qa_types.split(","))
+    assert all(t in VIDEO_QUESTION_TYPES for t in qa_types), qa_types
+    val = make_video_split("validation", args.val_size, args.seed, args.frames)
+
+    def batch_fn(step):
+        return make_video_batch(processor, args.seed, step, args.batch, args.stream, args.frames, args.qa_turns,
+                                qa_types, args.blank_every, bool(args.caption), args.probe_weight > 0)
+
+    loss_fn, heads = None, torch.nn.ModuleList()
+    if args.probe_weight > 0:
+        torch.manual_seed(args.seed + 3)
+        heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, n) for n in PROBES.values())
+        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log)
+
+    def eval_fn(m):
+        m.eval()
+        res = evaluate_video(m, processor, val, batch_size=30)
+        m.train()
+        return res
+
+    t_b, val_res = T.stage_b(model, "qwen", processor, args.seed, args.steps, args.batch, args.lr, log, None,
+                             args.eval_every, out_dir, args.qa_turns, projector_lr_scale=args.projector_lr_scale,
+                             batch_fn=batch_fn, eval_fn=eval_fn, loss_fn=loss_fn, extra_params=heads.parameters())
+    train_time = time.time() - t_start
+    model.eval()
+    T.save(model, processor, out_dir)
+    t0 = time.time()
+    test = make_video_split("test", args.test_size, 0, args.frames)
+    full = evaluate_video(model, processor, test, batch_size=30)
+    blank = evaluate_video(model, processor, test, batch_size=30, blank=True)
+    prior = {k: round(v, 4) for k, v in video_answer_prior(test).items()}
+    t_eval = time.time() - t0
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    tokens = int(processor(videos=[test[0].frames], text=[build_video_prompt(processor, test[0].question)],
+                           return_tensors="pt")["video_grid_thw"].prod() // 4)
+    log(f"test (full clips):  {json.dumps(full)}")
+    log(f"test (blank clips): {json.dumps(blank)}")
+    log(f"answer prior: {json.dumps(prior)}")
+    log(f"training {train_time:.0f}s, eval {t_eval:.0f}s, {tokens} visual tokens per clip, {size / 1e6:.2f} MB")
+    base_time = start_record.get("train_time_s_including_previous_runs", 0.0)
+    info = {
+        "name": VIDEO_MODEL,
+        "model_class": type(model).__name__,
+        "seed": args.seed,
+        "command": "python -m vtprune.eval.train_video " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "base_model": start_record.get("name"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "size_bytes": size,
+        "frames_per_clip": args.frames,
+        "visual_tokens_per_clip": tokens,
+        "time_s": {"train": round(train_time, 1), "eval": round(t_eval, 1)},
+        # the video runs alone, and with the image model's own training before them
+        "train_time_s_video_runs": round(train_time + (previous or {}).get("train_time_s_video_runs", 0.0), 1),
+        "train_time_s_including_previous_runs": round(train_time + base_time, 1),
+        **T.results_record(args.threads, len(test), previous, full, blank, "blank_clip_accuracy", prior, val_res),
+    }
+    (out_dir / "training.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -99,12 +99,17 @@ class Adapter:
             ids["video"] = config.video_token_id
         return ids
 
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, L] bool: positions holding image or video tokens."""
+    @classmethod
+    def placeholder_mask(cls, config, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: positions holding image or video placeholders, from the config alone."""
         out = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in self.visual_token_ids(self.model.config).values():
+        for token in cls.visual_token_ids(config).values():
             out |= input_ids == token
         return out
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool: positions holding image or video tokens."""
+        return self.placeholder_mask(self.model.config, input_ids)
 
     def units(self, call: dict, vis: torch.Tensor) -> list:
         """Per row, the ``Unit``s its visual tokens fall into, in sequence order (lengths sum to the row's count).

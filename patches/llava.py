@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Unit, tiny_text_config
 
 _PAD_TOLERANCE = 0.02  # normalised units; the pad colour is the (rounded) image mean, so it maps to ~0
 _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])

@@ -265,7 +265,8 @@ class Pruner:
         state.active, state.prefill, state.prompt_len = True, True, length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
         needs = self._needs
-        newline = self.adapter.newline_mask(embeds, vis)  # also keeps newline slots out of the projector rows
+        # Newline flags are read by strategies that ask for them and keep newline slots out of projector rows.
+        newline = self.adapter.newline_mask(embeds, vis) if needs & {"newline_mask", "projector"} else None
         state.units = self._units(state.call, vis)
         state.seq = Sequence(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
                              pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,

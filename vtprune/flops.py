@@ -29,9 +29,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
-
 
 def _adapter(config):
     """The adapter class of the model's family, which knows its vision tower and projector FLOPs."""
@@ -165,8 +162,7 @@ def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_d
 # ------------------------------------------------------------------------------------------- main entry
 def visual_counts(config, input_ids) -> list[int]:
     """Visual tokens (image and video placeholders) per row of ``input_ids`` [B, L]."""
-    ids = torch.tensor(list(_adapter(config).visual_token_ids(config).values()), device=input_ids.device)
-    return torch.isin(input_ids, ids).sum(1).tolist()
+    return _adapter(config).placeholder_mask(config, input_ids).sum(1).tolist()
 
 
 def _stage_options(model) -> dict:

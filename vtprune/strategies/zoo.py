@@ -6,7 +6,6 @@ from typing import Callable, Literal
 
 import torch
 
-from .. import ops
 from .base import ScoringShape, SelectionInputs, register
 from .divprune import _greedy, diversity_flops
 

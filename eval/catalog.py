@@ -7,7 +7,9 @@ from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
 TASKS_DIR = Path(__file__).parent / "tasks"  # lmms-eval's --include_path for the vtprune_sortofclevr task
-EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
+EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]  # the image benchmark's models
+VIDEO_MODELS = ["qwen2_5_vl-tiny-sortofclevr-video"]  # the video benchmark's (eval/video_data.py clips)
+TASKS = ("image", "video")  # `vtprune eval --tasks` without --model: the embedded benchmarks
 # The registry (vtprune.list_methods()) imports torch; tests/test_cli.py checks this copy against it.
 DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
 METHODS = ["divprune", "divprune_stable", "entropy", "fastv", "pool", "random", "temporal", "zoo", "zoo_stable"]  # sorted, as list_methods() returns them
@@ -29,18 +31,20 @@ def training_info(name: str) -> dict:
 
 def resolve(name_or_path: str) -> str:
     """An embedded model name becomes its folder; a local path or an HF id is returned unchanged."""
-    if name_or_path in EMBEDDED_MODELS and not Path(name_or_path).exists():
+    if name_or_path in EMBEDDED_MODELS + VIDEO_MODELS and not Path(name_or_path).exists():
         return str(model_dir(name_or_path))
     return name_or_path
 
 
 def describe() -> list[dict]:
-    """One row per embedded model: name, class, visual tokens per image, test accuracy, folder."""
+    """One row per embedded model: name, benchmark (image / video), class, visual tokens per image or clip, test
+    accuracy, folder."""
     rows = []
-    for name in EMBEDDED_MODELS:
+    for name in EMBEDDED_MODELS + VIDEO_MODELS:
         info = training_info(name)
+        video = name in VIDEO_MODELS
         acc = (info.get("test_accuracy") or {}).get("overall")
-        rows.append({"name": name, "class": info.get("model_class", "?"),
-                     "visual_tokens": info.get("visual_tokens_per_image"), "test_accuracy": acc,
-                     "available": is_available(name), "path": str(model_dir(name))})
+        rows.append({"name": name, "task": "video" if video else "image", "class": info.get("model_class", "?"),
+                     "visual_tokens": info.get("visual_tokens_per_clip" if video else "visual_tokens_per_image"),
+                     "test_accuracy": acc, "available": is_available(name), "path": str(model_dir(name))})
     return rows

@@ -7,6 +7,7 @@ of one batch. The unpruned model is the 100 % row of every method.
 """
 from __future__ import annotations
 
+import ast
 import statistics
 import time
 from typing import Iterable, Optional
@@ -32,11 +33,32 @@ def parse_budgets(text: str) -> list[float]:
     return values
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method spec: ``"divprune"``, or with options ``"divprune:temporal=frame"`` /
+    ``"divprune_stable:smooth=1,margin=0.02"`` -> ("divprune_stable", {"smooth": 1, "margin": 0.02})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
+        try:
+            options[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            options[key.strip()] = value.strip()  # a bare word: a string option
+    return name.strip(), options
+
+
 def check_methods(methods: Iterable[str]) -> list[str]:
+    """The specs, unchanged, once every method exists and its options are valid (an error names the bad one)."""
     methods = list(methods)
-    unknown = [m for m in methods if m not in vtprune.list_methods()]
+    unknown = [m for m in methods if parse_method(m)[0] not in vtprune.list_methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {vtprune.list_methods()}")
+    for spec in methods:
+        name, options = parse_method(spec)
+        if options:
+            vtprune.PrunerConfig(method=name, keep_ratio=0.5, options=options)  # raises on a bad option or value
     return methods
 
 
@@ -59,13 +81,27 @@ def _prefill_latency(model, inputs, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def image_scores(preds: list[str], examples) -> dict:
+    """``accuracy`` and ``acc_<question type>`` of the image benchmark."""
+    hits = [score(p, e.answer) for p, e in zip(preds, examples)]
+    row = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
+    for t in QUESTION_TYPES:
+        h = [x for x, e in zip(hits, examples) if e.qtype == t]
+        if h:
+            row[f"acc_{t}"] = sum(h) / len(h)
+    return row
+
+
 def evaluate_config(model, processor, examples, method: Optional[str], budget: float, batch_size: int,
-                    bar=None) -> dict:
-    """One row: ``method=None`` is the unpruned model."""
+                    bar=None, predict_fn=predict, scores_fn=image_scores) -> dict:
+    """One row: ``method=None`` is the unpruned model; ``method`` is a spec (``parse_method``).
+    ``predict_fn(model, processor, examples, batch_size=, on_batch=)`` answers, ``scores_fn(preds, examples)``
+    scores (the video benchmark passes its own)."""
     from vtprune.flops import count_prefill
 
     if method is not None:
-        vtprune.apply_pruner(model, method=method, keep_ratio=budget / 100.0)
+        name, options = parse_method(method)
+        vtprune.apply_pruner(model, method=name, keep_ratio=budget / 100.0, **options)
     kept, before, flops, first = [], [], [], []
 
     def on_batch(inputs, chunk):
@@ -80,22 +116,17 @@ def evaluate_config(model, processor, examples, method: Optional[str], budget: f
             bar.update(len(chunk))
 
     try:
-        preds = predict(model, processor, examples, batch_size=batch_size, on_batch=on_batch)
+        preds = predict_fn(model, processor, examples, batch_size=batch_size, on_batch=on_batch)
         latency = _prefill_latency(model, first[0])
     finally:
         if method is not None:
             vtprune.remove_pruner(model)
-    hits = [score(p, e.answer) for p, e in zip(preds, examples)]
-    row = {"method": method or "none", "keep_ratio": budget / 100.0, "budget_pct": budget,
-           "visual_tokens": statistics.mean(before), "kept_tokens": statistics.mean(kept),
-           "accuracy": sum(hits) / len(hits), "n": len(hits),
-           "prefill_flops": sum(flops) / len(examples), "prefill_latency_ms": 1e3 * latency,
-           "latency_batch": min(batch_size, len(examples))}
-    for t in QUESTION_TYPES:
-        h = [x for x, e in zip(hits, examples) if e.qtype == t]
-        if h:
-            row[f"acc_{t}"] = sum(h) / len(h)
-    return row
+    scores = scores_fn(preds, examples)
+    return {"method": method or "none", "keep_ratio": budget / 100.0, "budget_pct": budget,
+            "visual_tokens": statistics.mean(before), "kept_tokens": statistics.mean(kept),
+            "accuracy": scores.pop("accuracy"), "n": scores.pop("n"),
+            "prefill_flops": sum(flops) / len(examples), "prefill_latency_ms": 1e3 * latency,
+            "latency_batch": min(batch_size, len(examples)), **scores}
 
 
 def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optional[int] = None,

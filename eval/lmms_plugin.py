@@ -9,8 +9,13 @@ once vtprune is installed::
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=divprune,keep_ratio=0.25 \\
         --tasks vtprune_sortofclevr_word --include_path "$(vtprune tasks-path)"
 
-``pretrained`` may also name an embedded model (``llava-tiny-sortofclevr``, ``qwen2_5_vl-tiny-sortofclevr``),
-loaded offline from the package as ``vtprune.eval.embedded.load_embedded`` does.
+``pretrained`` may also name an embedded model (``llava-tiny-sortofclevr``, ``qwen2_5_vl-tiny-sortofclevr``, the
+video model ``qwen2_5_vl-tiny-sortofclevr-video``), loaded offline from the package as
+``vtprune.eval.embedded.load_embedded`` / ``vtprune.eval.video_model.load_video_model`` do.
+
+Visuals: a PIL image is an image; a list of PIL frames, a [frames, H, W, 3] array or a video file path (decoded by
+the model's processor, which needs a video backend such as PyAV for files) is a video.  The video task of the
+embedded benchmark is ``vtprune_sortofclevr_video``.
 
 model_args (``key=value,...``; "0.25", "true", "12", "none" are converted to float / bool / int / None):
 
@@ -120,7 +125,7 @@ class VtpruneLMM(lmms):
         trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
         hub = dict(revision=revision, trust_remote_code=trust_remote_code) if revision else \
             dict(trust_remote_code=trust_remote_code)
-        embedded = self.pretrained if self.pretrained in catalog.EMBEDDED_MODELS else None
+        embedded = self.pretrained if self.pretrained in catalog.EMBEDDED_MODELS + catalog.VIDEO_MODELS else None
         config = AutoConfig.from_pretrained(catalog.resolve(self.pretrained), **hub)
         if config.model_type not in self.model_types():
             fits = [n for n, c in _aliases().items() if config.model_type in c.model_types()]
@@ -162,9 +167,10 @@ class VtpruneLMM(lmms):
             load["device_map"] = device_map
         if embedded:  # offline, with the image backend the embedded models were trained with
             from .embedded import load_embedded
+            from .video_model import load_video_model
 
-            model, self.processor = load_embedded(embedded, **({} if load["dtype"] == "auto" else
-                                                                 {"dtype": load["dtype"]}))
+            loader = load_video_model if embedded in catalog.VIDEO_MODELS else load_embedded
+            model, self.processor = loader(embedded, **({} if load["dtype"] == "auto" else {"dtype": load["dtype"]}))
         else:
             model = AutoModelForImageTextToText.from_pretrained(self.pretrained, **load)
             self.processor = AutoProcessor.from_pretrained(self.pretrained, **hub)
@@ -275,30 +281,40 @@ class VtpruneLMM(lmms):
         return out
 
     # -- prompts and inputs --------------------------------------------------------------------------------------
-    def build_prompt(self, context: str, n_images: int) -> str:
-        """The processor's chat template with the images first, then the text (eval/embedded.build_prompt);
-        without a template, ``USER: <image> ... ASSISTANT:`` with the processor's image token, wrapped in the
-        tokenizer's vision start/end tokens when it has them (Qwen)."""
+    def build_prompt(self, context: str, n_images: int, n_videos: int = 0) -> str:
+        """The processor's chat template with the images first, then the videos, then the text
+        (eval/embedded.build_prompt); without a template, ``USER: <image> ... ASSISTANT:`` with the processor's
+        image (and video) tokens, wrapped in the tokenizer's vision start/end tokens when it has them (Qwen)."""
         if getattr(self.processor, "chat_template", None):
-            return build_prompt(self.processor, context, n_images)
-        tag = self.processor.image_token
+            return build_prompt(self.processor, context, n_images, n_videos)
+        tags = [self.processor.image_token] * n_images + [self.processor.video_token] * n_videos
         vocab = self._tokenizer.get_vocab()
         if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
-            tag = f"<|vision_start|> {tag} <|vision_end|>"
-        return "USER: " + "".join(f"{tag} " for _ in range(n_images)) + f"{context} ASSISTANT:"
+            tags = [f"<|vision_start|> {tag} <|vision_end|>" for tag in tags]
+        return "USER: " + "".join(f"{tag} " for tag in tags) + f"{context} ASSISTANT:"
 
     @staticmethod
-    def _images(visuals, task: str) -> list:
+    def _media(visuals, task: str) -> tuple[list, list]:
+        """(images, videos) of one document: a PIL image is an image; a list of PIL images (the frames), a
+        [frames, H, W, 3] array or a video file path (decoded by the processor) is a video."""
+        import numpy as np
         from PIL import Image
 
-        out = []
+        images, videos = [], []
         for v in visuals or []:
             if isinstance(v, Image.Image):
-                out.append(v.convert("RGB"))
+                images.append(v.convert("RGB"))
+            elif isinstance(v, (list, tuple)) and v and all(isinstance(f, Image.Image) for f in v):
+                videos.append([f.convert("RGB") for f in v])
+            elif isinstance(v, np.ndarray) and v.ndim == 4:
+                videos.append(v)
+            elif isinstance(v, (str, os.PathLike)):
+                videos.append(str(v))
             else:
-                raise NotImplementedError(f"task {task}: vtprune wrappers take PIL images only (got {type(v).__name__};"
-                                          " videos and audio are not supported)")
-        return out
+                raise NotImplementedError(
+                    f"task {task}: vtprune wrappers take PIL images and videos (a list of PIL frames, a [frames, H, "
+                    f"W, 3] array or a video file path); got {type(v).__name__} (audio is not supported)")
+        return images, videos
 
     def _to_device(self, batch) -> dict:
         out = {}
@@ -345,11 +361,13 @@ class VtpruneLMM(lmms):
 
     @torch.no_grad()
     def _run_batch(self, items: list) -> list[str]:
-        """items: (context, gen_kwargs, images, task, doc_id), same gen_kwargs and image count."""
+        """items: (context, gen_kwargs, images, task, doc_id, videos), same gen_kwargs, image and video counts."""
         contexts = [it[0] for it in items]
         images = [im for it in items for im in it[2]]
-        texts = [self.build_prompt(c, len(it[2])) for c, it in zip(contexts, items)]
-        batch = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+        videos = [v for it in items for v in it[5]]
+        texts = [self.build_prompt(c, len(it[2]), len(it[5])) for c, it in zip(contexts, items)]
+        media = {"videos": videos} if videos else {}
+        batch = self.processor(images=images or None, text=texts, padding=True, return_tensors="pt", **media)
         inputs = self._to_device(batch)
         gen_args, until = self._generation_args(items[0][1])
 
@@ -427,11 +445,12 @@ class VtpruneLMM(lmms):
                 context, gen_kwargs, doc_to_visual, doc_id, task, split = args[i]
                 doc = self.task_dict[task][split][doc_id]
                 visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-                items.append((context, gen_kwargs, self._images(visuals, task), task, doc_id))
-            # One processor call needs the same number of images per prompt.
-            by_count: dict[int, list] = {}
+                images, videos = self._media(visuals, task)
+                items.append((context, gen_kwargs, images, task, doc_id, videos))
+            # One processor call needs the same numbers of images and videos per prompt.
+            by_count: dict[tuple, list] = {}
             for i, it in zip(chunk, items):
-                by_count.setdefault(len(it[2]), []).append((i, it))
+                by_count.setdefault((len(it[2]), len(it[5])), []).append((i, it))
             for group in by_count.values():
                 for i, answer in zip([i for i, _ in group], self._run_batch([it for _, it in group])):
                     results[i] = answer

@@ -16,14 +16,23 @@ def tokens(value) -> str:
     return "-" if value is None else (f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}")
 
 
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: the results (FLOPs in GFLOPs per sample), then the latencies apart, marked as indicative."""
-    lines = ["| model | method | budget | kept tokens | accuracy | prefill GFLOPs | FLOPs ratio |", "|" + "---|" * 7]
+    """Markdown: the results (FLOPs in GFLOPs per sample), then the latencies apart, marked as indicative.
+    Video rows add their multi-frame and single-frame accuracies."""
+    video = any("acc_multi_frame" in r for r in rows)
+    extra = " multi-frame | single-frame |" if video else ""
+    lines = ["| model | method | budget | kept tokens | accuracy |" + extra + " prefill GFLOPs | FLOPs ratio |",
+             "|" + "---|" * (9 if video else 7)]
     for r in rows:
         flops, ratio = r.get("prefill_flops"), r.get("flops_ratio")
+        cells = f" {_pct(r.get('acc_multi_frame'))} | {_pct(r.get('acc_single_frame'))} |" if video else ""
         lines.append(
             f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {tokens(r['kept_tokens'])} | "
-            f"{100 * r['accuracy']:.1f} % | {'-' if flops is None else f'{flops / 1e9:.3f}'} | "
+            f"{_pct(r['accuracy'])} |{cells} {'-' if flops is None else f'{flops / 1e9:.3f}'} | "
             f"{'-' if ratio is None else f'{ratio:.3f}'} |")
     lines += ["", "Latency (indicative only: one batch, wall clock, on whatever else this machine was doing; compare "
               "FLOPs, or time side by side with `python -m vtprune.eval.bench_prefill`):", "",
@@ -40,8 +49,14 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "csv": output / "results.csv", "plot": output / "pareto.png"}
     write_rows(rows, paths["json"], paths["csv"])
-    pareto_plot(rows, paths["plot"], title)
+    pareto_plot(rows + multi_frame_rows(rows), paths["plot"], title)
     return paths
+
+
+def multi_frame_rows(rows: list[dict]) -> list[dict]:
+    """Video rows again with their multi-frame accuracy as ``accuracy``: the plot's extra panel per video model."""
+    return [{**r, "task": f"{r.get('task') or 'video'}, multi-frame questions", "accuracy": r["acc_multi_frame"]}
+            for r in rows if r.get("acc_multi_frame") is not None]
 
 
 def write_rows(rows: list[dict], json_path: Path, csv_path: Path) -> None:
@@ -71,6 +86,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
     """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model, with
     that model's Pareto frontier. Returns the figure (already saved and closed)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,6 +112,9 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--",
                     linewidth=1.5, zorder=4, label="Pareto frontier")
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3 rather than 2x10^0, 3x10^0
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("prefill GFLOPs per sample (real FLOPs, log scale)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(name)

@@ -17,7 +17,6 @@ a cell partly inside the patch counts with the share of its area inside.
 """
 from __future__ import annotations
 
-import ast
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import vtprune
 
 from .data import make_split, score
 from .embedded import EMBEDDED_MODELS, load_embedded, predict
+from .harness import parse_method
 from .perturb import cell_coverage, parse_perturbation, perturb, token_frame
 from .robustness_args import DEFAULT_LIMIT, DEFAULT_PERTURBATIONS, add_arguments
 
@@ -41,21 +41,6 @@ class Shown:
 
     image: Image.Image
     question: str
-
-
-def parse_method(spec: str) -> tuple[str, dict]:
-    """``"divprune_stable:smooth=1,margin=0.02"`` -> ("divprune_stable", {"smooth": 1, "margin": 0.02})."""
-    name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"method option {item!r} in {spec!r} is not key=value")
-        try:
-            options[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()  # a bare word: a string option
-    return name, options
 
 
 def kept_sets(stats: list, n_visual: list[int]) -> list[frozenset]:

@@ -86,10 +86,19 @@ def probe_targets(clip) -> torch.Tensor:
     return torch.cat(out)
 
 
-def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25):
+def _balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with each class present weighted by the inverse of its share of ``target``: a rare class (the one
+    mover among several still objects) counts as much as the common one, so its probe cannot sit at the base rate."""
+    counts = torch.bincount(target, minlength=logits.shape[-1]).float()
+    weight = torch.where(counts > 0, counts.sum() / (counts * (counts > 0).sum()).clamp(min=1), torch.zeros_like(counts))
+    return F.cross_entropy(logits, target, weight=weight)
+
+
+def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25, balance: bool = False):
     """LM loss plus ``weight`` x the probes' cross-entropy at decoder layer ``layer``'s output on the video tokens
-    (their accuracies logged every ``every`` calls)."""
+    (their accuracies logged every ``every`` calls; ``balance``: classes weighted to equal shares)."""
     calls = [0]
+    ce = _balanced_ce if balance else F.cross_entropy
 
     def loss_fn(inputs):
         targets = inputs.pop("probe_targets").flatten(0, 1)
@@ -100,7 +109,7 @@ def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int 
             on = targets[:, j] != -100
             if on.any():
                 logits = head(h[on])
-                aux = aux + F.cross_entropy(logits, targets[on, j])
+                aux = aux + ce(logits, targets[on, j])
                 accs[name] = round((logits.argmax(-1) == targets[on, j]).float().mean().item(), 3)
         if log is not None and calls[0] % every == 0:
             log(f"probes {accs}")
@@ -132,6 +141,26 @@ def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, q
     return inputs
 
 
+def insert_layers(model, at: int, n: int, seed: int):
+    """Grow the LLM by ``n`` decoder layers inserted before layer ``at``, each an exact identity at the start (its
+    attention output and MLP down projections are zero), so the grown model answers as before and the new layers
+    have room to compute the clip-level facts between the image model's feature layers and its lookup layers."""
+    lm = model.model.language_model
+    cfg = model.config.text_config
+    torch.manual_seed(seed + 5)
+    new = [type(lm.layers[0])(cfg, 0) for _ in range(n)]
+    for layer in new:  # fresh (distinct) projections, so the new layers do not learn in lockstep
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    layers = list(lm.layers[:at]) + new + list(lm.layers[at:])
+    lm.layers = torch.nn.ModuleList(layers)
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    cfg.num_hidden_layers = len(layers)
+    cfg.layer_types = [cfg.layer_types[0]] * len(layers)
+    return model
+
+
 def load_start(init_from: Path, processor, seed: int, log):
     """The model to fine-tune, its vocabulary grown to the processor's tokenizer (old ids kept)."""
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -153,6 +182,15 @@ def load_start(init_from: Path, processor, seed: int, log):
     return model
 
 
+def pin_processor(processor, model) -> None:
+    """Settings saved with the model: the tokenizer's length limit is the LLM's context (a clip's prompt is ~620
+    tokens, over the tokenizer's default 512 warning), and the video processor's per-frame pixel cap is pinned off
+    (the frames are small; pinning keeps the token count whatever transformers' default becomes, and its warning
+    quiet)."""
+    processor.tokenizer.model_max_length = model.config.text_config.max_position_embeddings
+    processor.video_processor.cap_pixels_per_frame = False
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -170,6 +208,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--blank-every", type=int, default=8)
     ap.add_argument("--probe-weight", type=float, default=0.0, help="weight of the per-token probes (0: none)")
     ap.add_argument("--probe-layer", type=int, default=2, help="decoder layer whose output the probes read")
+    ap.add_argument("--probe-balance", action="store_true", help="weight each probe's classes to equal shares")
+    ap.add_argument("--insert-layers", type=int, default=0, help="grow the LLM by this many identity-initialised layers")
+    ap.add_argument("--insert-at", type=int, default=2, help="decoder index the new layers are inserted before")
     ap.add_argument("--caption", type=int, default=0, help="1: end each sequence with the state-by-state caption")
     ap.add_argument("--stream", type=int, default=4, help="seed stream of the training clips")
     ap.add_argument("--eval-every", type=int, default=100)
@@ -203,6 +244,9 @@ def main(argv=None):
     init_from = args.init_from or model_dir(BASE_MODEL)
     processor = T.build_processor("qwen", VIDEO_WORDS, video=True)
     model = load_start(init_from, processor, args.seed, log)
+    if args.insert_layers:
+        insert_layers(model, args.insert_at, args.insert_layers, args.seed)
+        log(f"LLM grown to {model.config.text_config.num_hidden_layers} layers")
     pj = init_from / "training.json"
     start_record = json.loads(pj.read_text()) if pj.exists() else {}
     previous = start_record if start_record.get("name") == VIDEO_MODEL else None
@@ -218,7 +262,7 @@ def main(argv=None):
     if args.probe_weight > 0:
         torch.manual_seed(args.seed + 3)
         heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, n) for n in PROBES.values())
-        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log)
+        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log, balance=args.probe_balance)
 
     def eval_fn(m):
         m.eval()
@@ -231,6 +275,7 @@ def main(argv=None):
                              batch_fn=batch_fn, eval_fn=eval_fn, loss_fn=loss_fn, extra_params=heads.parameters())
     train_time = time.time() - t_start
     model.eval()
+    pin_processor(processor, model)
     T.save(model, processor, out_dir)
     t0 = time.time()
     test = make_video_split("test", args.test_size, 0, args.frames)

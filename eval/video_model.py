@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .catalog import VIDEO_MODELS
 from .data import score
 from .embedded import MAX_NEW_TOKENS, model_dir, predict_batches
 from .video_data import MULTI_FRAME_TYPES, SINGLE_FRAME_TYPES, VIDEO_QUESTION_TYPES, VideoExample
 
-VIDEO_MODEL = "qwen2_5_vl-tiny-sortofclevr-video"
+VIDEO_MODEL = VIDEO_MODELS[0]
 
 
 def is_video_model_available(name: str = VIDEO_MODEL) -> bool:
@@ -39,14 +40,15 @@ def build_video_prompt(processor, question: str) -> str:
 
 
 def predict_video(model, processor, examples: list[VideoExample], batch_size: int = 16, blank: bool = False,
-                  max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
-    """Greedy short answers (left-padded batches); ``blank=True`` shows every clip as white frames."""
+                  max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+    """Greedy short answers (left-padded batches); ``blank=True`` shows every clip as white frames;
+    ``on_batch(inputs, chunk)`` after each batch (``eval/embedded.predict``'s hook)."""
 
     def media_and_prompts(chunk):
         videos = [e.blank_frames() if blank else e.frames for e in chunk]
         return {"videos": videos}, [build_video_prompt(processor, e.question) for e in chunk]
 
-    return predict_batches(model, processor, examples, batch_size, media_and_prompts, max_new_tokens)
+    return predict_batches(model, processor, examples, batch_size, media_and_prompts, max_new_tokens, on_batch)
 
 
 def video_accuracy(preds: list[str], examples: list[VideoExample]) -> dict:

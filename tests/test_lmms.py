@@ -44,8 +44,8 @@ def test_lmms_eval_usable():
     pytest.skip(PROBLEM)
 
 
-def _task_utils():
-    spec = importlib.util.spec_from_file_location("vtprune_sortofclevr_utils", TASK_DIR / "utils.py")
+def _task_utils(path=TASK_DIR / "utils.py", name="vtprune_sortofclevr_utils"):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -318,3 +318,75 @@ def test_two_cpu_processes_give_the_answers_of_one(tmp_path):
         results[name] = json.loads(path.read_text())["results"]["vtprune_sortofclevr"]
     assert _samples(tmp_path / "two") == _samples(tmp_path / "one") and len(_samples(tmp_path / "one")) == 6
     assert results["two"] == results["one"]
+
+
+# --------------------------------------------------------------------------------------------- the video task
+VIDEO_TASK_DIR = ROOT / "eval" / "tasks" / "vtprune_sortofclevr_video"
+
+
+def _video_utils():
+    return _task_utils(VIDEO_TASK_DIR / "video_utils.py", "vtprune_video_task_utils")
+
+
+def test_video_task_jsonl_is_what_the_generator_makes():
+    utils = _video_utils()
+    stored = [json.loads(line) for line in (VIDEO_TASK_DIR / "test.jsonl").read_text().splitlines()]
+    assert stored == utils.rows(len(stored)) and len(stored) == utils.N_EXAMPLES
+    doc = dict(stored[0], answer="not the answer")
+    with pytest.raises(ValueError, match="regenerate test.jsonl"):
+        utils.doc_to_visual(doc)
+    assert utils.process_results(stored[0], [stored[0]["answer"]]) == {
+        "exact_match": 1.0, "acc_multi_frame": 1.0, f"acc_{stored[0]['qtype']}": 1.0}
+
+
+@requires_lmms
+def test_media_sorts_images_videos_and_refuses_the_rest():
+    import numpy as np
+    from PIL import Image
+
+    from vtprune.eval.lmms_plugin import VtpruneLMM
+
+    img = Image.new("RGB", (4, 4))
+    arr = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    images, videos = VtpruneLMM._media([img, [img, img], arr, "clip.mp4"], "t")
+    assert len(images) == 1 and [type(v).__name__ for v in videos] == ["list", "ndarray", "str"]
+    with pytest.raises(NotImplementedError, match="got dict"):
+        VtpruneLMM._media([{"array": [0.0]}], "t")
+
+
+@requires_lmms
+@pytest.mark.skipif(not (ROOT / "eval" / "models" / "qwen2_5_vl-tiny-sortofclevr-video" / "config.json").exists(),
+                    reason="embedded video model not present")
+def test_video_task_matches_the_harness_and_runs_in_the_real_cli(tmp_path):
+    """The wrapper answers the video task's documents exactly as eval/video_model.predict_video does (pruned,
+    batched); the real lmms-eval CLI runs the task offline on the embedded video model."""
+    from vtprune.eval.lmms_plugin import VtpruneLMM
+    from vtprune.eval.video_data import make_video_split
+    from vtprune.eval.video_model import predict_video
+
+    torch.set_num_threads(1)
+    utils = _video_utils()
+    docs = [json.loads(line) for line in (VIDEO_TASK_DIR / "test.jsonl").read_text().splitlines()[:4]]
+    lm = VtpruneLMM(pretrained="qwen2_5_vl-tiny-sortofclevr-video", method="divprune", keep_ratio="0.25",
+                    temporal="frame", batch_size=2, device="cpu", dtype="float32")
+    lm.task_dict = {"v": {"test": docs}}
+    gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False}
+    got = lm.generate_until([_Req(d["question"], dict(gen), utils.doc_to_visual, i, "v", "test")
+                             for i, d in enumerate(docs)])
+    assert got == predict_video(lm.model, lm.processor, make_video_split("test", 4, seed=0), batch_size=1)
+    assert {r["kept_tokens"] for r in lm.records} == {150} and {r["visual_tokens"] for r in lm.records} == {600}
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vtprune", "--model_args",
+           "pretrained=qwen2_5_vl-tiny-sortofclevr-video,method=divprune,keep_ratio=0.25,temporal=frame,device=cpu",
+           "--tasks", "vtprune_sortofclevr_video", "--include_path", str(ROOT / "eval" / "tasks"),
+           "--limit", "6", "--batch_size", "3", "--output_path", str(out)]
+    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    files = list(out.glob("*/*_results.json"))
+    assert proc.returncode == 0 and len(files) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(files[0].read_text())
+    task = res["results"]["vtprune_sortofclevr_video"]
+    assert res["n-samples"]["vtprune_sortofclevr_video"]["effective"] == 6
+    assert task["acc_single_frame,none"] == 1.0  # the two single-frame controls of the six: the model answers them
+    assert res["throughput"]["avg_kept_visual_tokens"] == 150 and res["throughput"]["avg_visual_tokens"] == 600

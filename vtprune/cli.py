@@ -21,24 +21,55 @@ def _eval(args) -> int:
 
     torch.set_num_threads(args.threads)
     budgets = harness.parse_budgets(args.budgets)
-    methods = args.methods.split(",") if args.methods else None
+    # a spec's own options are separated by ';' on the command line ("divprune_stable:smooth=1;margin=0.02")
+    methods = [m.replace(";", ",") for m in args.methods.split(",")] if args.methods else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     output = Path(args.output or time.strftime("vtprune-eval-%Y%m%d-%H%M%S"))
-    if args.model or args.tasks:
-        if not (args.model and args.tasks):
-            raise SystemExit("vtprune eval: --model and --tasks go together (an HF id or path, and lmms-eval tasks)")
+    if args.model:
+        if not tasks:
+            raise SystemExit("vtprune eval: --model needs --tasks (the lmms-eval tasks to run it on)")
         from .eval.lmms_runner import run_lmms
 
-        rows = run_lmms(args.model, args.tasks.split(","), harness.check_methods(methods or catalog.METHODS),
+        rows = run_lmms(args.model, tasks, harness.check_methods(methods or catalog.METHODS),
                         budgets, args.limit, output, batch_size=args.batch_size)
         rows = harness.add_ratios(rows)
     else:
-        models = args.models.split(",") if args.models else None
-        rows = harness.run_embedded(models, methods, budgets, args.limit, args.batch_size,
-                                    progress=not args.no_progress)
+        rows = _eval_embedded(args, tasks or ["image"], methods, budgets)
     paths = report.write_results(rows, output)
     print(report.table(rows))
     print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['plot']}")
     return 0
+
+
+def _eval_embedded(args, tasks: list[str], methods, budgets) -> list[dict]:
+    """The embedded benchmarks named by ``tasks`` (image, video), each on its own models."""
+    from .eval import harness
+
+    bad = [t for t in tasks if t not in catalog.TASKS]
+    if bad:
+        raise ValueError(f"task(s) {bad} are not embedded benchmarks (expected {list(catalog.TASKS)}); "
+                         "lmms-eval tasks need --model")
+    names = args.models.split(",") if args.models else None
+    per_task = {"image": catalog.EMBEDDED_MODELS, "video": catalog.VIDEO_MODELS}
+    if names:
+        stray = [n for n in names if not any(n in per_task[t] for t in tasks)]
+        if stray:
+            raise ValueError(f"unknown embedded model(s) {stray} for task(s) {tasks}; available: " + "; ".join(
+                f"{t}: {per_task[t]}" for t in tasks))
+    rows = []
+    for task in tasks:
+        mine = [n for n in names if n in per_task[task]] if names else None
+        if names and not mine:
+            continue
+        if task == "image":
+            rows += harness.run_embedded(mine, methods, budgets, args.limit, args.batch_size,
+                                         progress=not args.no_progress)
+        else:
+            from .eval import video_eval
+
+            rows += video_eval.run_video(mine, methods, budgets, args.limit, args.batch_size,
+                                         progress=not args.no_progress)
+    return rows
 
 
 def _demo(args) -> int:
@@ -55,11 +86,11 @@ def _demo(args) -> int:
 
 
 def _models(args) -> int:
-    print("| name | class | visual tokens per image | test accuracy | weights |")
-    print("|---|---|---|---|---|")
+    print("| name | task | class | visual tokens per image or clip | test accuracy | weights |")
+    print("|---|---|---|---|---|---|")
     for r in catalog.describe():
         acc = "?" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f} %"
-        print(f"| {r['name']} | {r['class']} | {r['visual_tokens'] or '?'} | {acc} | "
+        print(f"| {r['name']} | {r['task']} | {r['class']} | {r['visual_tokens'] or '?'} | {acc} | "
               f"{'present' if r['available'] else 'missing'} |")
     return 0
 
@@ -86,20 +117,24 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for HF VLMs")
     ap.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    models, methods = ", ".join(catalog.EMBEDDED_MODELS), ", ".join(catalog.METHODS)
+    models, methods = ", ".join(catalog.EMBEDDED_MODELS + catalog.VIDEO_MODELS), ", ".join(catalog.METHODS)
     ev = sub.add_parser(
         "eval", help="accuracy vs prefill FLOPs on the embedded models (or lmms-eval tasks)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Accuracy versus prefill FLOPs of every method and budget. By default on the embedded models and"
-                    "\ntheir Sort-of-CLEVR test split; with --model and --tasks on a real checkpoint through lmms-eval."
-                    "\nWrites results.json, results.csv and pareto.png and prints a table.",
-        epilog=f"embedded models: {models}\nmethods: {methods}\n\nexample: vtprune eval --limit 40 "
-               "--budgets 100,25,5.5 --output /tmp/vtprune-eval")
-    ev.add_argument("--models", help="embedded models, comma-separated (default: all)")
-    ev.add_argument("--methods", help="methods, comma-separated (default: all)")
+        description="Accuracy versus prefill FLOPs of every method and budget. By default on the embedded image models"
+                    "\nand their Sort-of-CLEVR test split; --tasks video on the embedded video model and its clips (each"
+                    "\nmethod over the whole clip and with a budget per frame); with --model and --tasks on a real"
+                    "\ncheckpoint through lmms-eval. Writes results.json, results.csv and pareto.png and prints a table.",
+        epilog=f"embedded models: {models}\nmethods: {methods}\n\nexamples:\n  vtprune eval --limit 40 "
+               "--budgets 100,25,5.5 --output /tmp/vtprune-eval\n  vtprune eval --tasks video --methods "
+               "divprune,temporal --limit 30")
+    ev.add_argument("--models", help="embedded models, comma-separated (default: all of the chosen tasks)")
+    ev.add_argument("--methods", help="methods, comma-separated, each optionally with options: "
+                    "divprune:temporal=frame, divprune_stable:smooth=1;margin=0.02 (default: all)")
     ev.add_argument("--budgets", default=",".join(f"{b:g}" for b in catalog.DEFAULT_BUDGETS),
                     help="percent of visual tokens kept, comma-separated (default: %(default)s)")
-    ev.add_argument("--limit", type=int, help="test questions per configuration (default: 500; lmms-eval: all)")
+    ev.add_argument("--limit", type=int,
+                    help="test questions per configuration (default: image 500, video 300; lmms-eval: all)")
     ev.add_argument("--batch-size", type=int, default=16,
                     help="questions per generate() call, left-padded (default: %(default)s)")
     ev.add_argument("--output", help="results folder (default: a new vtprune-eval-<time> folder)")
@@ -107,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="torch threads; tiny models run fastest on 1 (default: %(default)s)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     ev.add_argument("--model", help="HF id or path of a real model, evaluated through lmms-eval (default: none)")
-    ev.add_argument("--tasks", help="lmms-eval tasks, comma-separated, with --model (default: none)")
+    ev.add_argument("--tasks", help="without --model: embedded benchmarks, image and/or video (default: image); "
+                    "with --model: lmms-eval tasks, comma-separated")
     ev.set_defaults(fn=_eval)
     de = sub.add_parser("demo", help="Gradio page comparing the original and the pruned model side by side",
                         description="Serve a page that asks one question to the original and the pruned model.",

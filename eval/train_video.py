@@ -68,14 +68,22 @@ RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval
 # one attribute, read another"; see eval/train.py's stage A) instead of a comparison across temporal groups that the
 # question-answer loss alone taught slowly (the first run: ~65 % after 500 steps).
 # moved (0/1), frames showing it (2/4/6/8 -> 0..3), state it first appears in, appeared last (0/1), ends right (0/1).
-PROBES = {"moved": 2, "frames": 4, "first_state": 4, "appeared_last": 2, "ends_right": 2}
+# side_frac: the share of the states showing it in which it is on the right (0, 1/4, ..., 1 -> 0..4): a stepping
+# stone read earlier (``--aux-probes``/``--aux-layer``), since an object moved exactly when that share is neither 0
+# nor 1 (the mover crosses the mid-line) and the object tokens already carry their own side linearly.
+PROBES = {"moved": 2, "frames": 4, "first_state": 4, "appeared_last": 2, "ends_right": 2, "side_frac": 5}
+
+
+def _side_frac(clip, colour: str) -> int:
+    sides = [o.side == "right" for o in clip.track(colour) if o is not None]
+    return round(4 * sum(sides) / len(sides))
 
 
 def probe_targets(clip) -> torch.Tensor:
     """[states * tokens per state, len(PROBES)] targets of the clip's video tokens (-100 off objects)."""
     last, movers = clip.appeared_last(), clip.movers()
     facts = {c: [int(c in movers), clip.frames_showing(c) // 2 - 1, clip.first_state(c), int(c == last),
-                 int(clip.end_side(c) == "right")] for c in clip.colours()}
+                 int(clip.end_side(c) == "right"), _side_frac(clip, c)] for c in clip.colours()}
     out = []
     for state in clip.states:
         colour = T.dense_targets(state, "qwen")[1][:, 0]  # colour index of the object a token covers, -100 off
@@ -94,23 +102,35 @@ def _balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target, weight=weight)
 
 
-def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25, balance: bool = False):
-    """LM loss plus ``weight`` x the probes' cross-entropy at decoder layer ``layer``'s output on the video tokens
-    (their accuracies logged every ``every`` calls; ``balance``: classes weighted to equal shares)."""
+def _balanced_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    recalls = [(pred[target == c] == c).float().mean().item() for c in target.unique()]
+    return sum(recalls) / len(recalls)
+
+
+def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25, balance: bool = False,
+                  names=tuple(PROBES), aux_layer: int | None = None, aux_names=()):
+    """LM loss plus ``weight`` x the probes' cross-entropy on the video tokens: ``names`` at decoder layer
+    ``layer``'s output, ``aux_names`` at ``aux_layer``'s (their accuracies logged every ``every`` calls, balanced
+    ones with ``balance``, which also weights each probe's classes to equal shares). ``heads``: one per name, in
+    the order ``names + aux_names``."""
     calls = [0]
     ce = _balanced_ce if balance else F.cross_entropy
+    score = _balanced_accuracy if balance else (lambda p, t: (p == t).float().mean().item())
+    cols = list(PROBES)
+    plan = [(layer, n) for n in names] + [(aux_layer, n) for n in aux_names]
 
     def loss_fn(inputs):
         targets = inputs.pop("probe_targets").flatten(0, 1)
         out = model(**inputs, output_hidden_states=True)
-        h = out.hidden_states[layer][inputs["input_ids"] == model.config.video_token_id]
+        video = inputs["input_ids"] == model.config.video_token_id
         aux, accs = 0.0, {}
-        for (name, _), j, head in zip(PROBES.items(), range(len(heads)), heads):
+        for (at, name), head in zip(plan, heads):
+            j = cols.index(name)
             on = targets[:, j] != -100
             if on.any():
-                logits = head(h[on])
+                logits = head(out.hidden_states[at][video][on])
                 aux = aux + ce(logits, targets[on, j])
-                accs[name] = round((logits.argmax(-1) == targets[on, j]).float().mean().item(), 3)
+                accs[f"{name}@{at}"] = round(score(logits.argmax(-1), targets[on, j]), 3)
         if log is not None and calls[0] % every == 0:
             log(f"probes {accs}")
         calls[0] += 1
@@ -209,6 +229,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-weight", type=float, default=0.0, help="weight of the per-token probes (0: none)")
     ap.add_argument("--probe-layer", type=int, default=2, help="decoder layer whose output the probes read")
     ap.add_argument("--probe-balance", action="store_true", help="weight each probe's classes to equal shares")
+    ap.add_argument("--probes", default="moved,frames,first_state,appeared_last,ends_right",
+                    help="comma list of the probes read at --probe-layer")
+    ap.add_argument("--aux-probes", default="", help="comma list of probes read at --aux-layer (stepping stones)")
+    ap.add_argument("--aux-layer", type=int, default=1, help="decoder layer whose output the aux probes read")
     ap.add_argument("--insert-layers", type=int, default=0, help="grow the LLM by this many identity-initialised layers")
     ap.add_argument("--insert-at", type=int, default=2, help="decoder index the new layers are inserted before")
     ap.add_argument("--caption", type=int, default=0, help="1: end each sequence with the state-by-state caption")
@@ -261,8 +285,15 @@ def main(argv=None):
     loss_fn, heads = None, torch.nn.ModuleList()
     if args.probe_weight > 0:
         torch.manual_seed(args.seed + 3)
-        heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, n) for n in PROBES.values())
-        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log, balance=args.probe_balance)
+        names = tuple(filter(None, args.probes.split(",")))
+        aux_names = tuple(filter(None, args.aux_probes.split(",")))
+        bad = [n for n in names + aux_names if n not in PROBES]
+        if bad:
+            raise SystemExit(f"unknown probe(s) {bad}; allowed: {', '.join(PROBES)}")
+        heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, PROBES[n])
+                                    for n in names + aux_names)
+        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log, balance=args.probe_balance,
+                                names=names, aux_layer=args.aux_layer, aux_names=aux_names)
 
     def eval_fn(m):
         m.eval()

@@ -123,9 +123,10 @@ def test_probe_targets_of_the_hand_built_clip():
     rows, cols, cell, _ = T.token_grid("qwen")
     at = lambda g, o: t[g, int(o.y // cell) * cols + int(o.x // cell)].tolist()  # noqa: E731 - the centre's token
     red, cyan = c.track("red"), c.track("cyan")[0]
-    # moved, frames (2/4/6/8 -> 0..3), first state, appeared last, ends right
-    assert at(0, red[0]) == at(3, red[3]) == [1, 3, 0, 0, 1]
-    assert at(2, cyan) == [0, 3, 0, 0, 1]
-    assert at(2, c.track("yellow")[2]) == [0, 1, 2, 1, 0] and at(0, c.track("green")[0]) == [0, 0, 0, 0, 1]
-    assert at(1, c.track("blue")[1]) == [0, 2, 1, 0, 0]
+    # moved, frames (2/4/6/8 -> 0..3), first state, appeared last, ends right, right-side share (x4: red is on the
+    # left at x = 20, 40 and on the right at 60, 80 of the 120-pixel width)
+    assert at(0, red[0]) == at(3, red[3]) == [1, 3, 0, 0, 1, 2]
+    assert at(2, cyan) == [0, 3, 0, 0, 1, 4]
+    assert at(2, c.track("yellow")[2]) == [0, 1, 2, 1, 0, 0] and at(0, c.track("green")[0]) == [0, 0, 0, 0, 1, 4]
+    assert at(1, c.track("blue")[1]) == [0, 2, 1, 0, 0, 0]
     assert (t[0, 0] == -100).all()  # background

@@ -18,6 +18,8 @@ Recipe:
   question repeated, every answer supervised; the first turn is exactly the evaluation prompt), with eval/train.py's
   stage-B loop.  Every ``--blank-every``-th clip is blank with its answers kept, so that on a clip showing nothing
   the model answers from the prior.
+* Per-token probes (``--probe-weight``) teach every object token its object's clip-level facts at an early layer,
+  so a multi-frame question becomes the image model's lookup; see ``PROBES``.
 * ``--recipe`` replays the recorded runs (``RECIPES``); each run after the first continues the previous one.
 """
 
@@ -57,10 +59,15 @@ from .video_model import VIDEO_MODEL, build_video_prompt, evaluate_video  # noqa
 BASE_MODEL = "qwen2_5_vl-tiny-sortofclevr"
 # 24 fps (the processor's default for frames without metadata) x 2 frames per group x this = 2 positions per group
 TOKENS_PER_SECOND = 24
-# run 1: question answering only (61 % multi-frame); run 2 continues it with the per-token probes on new clips
+# run 1: question answering only; run 2 continues it with the per-token probes on new clips (61 % multi-frame);
+# run 3 continues run 2 with class-balanced probes, the right-side share and frame count read one layer earlier as
+# stepping stones, and the multi-frame question types drawn twice as often (89 % multi-frame)
 RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100",
            "--steps 600 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --probe-weight 1 --probe-layer 2 "
-           "--stream 5 --eval-every 100"]
+           "--stream 5 --eval-every 100",
+           "--steps 1200 --batch 8 --lr 1e-3 --qa-turns 12 --qa-types moved,moved,frames,frames,appeared,appeared,"
+           "ended,shape,side --blank-every 8 --probe-weight 1 --probe-balance --probe-layer 2 "
+           "--aux-probes side_frac,frames --aux-layer 1 --stream 8 --eval-every 100"]
 
 
 # Per-token probes on the LLM's hidden states at the video tokens (``--probe-layer``): every object token is taught

@@ -109,8 +109,9 @@ def test_video_model_accuracy():
     assert pos[0, 0, video].unique().numel() == 4  # the four temporal groups have distinct time ids
     res = evaluate_video(model, processor, ex, batch_size=24)
     blank = evaluate_video(model, processor, ex, batch_size=24, blank=True)
-    # the shipped model is below the 85 % target (test split: 61 % multi-frame, 100 % single-frame)
-    assert res["n"] == 48 and res["multi_frame"] >= 0.45 and res["single_frame"] >= 0.85, res
+    # test split (600 clips): 88.75 % multi-frame, 100 % single-frame; these 48 clips: 87.5 % and 100 %, so the bounds
+    # leave about two standard errors of a 32-question sample below the measured rate
+    assert res["n"] == 48 and res["multi_frame"] >= 0.75 and res["single_frame"] >= 0.9, res
     assert blank["multi_frame"] <= 0.5, blank  # without the clip it cannot answer
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vtprune
-from conftest import _model, make_batch, row
+from conftest import _model, make_batch, make_video_batch, row
 from vtprune import ops
 from vtprune.strategies import stable
 from vtprune.strategies.base import SelectionInputs, get_method
@@ -86,6 +86,40 @@ def test_no_grid_falls_back_to_raster_only_knobs():
     inputs = SelectionInputs(features=x, grid=None)
     assert torch.equal(stable.divprune_stable_select(inputs, 6, smooth=2, cells=2), ops.greedy_maxmin(x, 6))
     assert stable.usable_grid([(6, 5), (5, 6)], 2, 30) is None and stable.usable_grid([grid, grid], 2, 30) == grid
+
+
+def test_a_clip_is_smoothed_and_cut_into_cells_frame_by_frame():
+    frames, (x, grid) = 3, features(b=2, rows=4, cols=5, d=6)
+    clip = torch.cat([x, x.flip(1), x * 2], dim=1)  # [2, 3 * 20, 6]: three frames of the same grid
+    per_frame = [stable.smooth_features(clip[:, f * 20:(f + 1) * 20], grid, 2) for f in range(frames)]
+    assert torch.equal(stable.smooth_features(clip, grid, 2), torch.cat(per_frame, dim=1))
+    one, cell = stable.cell_index(grid, 2), stable.cell_index(grid, 2, frames=frames)
+    assert torch.equal(cell, torch.cat([one + 6 * f for f in range(frames)]))  # 2 x 3 cells per frame, never shared
+    assert stable.usable_grid([grid] * 2, 2, 60, frames=[3, 3]) == grid
+    assert stable.usable_grid([grid] * 2, 2, 60) is None and stable.usable_grid([grid] * 2, 2, 60, [3, 2]) is None
+    picks = stable.divprune_stable_select(SelectionInputs(features=clip, grid=[grid] * 2, frames=[3, 3]), 10)
+    assert torch.equal(picks, stable.stable_maxmin(clip, 10, grid, cells=2))
+    assert all(len(set(cell[p].tolist())) == 10 for p in picks)  # one pick per cell while cells remain
+
+
+@torch.no_grad()
+def test_a_video_reaches_the_strategy_as_frames_of_a_grid(monkeypatch):
+    seen, real = [], stable.stable_maxmin
+
+    def spy(features, k, grid=None, *args):
+        seen.append((features.shape[1], grid))
+        return real(features, k, grid, *args)
+
+    monkeypatch.setattr(stable, "stable_maxmin", spy)
+    model, batch = _model("qwen2_5_vl", "sdpa"), make_video_batch("qwen2_5_vl", 1)
+    frames = int(batch["video_grid_thw"][0, 0])
+    vtprune.apply_pruner(model, method="divprune_stable", keep_ratio=0.5)
+    try:
+        model(**batch)
+    finally:
+        vtprune.remove_pruner(model)
+    video = [(n, g) for n, g in seen if g is not None and n == frames * g[0] * g[1]]
+    assert frames > 1 and len(video) == 1, seen
 
 
 def test_bad_options_are_named():

@@ -7,6 +7,7 @@ import vtprune
 from conftest import _model, _processor, make_video_batch, row
 from vtprune.patches import ADAPTERS, get_adapter
 from vtprune.strategies import SelectionInputs
+from vtprune.strategies.baselines import grid_subsample
 from vtprune.strategies.temporal import temporal_change, temporal_select
 from vtprune.testing import FAMILIES, tiny_images
 from vtprune.units import largest_remainder
@@ -332,6 +333,8 @@ def test_temporal_change_ranks_moving_tokens_first():
     inputs = SelectionInputs(features=feats, grid=[(h, w)], frames=[frames])
     # After the first frame: the flip (index 6) and the flip back (12), then the changed token (16).
     assert temporal_select(inputs, h * w + 3)[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 12, 16]
+    # A budget within the first frame thins it over its grid, not its top rows in raster order.
+    assert temporal_select(inputs, 2)[0].tolist() == grid_subsample(h, w, 2).tolist() == [3, 5]
     # An image (one frame) has nothing to compare with: uniform spatial subsampling.
     img = SelectionInputs(features=torch.randn(1, 16, d, generator=g), grid=[(4, 4)], frames=[1])
     assert temporal_select(img, 4)[0].tolist() == [5, 7, 13, 15]

@@ -30,32 +30,41 @@ from .zoo import _flops as zoo_flops
 from .zoo import minmax_normalise, zoo_sensitivity
 
 
-def usable_grid(grid, batch: int, n: int):
-    """The common (rows, cols) of all rows when every row has one and it covers the N tokens, else None."""
+def usable_grid(grid, batch: int, n: int, frames=None):
+    """The common (rows, cols) of all rows when every row has one and the N tokens are ``frames`` such grids (one
+    common frame count per row, 1 when ``frames`` is None), else None."""
     if not grid or len(grid) != batch or any(g is None for g in grid) or len(set(map(tuple, grid))) != 1:
         return None
+    if frames is not None and (len(frames) != batch or len(set(frames)) != 1):
+        return None
     rows, cols = grid[0]
-    return (rows, cols) if rows * cols == n else None
+    return (rows, cols) if rows * cols * (frames[0] if frames else 1) == n else None
 
 
 def smooth_features(features: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
-    """Mean over each token's ``size x size`` neighbourhood (itself and right/down, edges replicated).
+    """Mean over each token's ``size x size`` neighbourhood in its own frame (itself and right/down, edges
+    replicated).
 
-    features: [B, N, D] in raster order of ``grid`` = (rows, cols), N = rows * cols. Returns [B, N, D] float32.
+    features: [B, N, D], N = frames * rows * cols, each frame in raster order of ``grid`` = (rows, cols).
+    Returns [B, N, D] float32.
     """
     b, n, d = features.shape
     rows, cols = grid
-    x = features.float().transpose(1, 2).reshape(b, d, rows, cols)
+    f = n // (rows * cols)
+    x = features.float().reshape(b * f, rows * cols, d).transpose(1, 2).reshape(b * f, d, rows, cols)
     x = F.pad(x, (0, size - 1, 0, size - 1), mode="replicate")
-    return F.avg_pool2d(x, size, stride=1).reshape(b, d, n).transpose(1, 2)
+    return F.avg_pool2d(x, size, stride=1).reshape(b * f, d, rows * cols).transpose(1, 2).reshape(b, n, d)
 
 
-def cell_index(grid: tuple[int, int], size: int, device=None) -> torch.Tensor:
-    """[N] long: the ``size x size`` cell (raster order over ceil(rows/size) x ceil(cols/size)) of each token."""
+def cell_index(grid: tuple[int, int], size: int, device=None, frames: int = 1) -> torch.Tensor:
+    """[frames * rows * cols] long: each token's ``size x size`` cell, numbered in raster order over
+    ceil(rows/size) x ceil(cols/size) within a frame, frame after frame (a cell never spans two frames)."""
     rows, cols = grid
     r = torch.arange(rows, device=device) // size
     c = torch.arange(cols, device=device) // size
-    return (r[:, None] * -(-cols // size) + c[None, :]).flatten()
+    per_frame = -(-rows // size) * -(-cols // size)
+    one = (r[:, None] * -(-cols // size) + c[None, :]).flatten()
+    return (one[None, :] + per_frame * torch.arange(frames, device=device)[:, None]).flatten()
 
 
 def pool_cells(x: torch.Tensor, cell: torch.Tensor, n_cells: int) -> torch.Tensor:
@@ -115,8 +124,8 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
                   cell_pick: str = "central") -> torch.Tensor:
     """Stable greedy max-min selection of ``k`` of ``N`` tokens (see the module docstring for the knobs).
 
-    features: [B, N, D]; grid: (rows, cols) with rows * cols == N, or None (then ``smooth`` and ``cells`` are
-    ignored: no neighbourhood is known); weights: [B, N] or None. Returns [B, k] long in pick order.
+    features: [B, N, D]; grid: (rows, cols) of each frame, N = frames * rows * cols (a video's frames one after
+    another), or None (then ``smooth`` and ``cells`` are ignored: no neighbourhood is known); weights: [B, N] or None. Returns [B, k] long in pick order.
     With every knob off (smooth=1, quantum=0, margin=0, cells=1) the picks are ``ops.greedy_maxmin``'s.
     """
     if grid is not None and smooth > 1:
@@ -126,7 +135,7 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
         dist = torch.floor(dist / quantum) * quantum
     init = cell = open_cells = None
     if grid is not None and cells > 1:
-        cell = cell_index(grid, cells, features.device)
+        cell = cell_index(grid, cells, features.device, frames=features.shape[1] // (grid[0] * grid[1]))
         n_cells = int(cell.max()) + 1
         pooled = pool_cells(features, cell, n_cells)
         cdist = ops.pairwise_cosine_distance(pooled)
@@ -175,7 +184,7 @@ def _check(inputs: SelectionInputs, k: int, smooth: int, quantum: float, margin:
         raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick in "
                          f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
                          f"cell_pick={cell_pick!r}")
-    return usable_grid(inputs.grid, inputs.batch, n)
+    return usable_grid(inputs.grid, inputs.batch, n, inputs.frames)
 
 
 def _validate(smooth, quantum, margin, cells, cell_pick, **_):

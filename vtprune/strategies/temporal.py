@@ -27,15 +27,19 @@ def temporal_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     """The ``k`` tokens that changed most since the previous frame. Returns [batch, k] (ascending).
 
     Rows that are an unpruned video grid (``frames`` > 1, N = frames * h * w) rank by ``temporal_change`` (ties
-    to the earlier token, so the first frame is kept first, in raster order); other rows (images, or tokens
-    already pruned) have no previous frame to compare with and fall back to uniform spatial subsampling.
+    to the earlier token, so the first frame is kept first); when ``k`` is not more than one frame's h * w, the
+    first frame is thinned uniformly over its grid instead (in raster order the kept tokens would all be its top
+    rows). Other rows (images, or tokens already pruned) have no previous frame to compare with and fall back to
+    uniform spatial subsampling.
     """
     n = inputs.num_tokens
     out = []
     for row in range(inputs.batch):
         hw = inputs.grid[row] if inputs.grid is not None else None
         t = inputs.frames[row] if inputs.frames is not None else 1
-        if hw is not None and t > 1 and t * hw[0] * hw[1] == n:
+        if hw is not None and t > 1 and t * hw[0] * hw[1] == n and k <= hw[0] * hw[1]:
+            out.append(grid_subsample(hw[0], hw[1], k).to(inputs.features.device))
+        elif hw is not None and t > 1 and t * hw[0] * hw[1] == n:
             score = temporal_change(inputs.features[row:row + 1], t)[0]
             out.append(torch.sort(score, descending=True, stable=True).indices[:k].sort().values)
         elif hw is not None and t * hw[0] * hw[1] == n:

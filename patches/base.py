@@ -151,6 +151,18 @@ class Adapter:
         pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
         return pos if self.position_kind == "1d" else pos.unsqueeze(0).expand(3, -1, -1)
 
+    def encoded_rows(self, kwargs: dict) -> Optional[torch.Tensor]:
+        """The visual tokens' embeddings [visual tokens of the batch, D] in sequence order, when the body's call
+        brings them pre-encoded (``mm_encoder_outputs``) and places them as they are, one per placeholder, with no
+        extra inputs for the language model; else None. Lets a layer-0 stage choose before the body builds the
+        sequence, so that it builds only the kept part (``with_encoded_rows``). Default: None (never)."""
+        return None
+
+    def with_encoded_rows(self, encoded: dict, rows: torch.Tensor) -> dict:
+        """The entries of ``mm_encoder_outputs`` that place ``rows`` (the kept slots' rows of ``encoded_rows``, in
+        order) instead of the call's own features."""
+        raise NotImplementedError
+
     # Extension points for families whose language model takes extra per-token inputs (Qwen3-VL's DeepStack).
     def install(self, pruner) -> None:
         """Called at the end of ``Pruner.install``: instance-level wrappers go here (restored by ``remove``)."""

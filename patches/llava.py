@@ -108,6 +108,21 @@ class LlavaAdapter(ClipLlamaFamily):
                        [Unit("image", n)])
         return out
 
+    def encoded_rows(self, kwargs):
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        image = encoded.get("image")
+        if image is None or kwargs.get("pixel_values") is not None or any(
+                v is not None for k, v in encoded.items() if k != "image"):
+            return None
+        feats = image.pooler_output
+        if torch.is_tensor(feats):
+            return feats.reshape(-1, feats.shape[-1])
+        return feats[0] if len(feats) == 1 else torch.cat(list(feats))  # one image: a view, no copy
+
+    def with_encoded_rows(self, encoded, rows):
+        image = encoded["image"]
+        return {"image": type(image)(**{**image, "pooler_output": [rows]})}
+
     def pad_mask(self, call, vis):
         """Patches more than half covered by the border that pad-to-square adds.
 

@@ -120,12 +120,16 @@ def _unit_items(item: Item, unit, temporal: str) -> list[Item]:
     return out
 
 
-def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Sequence, cap: Captured,
-              units: list, num_layers: int):
+def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], seq: Sequence, cap: Captured,
+              units: list, num_layers: int, visual: Optional[torch.Tensor] = None):
     """Choose the visual tokens to keep. hidden: [B, L_cur, D]; units: per row, its ``Unit``s.
 
-    Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked),
-    the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
+    visual: instead of ``hidden`` (then None), the visual tokens' hidden states alone, [visual tokens of the batch,
+    D] in sequence order, row after row: what a layer-0 stage sees before the body has built the sequence. Not
+    with merging or methods that read the text tokens.
+
+    Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked; None when
+    ``visual`` was given), the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
     """
     t0 = time.perf_counter()
     vis = seq.vis
@@ -133,7 +137,11 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     items = plan_items(stage, method, seq, units, num_layers)
     backends: dict = {}
     options = method_options(stage)
+    if visual is not None and (hidden is not None or stage.options["merge"] or "text" in method.needs):
+        raise ValueError("run_stage: visual= replaces hidden, without merging or text tokens")
     text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
+    counts = vis.sum(1).tolist()
+    row_start = [sum(counts[:r]) for r in range(b)]  # each row's first token in ``visual``
     vis_pos = [vis[r].nonzero().flatten() for r in range(b)]
     keep = ~vis
     chosen = []  # (item, indices into the item's tokens, ascending)
@@ -145,7 +153,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     for item in items:
         groups.setdefault((item.n, item.k), []).append(item)
     for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
-        rows_t = torch.tensor([it.row for it in group], device=hidden.device)
+        rows_t = torch.tensor([it.row for it in group], device=vis.device)
         positions = torch.stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
         first = positions[:, 0].tolist()
         # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
@@ -160,8 +168,13 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
                 return torch.stack([t[it.row, p:p + n] for it, p in zip(group, first)])
             return t[rows_t[:, None], positions]  # one gather straight to [G, n, ...]
 
+        if visual is None:
+            features = take(hidden)
+        else:
+            parts = [visual[row_start[it.row] + it.start:row_start[it.row] + it.start + n] for it in group]
+            features = parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
         inputs = SelectionInputs(
-            features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),
+            features=features, attention=take(cap.attention), queries=take(cap.queries),
             pre_projector=_pre_rows(cap, rows_t, positions), projector=cap.projector,
             grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
             pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"),
@@ -182,10 +195,11 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     row_kept = [[] for _ in range(b)]
     for it, picks in chosen:
         row_kept[it.row].append(picks + it.start)
-    row_kept = [torch.cat(x).sort().values if x else None for x in row_kept]
-    stats = dict(layer=stage.layer, method=stage.method, tokens_before=vis.sum(1).tolist(),
+    # One item's picks are already ascending: no concatenation or sort.
+    row_kept = [(x[0] if len(x) == 1 else torch.cat(x).sort().values) if x else None for x in row_kept]
+    stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
                  tokens_after=[0 if x is None else len(x) for x in row_kept],
-                 kept_indices=_pad_rows(row_kept, hidden.device), units=_unit_stats(seq, units, row_kept),
+                 kept_indices=_pad_rows(row_kept, vis.device), units=_unit_stats(seq, units, row_kept),
                  selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
                  select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
                  backend=backends)
@@ -196,8 +210,12 @@ def _unit_stats(seq: Sequence, units: list, row_kept: list) -> list:
     """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens."""
     out = []
     for r, row_units in enumerate(units):
+        kept = row_kept[r] if row_kept[r] is not None else seq.vis.new_empty(0, dtype=torch.long)
+        if len(row_units) == 1:  # the row's visual tokens are its one unit: nothing to split
+            unit = row_units[0]
+            out.append([UnitStats(unit.kind, unit.frames, int(seq.vis[r].sum()), len(kept), kept)])
+            continue
         ids = seq.unit[r][seq.vis[r]]
-        kept = row_kept[r] if row_kept[r] is not None else ids.new_empty(0)
         row, start = [], 0
         for u, unit in enumerate(row_units):
             n = int((ids == u).sum())

@@ -102,8 +102,9 @@ class Adapter:
     @classmethod
     def placeholder_mask(cls, config, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: positions holding image or video placeholders, from the config alone."""
-        out = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in cls.visual_token_ids(config).values():
+        first, *rest = cls.visual_token_ids(config).values()
+        out = input_ids == first
+        for token in rest:
             out |= input_ids == token
         return out
 

@@ -477,6 +477,10 @@ class Pruner:
 
     def _layer_mask(self, layer: int, hidden, mask2d, kwargs):
         """The mask this layer's attention expects, for a sequence described by ``mask2d`` and its own cache."""
+        if kwargs.get("attention_mask") is None and bool(mask2d.all()):
+            # The model found the full sequence needs no mask (sdpa's or flash's causal skip: no padding, and no
+            # past or a single query); a subsequence without padding at the same query length needs none either.
+            return None
         cfg = self.adapter.text_config
         layer_types = getattr(cfg, "layer_types", None)
         fn = create_causal_mask
@@ -501,10 +505,10 @@ class Pruner:
 
 def _unit_ids(vis: torch.Tensor, units: list) -> torch.Tensor:
     """[B, L] long: each visual token's unit index within its row (units are consecutive runs), -1 elsewhere."""
+    if max((len(row) for row in units), default=0) <= 1:
+        return torch.where(vis, 0, -1)
     ordinal = vis.long().cumsum(1) - 1  # the token's rank among its row's visual tokens
     ends = [[sum(u.length for u in row[: i + 1]) for i in range(len(row))] for row in units]
-    width = max((len(e) for e in ends), default=0)
-    if width <= 1:
-        return torch.where(vis, 0, -1)
+    width = max(len(e) for e in ends)
     bounds = torch.tensor([e + [e[-1] if e else 0] * (width - len(e)) for e in ends], device=vis.device)
     return torch.where(vis, torch.searchsorted(bounds, ordinal, right=True), -1)

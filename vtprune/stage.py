@@ -29,13 +29,15 @@ class Sequence:
     sizes: Optional[torch.Tensor] = None  # float: original tokens each token stands for (merging)
     unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
 
-    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
+    def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> "Sequence":
+        """The flags at ``index`` [B, L']; ``valid`` False marks dummy slots (None: there are none)."""
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
             out[f.name] = None if t is None else t.gather(1, index)
-        out["vis"] = out["vis"] & valid
-        out["mask"] = out["mask"] * valid.long()
+        if valid is not None:
+            out["vis"] = out["vis"] & valid
+            out["mask"] = out["mask"] * valid.long()
         return Sequence(**out)
 
 
@@ -68,14 +70,16 @@ def method_options(stage: StageConfig) -> dict:
     return {k: v for k, v in stage.options.items() if k not in ENGINE_KEYS}
 
 
-def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int) -> list[Item]:
+def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int,
+               counts: Optional[list] = None) -> list[Item]:
     """The selection items of this stage: one per unit (or per frame, or per row), each with its budget.
 
-    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them).
+    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them); counts: each
+    row's visual tokens, when the caller has them.
     """
     options = method_options(stage)
     items = []
-    counts = seq.vis.sum(1).tolist()
+    counts = seq.vis.sum(1).tolist() if counts is None else counts
     for r, row_units in enumerate(units):
         if counts[r] == 0:
             continue
@@ -134,13 +138,13 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
     t0 = time.perf_counter()
     vis = seq.vis
     b = vis.shape[0]
-    items = plan_items(stage, method, seq, units, num_layers)
+    counts = vis.sum(1).tolist()
+    items = plan_items(stage, method, seq, units, num_layers, counts)
     backends: dict = {}
     options = method_options(stage)
     if visual is not None and (hidden is not None or stage.options["merge"] or "text" in method.needs):
         raise ValueError("run_stage: visual= replaces hidden, without merging or text tokens")
     text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
-    counts = vis.sum(1).tolist()
     row_start = [sum(counts[:r]) for r in range(b)]  # each row's first token in ``visual``
     vis_pos = [vis[r].nonzero().flatten() for r in range(b)]
     keep = ~vis
@@ -190,7 +194,8 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
         keep[rows_t[:, None], kept_pos] = True
         chosen.extend(zip(group, picks))
     elapsed = time.perf_counter() - t0
-    index, valid = keep_layout(keep)
+    # One row needs no dummy slots: its kept positions in order are the whole index.
+    index, valid = (keep[0].nonzero().view(1, -1), None) if b == 1 else keep_layout(keep)
     new_seq = replace(seq, sizes=sizes).gather(index, valid)
     row_kept = [[] for _ in range(b)]
     for it, picks in chosen:
@@ -199,21 +204,22 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
     row_kept = [(x[0] if len(x) == 1 else torch.cat(x).sort().values) if x else None for x in row_kept]
     stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
                  tokens_after=[0 if x is None else len(x) for x in row_kept],
-                 kept_indices=_pad_rows(row_kept, vis.device), units=_unit_stats(seq, units, row_kept),
+                 kept_indices=_pad_rows(row_kept, vis.device), units=_unit_stats(seq, units, row_kept, counts),
                  selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
                  select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
                  backend=backends)
     return index, merged, new_seq, stats
 
 
-def _unit_stats(seq: Sequence, units: list, row_kept: list) -> list:
-    """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens."""
+def _unit_stats(seq: Sequence, units: list, row_kept: list, counts: list) -> list:
+    """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens (``counts``
+    per row)."""
     out = []
     for r, row_units in enumerate(units):
         kept = row_kept[r] if row_kept[r] is not None else seq.vis.new_empty(0, dtype=torch.long)
         if len(row_units) == 1:  # the row's visual tokens are its one unit: nothing to split
             unit = row_units[0]
-            out.append([UnitStats(unit.kind, unit.frames, int(seq.vis[r].sum()), len(kept), kept)])
+            out.append([UnitStats(unit.kind, unit.frames, counts[r], len(kept), kept)])
             continue
         ids = seq.unit[r][seq.vis[r]]
         row, start = [], 0

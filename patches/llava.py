@@ -1,6 +1,8 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): a fixed square grid of CLIP patches per image."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import TINY_IDS, Adapter, Unit, tiny_text_config
@@ -94,8 +96,8 @@ class LlavaAdapter(ClipLlamaFamily):
                               vision_feature_select_strategy="default", image_token="<image>",
                               num_additional_image_tokens=1)
 
-    @property
-    def side(self) -> int:
+    @functools.cached_property
+    def side(self) -> int:  # read on every prefill; the tower's geometry does not change under a patch
         vc = self.model.config.vision_config
         return vc.image_size // vc.patch_size
 

@@ -107,7 +107,8 @@ class Pruner:
         body, lm = self.adapter.base, self.adapter.language_model
         self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(body.register_forward_pre_hook(self._body_hook, with_kwargs=True))
-        self._handles.append(body.register_forward_hook(self._body_output_hook))
+        if self.stages[0].layer == 0:  # only a layer-0 stage can run in the body hook (_early_prefill)
+            self._handles.append(body.register_forward_hook(self._body_output_hook))
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
         if first is not None:
@@ -121,7 +122,8 @@ class Pruner:
             if "attention" in method.needs:
                 self._captures.append(capture.attach(prev, self))
             if "queries" in method.needs:
-                self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
+                hook = functools.partial(self._queries_hook, self.adapter.text_config.num_attention_heads)
+                self._handles.append(prev.q_proj.register_forward_hook(hook))
         if "projector" in self._needs:
             self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
         self.adapter.install(self)
@@ -177,13 +179,13 @@ class Pruner:
         state = self._live()
         return state is not None and state.prefill
 
-    def record_attention(self, probs: torch.Tensor):
-        self._local.state.captured.attention = probs
+    def record_attention(self, probs: torch.Tensor, seconds: float = 0.0):
+        captured = self._local.state.captured
+        captured.attention, captured.score_time_s = probs, seconds
 
-    def _queries_hook(self, module, args, output):
+    def _queries_hook(self, heads: int, module, args, output):
         state = self._live()
         if state is not None and state.prefill:
-            heads = self.adapter.text_config.num_attention_heads
             state.captured.queries = output.view(*output.shape[:2], heads, -1)
 
     def _projector_hook(self, module, args):

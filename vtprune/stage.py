@@ -50,6 +50,7 @@ class Captured:
     pre_projector: Optional[torch.Tensor] = None  # [projector rows of the batch, Din]
     pre_index: Optional[torch.Tensor] = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
     projector: Optional[Callable] = None
+    score_time_s: float = 0.0  # spent computing ``attention`` at layer K-1: FastV's scoring, counted as choosing
 
 
 def keep_layout(keep: torch.Tensor):
@@ -158,10 +159,12 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
         groups.setdefault((item.n, item.k), []).append(item)
     for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
         rows_t = torch.tensor([it.row for it in group], device=vis.device)
-        positions = torch.stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
-        first = positions[:, 0].tolist()
+        slices = [vis_pos[it.row][it.start:it.start + n] for it in group]
+        positions = slices[0].unsqueeze(0) if len(group) == 1 else torch.stack(slices)  # [G, n]
+        ends = positions[:, [0, -1]].tolist()
+        first = [e[0] for e in ends]
         # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
-        contiguous = bool((positions[:, -1] - positions[:, 0] == n - 1).all())
+        contiguous = all(e[1] - e[0] == n - 1 for e in ends)
 
         def take(t):
             if t is None:
@@ -191,9 +194,12 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
             m, s, backends["merge"] = merge_pruned(inputs.features, picks, take(sizes), with_backend=True)
             merged[rows_t[:, None], kept_pos] = m
             sizes[rows_t[:, None], kept_pos] = s
-        keep[rows_t[:, None], kept_pos] = True
+        if len(group) == 1:
+            keep[group[0].row, kept_pos[0]] = True
+        else:
+            keep[rows_t[:, None], kept_pos] = True
         chosen.extend(zip(group, picks))
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 + cap.score_time_s
     # One row needs no dummy slots: its kept positions in order are the whole index.
     index, valid = (keep[0].nonzero().view(1, -1), None) if b == 1 else keep_layout(keep)
     new_seq = replace(seq, sizes=sizes).gather(index, valid)

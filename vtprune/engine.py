@@ -80,7 +80,9 @@ class Pruner:
         self.stages: list[StageConfig] = cfg.resolved_stages(adapter)
         self.methods = [get_method(s.method) for s in self.stages]
         # Per-token flags are computed on each prefill only for methods that read them.
-        self._needs = set().union(*(m.needs for m in self.methods))
+        # Each stage's needs under its options: LLaVA's padding flags cost more than FastV's choosing, and only its
+        # "sink" debiasing reads them.
+        self._needs = set().union(*(m.needs_for(s.options) for s, m in zip(self.stages, self.methods)))
         self._handles, self._captures = [], []
         self._local = _ThreadState()
         self._lock = threading.Lock()

@@ -29,10 +29,11 @@ def test_rows_carry_kept_tokens_ideal_and_spread():
     assert "| pool | 64 |" in bench_prefill.table(rows)
 
 
-def test_stage_overhead_rows():
+@pytest.mark.parametrize("pixels", [False, True])
+def test_stage_overhead_rows(pixels):
     from vtprune.eval import bench_overhead
 
-    rows = bench_overhead.run(["fastv", "entropy"], rounds=2)
+    rows = bench_overhead.run(["fastv", "entropy"], rounds=2, pixels=pixels)
     assert [r["method"] for r in rows] == ["fastv", "entropy"]
     for r in rows:
         lo, hi = r["overhead_iqr_s"]

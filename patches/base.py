@@ -102,8 +102,9 @@ class Adapter:
     @classmethod
     def placeholder_mask(cls, config, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, L] bool: positions holding image or video placeholders, from the config alone."""
-        out = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in cls.visual_token_ids(config).values():
+        first, *rest = cls.visual_token_ids(config).values()
+        out = input_ids == first
+        for token in rest:
             out |= input_ids == token
         return out
 
@@ -150,6 +151,18 @@ class Adapter:
         """The position ids the language model builds itself when given none."""
         pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
         return pos if self.position_kind == "1d" else pos.unsqueeze(0).expand(3, -1, -1)
+
+    def encoded_rows(self, kwargs: dict) -> Optional[torch.Tensor]:
+        """The visual tokens' embeddings [visual tokens of the batch, D] in sequence order, when the body's call
+        brings them pre-encoded (``mm_encoder_outputs``) and places them as they are, one per placeholder, with no
+        extra inputs for the language model; else None. Lets a layer-0 stage choose before the body builds the
+        sequence, so that it builds only the kept part (``with_encoded_rows``). Default: None (never)."""
+        return None
+
+    def with_encoded_rows(self, encoded: dict, rows: torch.Tensor) -> dict:
+        """The entries of ``mm_encoder_outputs`` that place ``rows`` (the kept slots' rows of ``encoded_rows``, in
+        order) instead of the call's own features."""
+        raise NotImplementedError
 
     # Extension points for families whose language model takes extra per-token inputs (Qwen3-VL's DeepStack).
     def install(self, pruner) -> None:

@@ -1,6 +1,8 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): a fixed square grid of CLIP patches per image."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import TINY_IDS, Adapter, Unit, tiny_text_config
@@ -94,8 +96,8 @@ class LlavaAdapter(ClipLlamaFamily):
                               vision_feature_select_strategy="default", image_token="<image>",
                               num_additional_image_tokens=1)
 
-    @property
-    def side(self) -> int:
+    @functools.cached_property
+    def side(self) -> int:  # read on every prefill; the tower's geometry does not change under a patch
         vc = self.model.config.vision_config
         return vc.image_size // vc.patch_size
 
@@ -107,6 +109,21 @@ class LlavaAdapter(ClipLlamaFamily):
             out.append([Unit("image", per, (1, self.side, self.side))] * (n // per) if n % per == 0 else
                        [Unit("image", n)])
         return out
+
+    def encoded_rows(self, kwargs):
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        image = encoded.get("image")
+        if image is None or kwargs.get("pixel_values") is not None or any(
+                v is not None for k, v in encoded.items() if k != "image"):
+            return None
+        feats = image.pooler_output
+        if torch.is_tensor(feats):
+            return feats.reshape(-1, feats.shape[-1])
+        return feats[0] if len(feats) == 1 else torch.cat(list(feats))  # one image: a view, no copy
+
+    def with_encoded_rows(self, encoded, rows):
+        image = encoded["image"]
+        return {"image": type(image)(**{**image, "pooler_output": [rows]})}
 
     def pad_mask(self, call, vis):
         """Patches more than half covered by the border that pad-to-square adds.

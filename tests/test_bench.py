@@ -27,3 +27,15 @@ def test_rows_carry_kept_tokens_ideal_and_spread():
     # Layer 0 keeps 64 of 576 in every layer; layer 1 keeps them from layer 1 on: less saving.
     assert by["pool"]["ideal_speedup"] > by["fastv@1"]["ideal_speedup"]
     assert "| pool | 64 |" in bench_prefill.table(rows)
+
+
+@pytest.mark.parametrize("pixels", [False, True])
+def test_stage_overhead_rows(pixels):
+    from vtprune.eval import bench_overhead
+
+    rows = bench_overhead.run(["fastv", "entropy"], rounds=2, pixels=pixels)
+    assert [r["method"] for r in rows] == ["fastv", "entropy"]
+    for r in rows:
+        lo, hi = r["overhead_iqr_s"]
+        assert lo <= r["overhead_s"] <= hi and r["choosing_s"] > 0
+    assert "| fastv | 2 |" in bench_overhead.table(rows)

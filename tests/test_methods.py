@@ -145,6 +145,12 @@ def test_padding_patches_are_found_and_capped():
     stats = vtprune.get_stats(model)[0]
     assert stats["tokens_after"] == [8]  # budget capped at the non-padding count
     assert set((stats["kept_indices"][0] // 4).tolist()) == {1, 2}
+    # Plain FastV reads no padding flags, so the engine does not compute them (they cost more than its choosing).
+    vtprune.apply_pruner(model, method="fastv", layer=1, keep_tokens=16, replace=True)
+    assert "pad_mask" not in model._vtprune_pruner._needs
+    model(**batch)
+    assert model._vtprune_pruner.state.seq.pad is None and vtprune.get_stats(model)[0]["tokens_after"] == [16]
+    vtprune.remove_pruner(model)
 
 
 @torch.no_grad()

@@ -207,3 +207,43 @@ def test_beam_search(family, method, layer):
         assert torch.equal(both[2 * i : 2 * i + 2, -n:], alone[i])
     if uncached is not None:
         assert torch.equal(both, uncached)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("settings", [dict(method="pool"), dict(method="divprune"), dict(method="zoo"),
+                                      dict(method="random", positions="renumber"),
+                                      dict(schedule=[dict(method="divprune", layer=0, keep_ratio=0.5),
+                                                     dict(method="fastv", layer=2, keep_ratio=0.5)])])
+def test_layer0_on_encoded_images_equals_full_sequence(settings):
+    """Pre-encoded LLaVA images (generate()'s prefill): the layer-0 stage chooses from the features before the body
+    embeds anything, and the body builds only the kept sequence. Same logits (dummy slots included), picks and
+    caller's image outputs as pruning the full sequence; rows keep different counts (2 images vs 1)."""
+    from conftest import _processor
+    from vtprune.testing import image_prompt, tiny_images
+
+    model, tag = _model("llava", "sdpa"), image_prompt("llava")
+    text = [tag.replace("<image>", "<image> <image>"), image_prompt("llava", "is the square left ?")]
+    batch = _processor("llava")(images=tiny_images(3), text=text, return_tensors="pt", padding=True)
+    settings = dict(settings) if "schedule" in settings else dict(settings, keep_ratio=0.5)
+    vtprune.apply_pruner(model, **settings)
+    try:
+        full = model(**batch)
+        full_stats = vtprune.get_stats(model)
+        encoded = {"image": model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)}
+        lengths = []
+        hook = model.model.language_model.embed_tokens.register_forward_pre_hook(
+            lambda m, args: lengths.append(args[0].shape[1]))
+        try:
+            early = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, mm_encoder_outputs=encoded)
+        finally:
+            hook.remove()
+        stats = vtprune.get_stats(model)
+    finally:
+        vtprune.remove_pruner(model)
+    assert len(lengths) == 1 and lengths[0] < batch["input_ids"].shape[1]  # only the kept sequence was embedded
+    if len(stats) == 1:
+        assert lengths[0] == full.logits.shape[1]
+    assert torch.equal(early.logits, full.logits)
+    assert early.image_outputs is encoded["image"]
+    for a, b in zip(stats, full_stats):
+        assert a["tokens_after"] == b["tokens_after"] and torch.equal(a["kept_indices"], b["kept_indices"])

@@ -7,6 +7,7 @@ K-1 is pointed at it, through a copied config on that module instance.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from transformers import AttentionInterface
@@ -48,8 +49,9 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: 
 def _capture_forward(module, query, key, value, attention_mask, **kwargs):
     sink = getattr(module, "_vtprune_sink", None)
     if sink is not None and sink.wants_attention():
-        sink.record_attention(last_query_attention(query, key, attention_mask, kwargs.get("scaling") or
-                                                   module.scaling))
+        t0 = time.perf_counter()
+        probs = last_query_attention(query, key, attention_mask, kwargs.get("scaling") or module.scaling)
+        sink.record_attention(probs, time.perf_counter() - t0)
     inner = module._vtprune_inner_impl
     fn = _eager if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
     return fn(module, query, key, value, attention_mask, **kwargs)

@@ -57,6 +57,8 @@ class CallState:
     next_pos: Optional[torch.Tensor] = None  # [B] next original position id
     new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
     extra: dict = field(default_factory=dict)  # the adapter's own per-call tensors (Adapter.after_compact)
+    early: bool = False  # the body hook ran the layer-0 stage: the language model's prefill is already short
+    encoded: Optional[dict] = None  # the call's own mm_encoder_outputs, put back into the body's output
 
 
 class _ThreadState(threading.local):
@@ -78,7 +80,9 @@ class Pruner:
         self.stages: list[StageConfig] = cfg.resolved_stages(adapter)
         self.methods = [get_method(s.method) for s in self.stages]
         # Per-token flags are computed on each prefill only for methods that read them.
-        self._needs = set().union(*(m.needs for m in self.methods))
+        # Each stage's needs under its options: LLaVA's padding flags cost more than FastV's choosing, and only its
+        # "sink" debiasing reads them.
+        self._needs = set().union(*(m.needs_for(s.options) for s, m in zip(self.stages, self.methods)))
         self._handles, self._captures = [], []
         self._local = _ThreadState()
         self._lock = threading.Lock()
@@ -105,6 +109,8 @@ class Pruner:
         body, lm = self.adapter.base, self.adapter.language_model
         self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(body.register_forward_pre_hook(self._body_hook, with_kwargs=True))
+        if self.stages[0].layer == 0:  # only a layer-0 stage can run in the body hook (_early_prefill)
+            self._handles.append(body.register_forward_hook(self._body_output_hook))
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
         if first is not None:
@@ -118,7 +124,8 @@ class Pruner:
             if "attention" in method.needs:
                 self._captures.append(capture.attach(prev, self))
             if "queries" in method.needs:
-                self._handles.append(prev.q_proj.register_forward_hook(self._queries_hook))
+                hook = functools.partial(self._queries_hook, self.adapter.text_config.num_attention_heads)
+                self._handles.append(prev.q_proj.register_forward_hook(hook))
         if "projector" in self._needs:
             self._handles.append(self.adapter.projector_module().register_forward_pre_hook(self._projector_hook))
         self.adapter.install(self)
@@ -174,13 +181,13 @@ class Pruner:
         state = self._live()
         return state is not None and state.prefill
 
-    def record_attention(self, probs: torch.Tensor):
-        self._local.state.captured.attention = probs
+    def record_attention(self, probs: torch.Tensor, seconds: float = 0.0):
+        captured = self._local.state.captured
+        captured.attention, captured.score_time_s = probs, seconds
 
-    def _queries_hook(self, module, args, output):
+    def _queries_hook(self, heads: int, module, args, output):
         state = self._live()
         if state is not None and state.prefill:
-            heads = self.adapter.text_config.num_attention_heads
             state.captured.queries = output.view(*output.shape[:2], heads, -1)
 
     def _projector_hook(self, module, args):
@@ -211,7 +218,8 @@ class Pruner:
             self._local.state = CallState(call=call)
             if not kwargs.get("mm_encoder_outputs"):
                 self._local.pre_projector = []  # this forward encodes its images itself, after this hook
-            return None
+                return None
+            return self._early_prefill(self._local.state, args, kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
         if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None \
                 or encoded.get("image") or encoded.get("video"):
@@ -227,6 +235,46 @@ class Pruner:
             kwargs = dict(kwargs, position_ids=pos if self.adapter.position_kind == "1d" else pos.expand(3, -1, -1))
             return args, kwargs
         return None
+
+    def _body_output_hook(self, module, args, output):
+        state = self._local.state
+        if state is not None and state.encoded is not None:
+            if hasattr(output, "image_outputs"):
+                output.image_outputs = state.encoded.get("image")  # the caller's, not the shortened copy
+            state.encoded = None
+        return output
+
+    def _early_prefill(self, state: CallState, args, kwargs):
+        """A layer-0 stage on pre-encoded image features, before the body embeds them: the body then builds only
+        the shorter sequence (the embeddings, mask and positions compacting the full one would give, bit for bit:
+        dummy slots hold the same dropped tokens), and neither embeds nor scatters the dropped tokens."""
+        stage, method = self.stages[0], self.methods[0]
+        if args or stage.layer != 0 or stage.options["merge"] or "text" in method.needs:
+            return None
+        rows = self.adapter.encoded_rows(kwargs)
+        input_ids = state.call["input_ids"]
+        if rows is None or input_ids is None:
+            return None
+        vis = self.adapter.visual_mask(input_ids)
+        if int(vis.sum()) != rows.shape[0] or rows.shape[0] == 0:
+            return None  # no image, or a count mismatch the model itself reports
+        weight = self.adapter.base.get_input_embeddings().weight
+        rows = rows.to(weight.device, weight.dtype)  # as the body casts them
+        pos = self._begin(state, kwargs, vis, None, weight.device)
+        captured, self._local.pre_projector = self._local.pre_projector, []
+        if "projector" in self._needs and captured:
+            self._capture_projector(state, captured, input_ids, vis, None)
+        index, _, stats = self._run(state, 0, None, visual=rows)
+        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": "torch"}}))
+        new_pos = ops.gather_last(pos, index)
+        if self.cfg.positions == "renumber":
+            new_pos, state.runs[0].shift = self._renumber(state)
+        rank = (vis.flatten().cumsum(0) - 1).view_as(vis).gather(1, index)  # each slot's row of ``rows``
+        encoded = dict(kwargs["mm_encoder_outputs"])
+        state.encoded, state.early = kwargs["mm_encoder_outputs"], True
+        encoded.update(self.adapter.with_encoded_rows(encoded, rows[rank[vis.gather(1, index)]]))
+        return (), dict(kwargs, input_ids=input_ids.gather(1, index), attention_mask=state.seq.mask,
+                        position_ids=new_pos, mm_encoder_outputs=encoded)
 
     def _lm_hook(self, module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -244,6 +292,9 @@ class Pruner:
         return None
 
     def _prefill(self, state: CallState, kwargs, embeds):
+        if state.early:  # the body hook pruned already; a second run of the language model starts over
+            state.early = False
+            return None
         if state.active:  # the language model run again on the same body call (uncached re-entry): start over
             state = self._local.state = CallState(call=state.call)
         input_ids = state.call.get("input_ids")
@@ -257,29 +308,16 @@ class Pruner:
         vis = self.adapter.visual_mask(input_ids)
         if not bool(vis.any()):
             return None
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
-            raise NotImplementedError("vtprune needs a 2D attention mask (or none) on prefill, got "
-                                      f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}")
-        b, length = vis.shape
-        state.active, state.prefill, state.prompt_len = True, True, length
-        mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=embeds.device)
-        needs = self._needs
-        # Newline flags are read by strategies that ask for them and keep newline slots out of projector rows.
-        newline = self.adapter.newline_mask(embeds, vis) if needs & {"newline_mask", "projector"} else None
-        state.units = self._units(state.call, vis)
-        state.seq = Sequence(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
-                             pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
-                             unit=_unit_ids(vis, state.units))
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = self.adapter.default_positions(b, length, 0, embeds.device)
-        state.next_pos = self._max_pos(pos) + 1
-        kwargs = dict(kwargs, attention_mask=mask, position_ids=pos)
+        newline = None
+        if self._needs & {"newline_mask", "projector"}:
+            # Newline flags are read by strategies that ask for them and keep newline slots out of projector rows.
+            newline = self.adapter.newline_mask(embeds, vis)
+        pos = self._begin(state, kwargs, vis, newline, embeds.device)
+        kwargs = dict(kwargs, attention_mask=state.seq.mask, position_ids=pos)
         if self.stages[0].layer != 0:
             return (), kwargs
         captured, self._local.pre_projector = self._local.pre_projector, []
-        if "projector" in needs and captured:
+        if "projector" in self._needs and captured:
             self._capture_projector(state, captured, input_ids, vis, newline)
         index, embeds, stats = self._run(state, 0, embeds)
         run = state.runs[0]
@@ -290,6 +328,26 @@ class Pruner:
         kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
         kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
+
+    def _begin(self, state: CallState, kwargs, vis, newline, device):
+        """The prefill's sequence flags, units and next position; returns its position ids [B, L] (or [3, B, L])."""
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+            raise NotImplementedError("vtprune needs a 2D attention mask (or none) on prefill, got "
+                                      f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}")
+        b, length = vis.shape
+        state.active, state.prefill, state.prompt_len = True, True, length
+        mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=device)
+        needs = self._needs
+        state.units = self._units(state.call, vis)
+        state.seq = Sequence(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
+                             pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
+                             unit=_unit_ids(vis, state.units))
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.default_positions(b, length, 0, device)
+        state.next_pos = self._max_pos(pos) + 1
+        return pos
 
     def _units(self, call: dict, vis: torch.Tensor) -> list:
         """The adapter's units per row; a row whose units do not add up to its visual tokens is one image."""
@@ -319,12 +377,12 @@ class Pruner:
         state.captured.pre_index = index
         state.captured.projector = self.projector()
 
-    def _run(self, state: CallState, i: int, hidden):
+    def _run(self, state: CallState, i: int, hidden, visual=None):
         stage = self.stages[i]
         self._local.selecting = True
         try:
             index, hidden, state.seq, stats = run_stage(stage, self.methods[i], hidden, state.seq, state.captured,
-                                                        state.units, len(self.adapter.layers))
+                                                        state.units, len(self.adapter.layers), visual)
         finally:
             self._local.selecting = False
         state.runs[stage.layer] = _StageRun(stage.layer, kept_mask=state.seq.mask)
@@ -423,6 +481,10 @@ class Pruner:
 
     def _layer_mask(self, layer: int, hidden, mask2d, kwargs):
         """The mask this layer's attention expects, for a sequence described by ``mask2d`` and its own cache."""
+        if kwargs.get("attention_mask") is None and bool(mask2d.all()):
+            # The model found the full sequence needs no mask (sdpa's or flash's causal skip: no padding, and no
+            # past or a single query); a subsequence without padding at the same query length needs none either.
+            return None
         cfg = self.adapter.text_config
         layer_types = getattr(cfg, "layer_types", None)
         fn = create_causal_mask
@@ -447,10 +509,10 @@ class Pruner:
 
 def _unit_ids(vis: torch.Tensor, units: list) -> torch.Tensor:
     """[B, L] long: each visual token's unit index within its row (units are consecutive runs), -1 elsewhere."""
+    if max((len(row) for row in units), default=0) <= 1:
+        return torch.where(vis, 0, -1)
     ordinal = vis.long().cumsum(1) - 1  # the token's rank among its row's visual tokens
     ends = [[sum(u.length for u in row[: i + 1]) for i in range(len(row))] for row in units]
-    width = max((len(e) for e in ends), default=0)
-    if width <= 1:
-        return torch.where(vis, 0, -1)
+    width = max(len(e) for e in ends)
     bounds = torch.tensor([e + [e[-1] if e else 0] * (width - len(e)) for e in ends], device=vis.device)
     return torch.where(vis, torch.searchsorted(bounds, ordinal, right=True), -1)

@@ -29,13 +29,15 @@ class Sequence:
     sizes: Optional[torch.Tensor] = None  # float: original tokens each token stands for (merging)
     unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
 
-    def gather(self, index: torch.Tensor, valid: torch.Tensor) -> "Sequence":
+    def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> "Sequence":
+        """The flags at ``index`` [B, L']; ``valid`` False marks dummy slots (None: there are none)."""
         out = {}
         for f in fields(self):
             t = getattr(self, f.name)
             out[f.name] = None if t is None else t.gather(1, index)
-        out["vis"] = out["vis"] & valid
-        out["mask"] = out["mask"] * valid.long()
+        if valid is not None:
+            out["vis"] = out["vis"] & valid
+            out["mask"] = out["mask"] * valid.long()
         return Sequence(**out)
 
 
@@ -48,6 +50,7 @@ class Captured:
     pre_projector: Optional[torch.Tensor] = None  # [projector rows of the batch, Din]
     pre_index: Optional[torch.Tensor] = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
     projector: Optional[Callable] = None
+    score_time_s: float = 0.0  # spent computing ``attention`` at layer K-1: FastV's scoring, counted as choosing
 
 
 def keep_layout(keep: torch.Tensor):
@@ -68,14 +71,16 @@ def method_options(stage: StageConfig) -> dict:
     return {k: v for k, v in stage.options.items() if k not in ENGINE_KEYS}
 
 
-def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int) -> list[Item]:
+def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int,
+               counts: Optional[list] = None) -> list[Item]:
     """The selection items of this stage: one per unit (or per frame, or per row), each with its budget.
 
-    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them).
+    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them); counts: each
+    row's visual tokens, when the caller has them.
     """
     options = method_options(stage)
     items = []
-    counts = seq.vis.sum(1).tolist()
+    counts = seq.vis.sum(1).tolist() if counts is None else counts
     for r, row_units in enumerate(units):
         if counts[r] == 0:
             continue
@@ -120,20 +125,28 @@ def _unit_items(item: Item, unit, temporal: str) -> list[Item]:
     return out
 
 
-def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Sequence, cap: Captured,
-              units: list, num_layers: int):
+def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], seq: Sequence, cap: Captured,
+              units: list, num_layers: int, visual: Optional[torch.Tensor] = None):
     """Choose the visual tokens to keep. hidden: [B, L_cur, D]; units: per row, its ``Unit``s.
 
-    Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked),
-    the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
+    visual: instead of ``hidden`` (then None), the visual tokens' hidden states alone, [visual tokens of the batch,
+    D] in sequence order, row after row: what a layer-0 stage sees before the body has built the sequence. Not
+    with merging or methods that read the text tokens.
+
+    Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked; None when
+    ``visual`` was given), the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
     """
     t0 = time.perf_counter()
     vis = seq.vis
     b = vis.shape[0]
-    items = plan_items(stage, method, seq, units, num_layers)
+    counts = vis.sum(1).tolist()
+    items = plan_items(stage, method, seq, units, num_layers, counts)
     backends: dict = {}
     options = method_options(stage)
+    if visual is not None and (hidden is not None or stage.options["merge"] or "text" in method.needs):
+        raise ValueError("run_stage: visual= replaces hidden, without merging or text tokens")
     text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
+    row_start = [sum(counts[:r]) for r in range(b)]  # each row's first token in ``visual``
     vis_pos = [vis[r].nonzero().flatten() for r in range(b)]
     keep = ~vis
     chosen = []  # (item, indices into the item's tokens, ascending)
@@ -145,11 +158,13 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
     for item in items:
         groups.setdefault((item.n, item.k), []).append(item)
     for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
-        rows_t = torch.tensor([it.row for it in group], device=hidden.device)
-        positions = torch.stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
-        first = positions[:, 0].tolist()
+        rows_t = torch.tensor([it.row for it in group], device=vis.device)
+        slices = [vis_pos[it.row][it.start:it.start + n] for it in group]
+        positions = slices[0].unsqueeze(0) if len(group) == 1 else torch.stack(slices)  # [G, n]
+        ends = positions[:, [0, -1]].tolist()
+        first = [e[0] for e in ends]
         # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
-        contiguous = bool((positions[:, -1] - positions[:, 0] == n - 1).all())
+        contiguous = all(e[1] - e[0] == n - 1 for e in ends)
 
         def take(t):
             if t is None:
@@ -160,8 +175,13 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
                 return torch.stack([t[it.row, p:p + n] for it, p in zip(group, first)])
             return t[rows_t[:, None], positions]  # one gather straight to [G, n, ...]
 
+        if visual is None:
+            features = take(hidden)
+        else:
+            parts = [visual[row_start[it.row] + it.start:row_start[it.row] + it.start + n] for it in group]
+            features = parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
         inputs = SelectionInputs(
-            features=take(hidden), attention=take(cap.attention), queries=take(cap.queries),
+            features=features, attention=take(cap.attention), queries=take(cap.queries),
             pre_projector=_pre_rows(cap, rows_t, positions), projector=cap.projector,
             grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
             pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"),
@@ -174,30 +194,40 @@ def run_stage(stage: StageConfig, method: Method, hidden: torch.Tensor, seq: Seq
             m, s, backends["merge"] = merge_pruned(inputs.features, picks, take(sizes), with_backend=True)
             merged[rows_t[:, None], kept_pos] = m
             sizes[rows_t[:, None], kept_pos] = s
-        keep[rows_t[:, None], kept_pos] = True
+        if len(group) == 1:
+            keep[group[0].row, kept_pos[0]] = True
+        else:
+            keep[rows_t[:, None], kept_pos] = True
         chosen.extend(zip(group, picks))
-    elapsed = time.perf_counter() - t0
-    index, valid = keep_layout(keep)
+    elapsed = time.perf_counter() - t0 + cap.score_time_s
+    # One row needs no dummy slots: its kept positions in order are the whole index.
+    index, valid = (keep[0].nonzero().view(1, -1), None) if b == 1 else keep_layout(keep)
     new_seq = replace(seq, sizes=sizes).gather(index, valid)
     row_kept = [[] for _ in range(b)]
     for it, picks in chosen:
         row_kept[it.row].append(picks + it.start)
-    row_kept = [torch.cat(x).sort().values if x else None for x in row_kept]
-    stats = dict(layer=stage.layer, method=stage.method, tokens_before=vis.sum(1).tolist(),
+    # One item's picks are already ascending: no concatenation or sort.
+    row_kept = [(x[0] if len(x) == 1 else torch.cat(x).sort().values) if x else None for x in row_kept]
+    stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
                  tokens_after=[0 if x is None else len(x) for x in row_kept],
-                 kept_indices=_pad_rows(row_kept, hidden.device), units=_unit_stats(seq, units, row_kept),
+                 kept_indices=_pad_rows(row_kept, vis.device), units=_unit_stats(seq, units, row_kept, counts),
                  selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
                  select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
                  backend=backends)
     return index, merged, new_seq, stats
 
 
-def _unit_stats(seq: Sequence, units: list, row_kept: list) -> list:
-    """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens."""
+def _unit_stats(seq: Sequence, units: list, row_kept: list, counts: list) -> list:
+    """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens (``counts``
+    per row)."""
     out = []
     for r, row_units in enumerate(units):
+        kept = row_kept[r] if row_kept[r] is not None else seq.vis.new_empty(0, dtype=torch.long)
+        if len(row_units) == 1:  # the row's visual tokens are its one unit: nothing to split
+            unit = row_units[0]
+            out.append([UnitStats(unit.kind, unit.frames, counts[r], len(kept), kept)])
+            continue
         ids = seq.unit[r][seq.vis[r]]
-        kept = row_kept[r] if row_kept[r] is not None else ids.new_empty(0)
         row, start = [], 0
         for u, unit in enumerate(row_units):
             n = int((ids == u).sum())

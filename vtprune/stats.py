@@ -42,7 +42,8 @@ class StageStats(_Record):
     units: per row, one ``UnitStats`` per image or video; selections: per row, the (tokens in, tokens kept) of each
     strategy call it took part in (one per unit, per frame with ``temporal="frame"``, one with
     ``units="joint"``: what scoring costs are counted on); select_time_s: wall time of choosing (budgets,
-    scoring, selection, merging); budget: "plain" or "layer_average"; merged: whether pruned tokens were merged
+    scoring, selection, merging; scoring includes the last-token attention row computed at layer K-1 for
+    attention-scored methods); budget: "plain" or "layer_average"; merged: whether pruned tokens were merged
     into kept ones; backend: the path each op ran ({"greedy": "torch", "compact": "triton", ...}).
     """
 

@@ -112,6 +112,11 @@ class Method:
     flops: Callable[..., int] = _no_cost  # (ScoringShape, **options) -> FLOPs of scoring one row
     validate: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError on bad values
     description: str = ""
+    needs_if: dict = field(default_factory=dict)  # need -> (**options) -> bool: needed under those options only
+
+    def needs_for(self, options: dict) -> frozenset:
+        """What a stage with these (merged) options needs: ``needs`` less those whose ``needs_if`` says no."""
+        return frozenset(n for n in self.needs if n not in self.needs_if or self.needs_if[n](**options))
 
     def default_layer(self, adapter=None) -> int:
         return self.layer(adapter) if callable(self.layer) else self.layer
@@ -136,16 +141,18 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0, min_layer: int = 0,
-             budget: str = "plain", budget_cap=None, flops=None, validate=None, description: str = ""):
+             budget: str = "plain", budget_cap=None, flops=None, validate=None, description: str = "",
+             needs_if: Optional[dict] = None):
     """Decorator adding a strategy to the registry under ``name``.
 
     The strategy's options are its keyword parameters after ``(inputs, k)``: each needs a default, and its
     annotation (bool, int, float, str, Literal[...], Optional/unions of those) is how user values are checked.
     ``layer``: the default decoder layer (an int, or a function of the model's adapter). ``budget``: "plain" or
     "layer_average". ``budget_cap(k, pad_mask, **options)`` may lower a row's budget. ``flops(shape, **options)``
-    gives the scoring FLOPs of one row (default 0). ``validate(**options)`` checks ranges.
+    gives the scoring FLOPs of one row (default 0). ``validate(**options)`` checks ranges. ``needs_if``: {need:
+    predicate(**options)} for needs used only under some options, so the engine does not compute them otherwise.
     """
-    unknown = set(needs) - set(NEEDS)
+    unknown = (set(needs) | set(needs_if or ())) - set(NEEDS)
     if unknown:
         raise ValueError(f"unknown needs {sorted(unknown)} for method {name!r}; the engine provides: {list(NEEDS)}")
     if budget not in BUDGETS:
@@ -156,7 +163,8 @@ def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0
             raise ValueError(f"method {name!r} is already registered")
         options, kinds = _signature_options(name, fn)
         _REGISTRY[name] = Method(name, fn, frozenset(needs), options, kinds, layer, min_layer, budget, budget_cap,
-                                 flops or _no_cost, validate, description or (fn.__doc__ or "").split("\n")[0])
+                                 flops or _no_cost, validate, description or (fn.__doc__ or "").split("\n")[0],
+                                 dict(needs_if or {}))
         return fn
 
     return deco

@@ -82,6 +82,7 @@ def _fastv_cap(k: int, pad_mask, debias=None, **_) -> int:
 
 
 @register("fastv", needs=("attention", "pad_mask"), layer=2, min_layer=1, budget_cap=_fastv_cap,
+          needs_if={"pad_mask": lambda debias=None, **_: debias in ("sink", "both")},
           flops=lambda s, **_: 2 * s.heads * s.seq_len * s.head_dim * s.n // (s.row_n or s.n),
           description="top-k by last-token attention at layer K-1")
 def fastv_select(inputs: SelectionInputs, k: int, debias: Literal[None, "position", "sink", "both"] = None,

@@ -92,8 +92,10 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(label(r) for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
+    ncol = max(1, min(len(methods) + 2, 3 * len(models)))
+    legend_rows = -(-(len(methods) + 2) // ncol)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8 + 0.22 * legend_rows), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if label(r) == name and r.get("prefill_flops") is not None]
         base = [r for r in mine if r["method"] == "none"]
@@ -119,9 +121,14 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend under the panels: with a dozen methods a legend inside a panel hides its points.
+    handles = {}
+    for ax in axes[0]:
+        for h, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

@@ -38,13 +38,14 @@ def resolve(name_or_path: str) -> str:
 
 def describe() -> list[dict]:
     """One row per embedded model: name, benchmark (image / video), class, visual tokens per image or clip, test
-    accuracy, folder."""
+    accuracy (and, for a video model, its multi-frame questions' accuracy, else None), folder."""
     rows = []
     for name in EMBEDDED_MODELS + VIDEO_MODELS:
         info = training_info(name)
         video = name in VIDEO_MODELS
-        acc = (info.get("test_accuracy") or {}).get("overall")
+        acc = info.get("test_accuracy") or {}
         rows.append({"name": name, "task": "video" if video else "image", "class": info.get("model_class", "?"),
                      "visual_tokens": info.get("visual_tokens_per_clip" if video else "visual_tokens_per_image"),
-                     "test_accuracy": acc, "available": is_available(name), "path": str(model_dir(name))})
+                     "test_accuracy": acc.get("overall"), "multi_frame_accuracy": acc.get("multi_frame"),
+                     "available": is_available(name), "path": str(model_dir(name))})
     return rows

@@ -104,6 +104,10 @@ def test_models_lists_the_visual_tokens_the_processor_makes(capsys):
         n = int((batch["input_ids"] == model.config.image_token_id).sum())
         line = next(ln for ln in out.splitlines() if ln.startswith(f"| {name} |"))
         assert f"| {n} |" in line, (line, n)
+    for name in catalog.VIDEO_MODELS:  # a video model also shows its multi-frame accuracy; image models do not
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"| {name} |"))
+        assert "% multi-frame)" in line and "| video |" in line, line
+    assert all("multi-frame" not in ln for ln in out.splitlines() if "| image |" in ln)
 
 
 def test_tasks_path_holds_the_task_yaml(capsys):

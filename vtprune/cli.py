@@ -90,6 +90,8 @@ def _models(args) -> int:
     print("|---|---|---|---|---|---|")
     for r in catalog.describe():
         acc = "?" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.1f} %"
+        if r["multi_frame_accuracy"] is not None:  # the figure the video benchmark is about
+            acc += f" ({100 * r['multi_frame_accuracy']:.1f} % multi-frame)"
         print(f"| {r['name']} | {r['task']} | {r['class']} | {r['visual_tokens'] or '?'} | {acc} | "
               f"{'present' if r['available'] else 'missing'} |")
     return 0

@@ -125,7 +125,8 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
     """Stable greedy max-min selection of ``k`` of ``N`` tokens (see the module docstring for the knobs).
 
     features: [B, N, D]; grid: (rows, cols) of each frame, N = frames * rows * cols (a video's frames one after
-    another), or None (then ``smooth`` and ``cells`` are ignored: no neighbourhood is known); weights: [B, N] or None. Returns [B, k] long in pick order.
+    another), or None (then ``smooth`` and ``cells`` are ignored: no neighbourhood is known); weights: [B, N] or
+    None. Returns [B, k] long in pick order.
     With every knob off (smooth=1, quantum=0, margin=0, cells=1) the picks are ``ops.greedy_maxmin``'s.
     """
     if grid is not None and smooth > 1:

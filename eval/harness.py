@@ -138,20 +138,28 @@ def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Opti
         raise ValueError(f"unknown embedded model(s) {unknown}; available: {EMBEDDED_MODELS}")
     todo = configs(methods or vtprune.list_methods(), budgets)
     examples = make_split("test", limit or DEFAULT_LIMIT, seed=0)
+    return run_grid(models, load_embedded, todo, examples, batch_size, progress, unit="q", desc="vtprune eval")
+
+
+def run_grid(models, load, todo, examples, batch_size: int, progress: bool, unit: str, desc: str,
+             extra: Optional[dict] = None, **evaluate_kwargs) -> list[dict]:
+    """Every (method, budget) of ``todo`` on ``examples`` for each model name (``load(name)`` -> model, processor),
+    with one progress bar over all questions. Rows: ``{"model": name, **extra, **evaluate_config(...)}``, with
+    the ratios to each model's unpruned row."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(models) * len(todo) * len(examples), unit="q", desc="vtprune eval")
+        bar = tqdm(total=len(models) * len(todo) * len(examples), unit=unit, desc=desc)
     rows = []
     try:
         for name in models:
-            model, processor = load_embedded(name)
+            model, processor = load(name)
             for method, budget in todo:
                 if bar is not None:
                     bar.set_postfix_str(f"{name.split('-')[0]} {method or 'unpruned'} {budget:g}%")
-                row = evaluate_config(model, processor, examples, method, budget, batch_size, bar)
-                rows.append({"model": name, **row})
+                row = evaluate_config(model, processor, examples, method, budget, batch_size, bar, **evaluate_kwargs)
+                rows.append({"model": name, **(extra or {}), **row})
     finally:
         if bar is not None:
             bar.close()

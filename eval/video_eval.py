@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import vtprune
 
 from .catalog import DEFAULT_BUDGETS, VIDEO_MODELS
-from .harness import add_ratios, check_methods, configs, evaluate_config, parse_method
+from .harness import check_methods, configs, parse_method, run_grid
 from .video_data import make_video_split
 from .video_model import load_video_model, predict_video, video_accuracy
 
@@ -58,22 +58,5 @@ def run_video(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optiona
     specs = video_specs(methods) if per_frame else check_methods(methods or vtprune.list_methods())
     todo = configs(specs, budgets)
     examples = make_video_split("test", limit or DEFAULT_VIDEO_LIMIT, seed=0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(models) * len(todo) * len(examples), unit="clip", desc="vtprune eval video")
-    rows = []
-    try:
-        for name in models:
-            model, processor = load_video_model(name)
-            for spec, budget in todo:
-                if bar is not None:
-                    bar.set_postfix_str(f"{spec or 'unpruned'} {budget:g}%")
-                row = evaluate_config(model, processor, examples, spec, budget, batch_size, bar,
-                                      predict_fn=_predict, scores_fn=video_scores)
-                rows.append({"model": name, "task": "video", **row})
-    finally:
-        if bar is not None:
-            bar.close()
-    return add_ratios(rows)
+    return run_grid(models, load_video_model, todo, examples, batch_size, progress, unit="clip",
+                    desc="vtprune eval video", extra={"task": "video"}, predict_fn=_predict, scores_fn=video_scores)

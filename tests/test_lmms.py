@@ -57,6 +57,8 @@ def test_task_jsonl_is_the_embedded_test_split():
     utils = _task_utils()
     docs = [json.loads(line) for line in (TASK_DIR / "test.jsonl").read_text().splitlines()]
     assert docs == utils.rows(len(docs)) and len(docs) == utils.N_EXAMPLES
+    with pytest.raises(ValueError, match=f"{docs[1]['uid']}: .*`python utils.py`"):
+        utils.doc_to_visual(dict(docs[1], question="a question the generator never asked"))
     examples = make_split("test", 10, seed=0)
     for doc, ex in zip(docs, examples):
         assert (doc["question"], doc["answer"], doc["qtype"]) == (ex.question, ex.answer, ex.qtype)
@@ -333,7 +335,7 @@ def test_video_task_jsonl_is_what_the_generator_makes():
     stored = [json.loads(line) for line in (VIDEO_TASK_DIR / "test.jsonl").read_text().splitlines()]
     assert stored == utils.rows(len(stored)) and len(stored) == utils.N_EXAMPLES
     doc = dict(stored[0], answer="not the answer")
-    with pytest.raises(ValueError, match="regenerate test.jsonl"):
+    with pytest.raises(ValueError, match="regenerate test.jsonl with `python video_utils.py`"):
         utils.doc_to_visual(doc)
     assert utils.process_results(stored[0], [stored[0]["answer"]]) == {
         "exact_match": 1.0, "acc_multi_frame": 1.0, f"acc_{stored[0]['qtype']}": 1.0}

@@ -9,36 +9,17 @@ lmms-eval loads this file by path (``!function utils.…``), not as part of a pa
 """
 from __future__ import annotations
 
-import json
-from functools import lru_cache
 from pathlib import Path
 
+from vtprune.eval import lmms_docs
 from vtprune.eval.data import QUESTION_TYPES, make_example, score
+from vtprune.eval.lmms_docs import doc_to_target, doc_to_text  # noqa: F401 - hooks the task YAML names
 
 N_EXAMPLES = 1000  # the first N of make_split("test", N, seed=0); --limit 500 is exactly the harness's default set
-SPLIT, SPLIT_SEED = "test", 0
-
-
-@lru_cache(maxsize=64)
-def _example(split: str, split_seed: int, index: int, qtype: str):
-    return make_example(split, split_seed, index, qtype)
 
 
 def doc_to_visual(doc):
-    ex = _example(doc["split"], int(doc["split_seed"]), int(doc["index"]), doc["qtype"])
-    if ex.question != doc["question"] or ex.answer != doc["answer"]:
-        raise ValueError(f"{doc['uid']}: eval/data.py no longer generates the stored example "
-                         f"({ex.question!r} -> {ex.answer!r}); regenerate test.jsonl with `python utils.py`")
-    return [ex.image]
-
-
-def doc_to_text(doc, lmms_eval_specific_kwargs=None):
-    kw = lmms_eval_specific_kwargs or {}
-    return f"{kw.get('pre_prompt', '')}{doc['question']}{kw.get('post_prompt', '')}"
-
-
-def doc_to_target(doc):
-    return doc["answer"]
+    return [lmms_docs.example(doc, make_example, "utils.py").image]
 
 
 def _metrics(doc, hit: float) -> dict:
@@ -60,18 +41,11 @@ def process_results_first_word(doc, results):
 
 
 def rows(n: int = N_EXAMPLES) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = make_example(SPLIT, SPLIT_SEED, i, QUESTION_TYPES[i % len(QUESTION_TYPES)])
-        out.append({"uid": ex.uid, "split": SPLIT, "split_seed": SPLIT_SEED, "index": i, "qtype": ex.qtype,
-                    "question": ex.question, "answer": ex.answer})
-    return out
+    return lmms_docs.rows(make_example, QUESTION_TYPES, n)
 
 
 def write_jsonl(path=None, n: int = N_EXAMPLES) -> Path:
-    path = Path(path) if path else Path(__file__).with_name("test.jsonl")
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows(n)))
-    return path
+    return lmms_docs.write_jsonl(rows(n), Path(path) if path else Path(__file__).with_name("test.jsonl"))
 
 
 if __name__ == "__main__":

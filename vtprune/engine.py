@@ -261,14 +261,8 @@ class Pruner:
         weight = self.adapter.base.get_input_embeddings().weight
         rows = rows.to(weight.device, weight.dtype)  # as the body casts them
         pos = self._begin(state, kwargs, vis, None, weight.device)
-        captured, self._local.pre_projector = self._local.pre_projector, []
-        if "projector" in self._needs and captured:
-            self._capture_projector(state, captured, input_ids, vis, None)
-        index, _, stats = self._run(state, 0, None, visual=rows)
-        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": "torch"}}))
-        new_pos = ops.gather_last(pos, index)
-        if self.cfg.positions == "renumber":
-            new_pos, state.runs[0].shift = self._renumber(state)
+        index, _, stats = self._layer0(state, input_ids, vis, None, None, visual=rows)
+        new_pos = self._record_layer0(state, stats, "torch", ops.gather_last(pos, index))
         rank = (vis.flatten().cumsum(0) - 1).view_as(vis).gather(1, index)  # each slot's row of ``rows``
         encoded = dict(kwargs["mm_encoder_outputs"])
         state.encoded, state.early = kwargs["mm_encoder_outputs"], True
@@ -316,18 +310,28 @@ class Pruner:
         kwargs = dict(kwargs, attention_mask=state.seq.mask, position_ids=pos)
         if self.stages[0].layer != 0:
             return (), kwargs
-        captured, self._local.pre_projector = self._local.pre_projector, []
-        if "projector" in self._needs and captured:
-            self._capture_projector(state, captured, input_ids, vis, newline)
-        index, embeds, stats = self._run(state, 0, embeds)
-        run = state.runs[0]
+        index, embeds, stats = self._layer0(state, input_ids, vis, newline, embeds)
         new_embeds, new_pos, _, ran = ops.compact(embeds, index, pos, with_backend=True)
-        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": ran}}))
-        if self.cfg.positions == "renumber":
-            new_pos, run.shift = self._renumber(state)
+        new_pos = self._record_layer0(state, stats, ran, new_pos)
         kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
         kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
+
+    def _layer0(self, state: CallState, input_ids, vis, newline, hidden, visual=None):
+        """The layer-0 stage, on the full sequence's ``hidden`` or on the ``visual`` rows alone (``run_stage``),
+        after recording the projector rows it reads. Returns ``_run``'s (index, hidden, stats)."""
+        captured, self._local.pre_projector = self._local.pre_projector, []
+        if "projector" in self._needs and captured:
+            self._capture_projector(state, captured, input_ids, vis, newline)
+        return self._run(state, 0, hidden, visual)
+
+    def _record_layer0(self, state: CallState, stats: dict, compact: str, new_pos):
+        """Keep the layer-0 stage's stats (with the backend that built the short sequence); returns the kept
+        tokens' position ids, renumbered when the config asks."""
+        state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": compact}}))
+        if self.cfg.positions == "renumber":
+            new_pos, state.runs[0].shift = self._renumber(state)
+        return new_pos
 
     def _begin(self, state: CallState, kwargs, vis, newline, device):
         """The prefill's sequence flags, units and next position; returns its position ids [B, L] (or [3, B, L])."""

@@ -159,8 +159,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
         groups.setdefault((item.n, item.k), []).append(item)
     for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
         rows_t = torch.tensor([it.row for it in group], device=vis.device)
-        slices = [vis_pos[it.row][it.start:it.start + n] for it in group]
-        positions = slices[0].unsqueeze(0) if len(group) == 1 else torch.stack(slices)  # [G, n]
+        positions = _stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
         ends = positions[:, [0, -1]].tolist()
         first = [e[0] for e in ends]
         # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
@@ -178,8 +177,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
         if visual is None:
             features = take(hidden)
         else:
-            parts = [visual[row_start[it.row] + it.start:row_start[it.row] + it.start + n] for it in group]
-            features = parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+            features = _stack([visual[row_start[it.row] + it.start:row_start[it.row] + it.start + n] for it in group])
         inputs = SelectionInputs(
             features=features, attention=take(cap.attention), queries=take(cap.queries),
             pre_projector=_pre_rows(cap, rows_t, positions), projector=cap.projector,
@@ -215,6 +213,11 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
                  select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
                  backend=backends)
     return index, merged, new_seq, stats
+
+
+def _stack(parts: list) -> torch.Tensor:
+    """torch.stack, but one part becomes a view (the common single-item call copies nothing)."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
 def _unit_stats(seq: Sequence, units: list, row_kept: list, counts: list) -> list:

@@ -123,16 +123,15 @@ def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int 
     calls = [0]
     ce = _balanced_ce if balance else F.cross_entropy
     score = _balanced_accuracy if balance else (lambda p, t: (p == t).float().mean().item())
-    cols = list(PROBES)
     plan = [(layer, n) for n in names] + [(aux_layer, n) for n in aux_names]
+    plan = [(at, name, list(PROBES).index(name)) for at, name in plan]  # target column of each probe
 
     def loss_fn(inputs):
         targets = inputs.pop("probe_targets").flatten(0, 1)
         out = model(**inputs, output_hidden_states=True)
         video = inputs["input_ids"] == model.config.video_token_id
         aux, accs = 0.0, {}
-        for (at, name), head in zip(plan, heads):
-            j = cols.index(name)
+        for (at, name, j), head in zip(plan, heads):
             on = targets[:, j] != -100
             if on.any():
                 logits = head(out.hidden_states[at][video][on])

@@ -122,6 +122,27 @@ def test_a_video_reaches_the_strategy_as_frames_of_a_grid(monkeypatch):
     assert frames > 1 and len(video) == 1, seen
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family, given, expected", [
+    ("llava", {}, (2, "central")), ("qwen2_5_vl", {}, (3, "salient")), ("qwen3_vl", {}, (3, "salient")),
+    ("qwen2_5_vl", {"cells": 2}, (2, "salient")), ("llava", {"cell_pick": "salient"}, (2, "salient"))])
+def test_the_family_sets_the_cells_the_user_did_not(monkeypatch, family, given, expected):
+    seen, real = [], stable.stable_maxmin
+
+    def spy(features, k, grid=None, weights=None, smooth=1, quantum=0.0, margin=0.0, cells=1, cell_pick="central"):
+        seen.append((cells, cell_pick))
+        return real(features, k, grid, weights, smooth, quantum, margin, cells, cell_pick)
+
+    monkeypatch.setattr(stable, "stable_maxmin", spy)
+    model = _model(family, "sdpa")
+    vtprune.apply_pruner(model, method="divprune_stable", keep_ratio=0.5, **given)
+    try:
+        model(**make_batch(family, 1))
+    finally:
+        vtprune.remove_pruner(model)
+    assert seen == [expected]
+
+
 def test_bad_options_are_named():
     x, grid = features()
     with pytest.raises(ValueError, match="cell_pick='middle'"):

@@ -66,7 +66,8 @@ class PrunerConfig:
                                  "into the schedule's stages")
         self.stages()  # every stage and option checked now, not at the first forward
 
-    def stages(self) -> list[StageConfig]:
+    def stages(self, adapter=None) -> list[StageConfig]:
+        """Validated stages; with ``adapter``, options the user left out take the model family's defaults."""
         if self.schedule is None:
             raw = [StageConfig(self.method or DEFAULT_METHOD, self.layer, self.keep_ratio, self.keep_tokens,
                                dict(self.options), self.video_keep_ratio, self.video_keep_tokens)]
@@ -74,12 +75,12 @@ class PrunerConfig:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
             raw = [_as_stage(s) for s in self.schedule]
-        return [_validated(s) for s in raw]
+        return [_validated(s, adapter) for s in raw]
 
     def resolved_stages(self, adapter) -> list[StageConfig]:
         """Stages with default layers filled in, validated against the model behind ``adapter``."""
         stages = [s if s.layer is not None else replace(s, layer=get_method(s.method).default_layer(adapter))
-                  for s in self.stages()]
+                  for s in self.stages(adapter)]
         validate_against_model(self, stages, adapter)
         return stages
 
@@ -103,7 +104,7 @@ def _as_stage(item: Any) -> StageConfig:
     return StageConfig(**item)
 
 
-def _validated(stage: StageConfig) -> StageConfig:
+def _validated(stage: StageConfig, adapter=None) -> StageConfig:
     if not isinstance(stage.method, str):
         raise ValueError(f"method must be a method name (a string), got {stage.method!r}")
     method = get_method(stage.method)  # raises ValueError listing the methods
@@ -129,7 +130,8 @@ def _validated(stage: StageConfig) -> StageConfig:
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
     engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip"}
     engine.update({k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS})
-    rest = {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
+    rest = {**method.defaults_for(adapter),
+            **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
     options = {**engine, **method.check(rest)}
     if not isinstance(options["merge"], bool):
         raise ValueError(f"merge must be True or False, got {options['merge']!r}")

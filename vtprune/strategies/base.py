@@ -113,6 +113,11 @@ class Method:
     validate: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError on bad values
     description: str = ""
     needs_if: dict = field(default_factory=dict)  # need -> (**options) -> bool: needed under those options only
+    family_options: Optional[Callable[[Any], dict]] = None  # adapter -> option defaults for that model family
+
+    def defaults_for(self, adapter=None) -> dict:
+        """Option defaults that the model family behind ``adapter`` sets in place of the signature's."""
+        return {} if adapter is None or self.family_options is None else dict(self.family_options(adapter))
 
     def needs_for(self, options: dict) -> frozenset:
         """What a stage with these (merged) options needs: ``needs`` less those whose ``needs_if`` says no."""
@@ -142,7 +147,7 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0, min_layer: int = 0,
              budget: str = "plain", budget_cap=None, flops=None, validate=None, description: str = "",
-             needs_if: Optional[dict] = None):
+             needs_if: Optional[dict] = None, family_options: Optional[Callable[[Any], dict]] = None):
     """Decorator adding a strategy to the registry under ``name``.
 
     The strategy's options are its keyword parameters after ``(inputs, k)``: each needs a default, and its
@@ -151,6 +156,7 @@ def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0
     "layer_average". ``budget_cap(k, pad_mask, **options)`` may lower a row's budget. ``flops(shape, **options)``
     gives the scoring FLOPs of one row (default 0). ``validate(**options)`` checks ranges. ``needs_if``: {need:
     predicate(**options)} for needs used only under some options, so the engine does not compute them otherwise.
+    ``family_options(adapter)``: option defaults of a model family (options the user sets still win).
     """
     unknown = (set(needs) | set(needs_if or ())) - set(NEEDS)
     if unknown:
@@ -164,7 +170,7 @@ def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0
         options, kinds = _signature_options(name, fn)
         _REGISTRY[name] = Method(name, fn, frozenset(needs), options, kinds, layer, min_layer, budget, budget_cap,
                                  flops or _no_cost, validate, description or (fn.__doc__ or "").split("\n")[0],
-                                 dict(needs_if or {}))
+                                 dict(needs_if or {}), family_options)
         return fn
 
     return deco

@@ -3,7 +3,9 @@
 The greedy max-min selection follows the argmax of a score at every step, so two near-tied tokens swap under
 invisible noise and every later pick follows the swap; a noisy or high-contrast corner patch also has far-apart
 tokens that the greedy then keeps. The knobs here (in ``stable_maxmin`` each is off by default, which is the plain
-greedy; the registered ``divprune_stable`` and ``zoo_stable`` default to ``cells=2``, the measured choice):
+greedy; the registered ``divprune_stable`` and ``zoo_stable`` use cells, with the layout measured for the model
+family, ``Adapter.stable_cells``: 2x2 cells and their central tokens for LLaVA-type models, 3x3 cells and their
+most salient tokens for Qwen-VL):
 
 * ``smooth``:  select on features averaged over the ``smooth x smooth`` neighbourhood on the token grid, which
   averages out per-token noise (the kept tokens are the original, unsmoothed ones);
@@ -172,8 +174,8 @@ def best_in_cells(score: torch.Tensor, cell: torch.Tensor, chosen: torch.Tensor)
 
 
 CELL_PICKS = ("central", "salient", "greedy")
-# The measured default (cells=2, cell_pick="central"): diverse 2x2 cells first, the central token of each
-# (eval/results/robustness/).
+# The signatures' cells=2, cell_pick="central" hold without a model; through apply_pruner the model family's
+# measured layout (Adapter.stable_cells) replaces whichever of the two the user leaves out.
 
 
 def _check(inputs: SelectionInputs, k: int, smooth: int, quantum: float, margin: float, cells: int,
@@ -194,7 +196,11 @@ def _validate(smooth, quantum, margin, cells, cell_pick, **_):
                          f"cells={cells}, quantum={quantum}, margin={margin}")
 
 
-@register("divprune_stable", needs=("grid",), validate=_validate,
+def _family_cells(adapter) -> dict:
+    return adapter.stable_cells
+
+
+@register("divprune_stable", needs=("grid",), validate=_validate, family_options=_family_cells,
           flops=lambda shape, **_: diversity_flops(shape),  # + a cells x cells Gram, N²/16: not counted
           description="DivPrune with selection that small pixel changes do not reshuffle")
 def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: int = 1, quantum: float = 0.0,
@@ -208,6 +214,7 @@ def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: int = 1, qua
 
 
 @register("zoo_stable", needs=("grid", "projector", "newline_mask"), validate=_validate, flops=zoo_flops,
+          family_options=_family_cells,
           description="ZOO-Prune with selection that small pixel changes do not reshuffle")
 def zoo_stable_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, seed: int | None = 0,
                       smooth: int = 1, quantum: float = 0.0, margin: float = 0.0, cells: int = 2,

@@ -14,6 +14,8 @@ torch.set_num_threads(1)
 
 SETTINGS = {"divprune_stable": dict(smooth=2, cells=2, margin=0.05, quantum=0.01),
             "zoo_stable": dict(m=8, smooth=2, cells=2, cell_pick="greedy")}
+# Each method with its knobs set, and with the family's default cell layout (Qwen: 3x3 cells, salient tokens).
+CASES = [(m, SETTINGS[m]) for m in sorted(SETTINGS)] + [("divprune_stable", {}), ("zoo_stable", dict(m=8))]
 
 
 def features(b=2, rows=6, cols=5, d=8, seed=0):
@@ -152,12 +154,13 @@ def test_bad_options_are_named():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", sorted(SETTINGS))
-def test_stable_methods_are_deterministic_batch_consistent_and_keep_all_exact(family, method):
+@pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{'knobs' if o.keys() - {'m'} else 'defaults'}"
+                                                         for m, o in CASES])
+def test_stable_methods_are_deterministic_batch_consistent_and_keep_all_exact(family, method, options):
     model = _model(family, "sdpa")
     batch = make_batch(family, 2)
     plain = model(**batch).logits
-    vtprune.apply_pruner(model, method=method, keep_ratio=0.3, **SETTINGS[method])
+    vtprune.apply_pruner(model, method=method, keep_ratio=0.3, **options)
     try:
         first = model(**batch).logits
         stats = vtprune.get_stats(model)[0]
@@ -171,7 +174,7 @@ def test_stable_methods_are_deterministic_batch_consistent_and_keep_all_exact(fa
         assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
     finally:
         vtprune.remove_pruner(model)
-    vtprune.apply_pruner(model, method=method, keep_ratio=1.0, **SETTINGS[method])
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0, **options)
     try:
         assert torch.equal(model(**batch).logits, plain)
     finally:

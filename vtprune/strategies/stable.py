@@ -201,7 +201,7 @@ def _family_cells(adapter) -> dict:
 
 
 @register("divprune_stable", needs=("grid",), validate=_validate, family_options=_family_cells,
-          flops=lambda shape, **_: diversity_flops(shape),  # + a cells x cells Gram, N²/16: not counted
+          flops=lambda shape, **_: diversity_flops(shape),  # + the cells' Gram, (N / cells²)² x D: not counted
           description="DivPrune with selection that small pixel changes do not reshuffle")
 def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: int = 1, quantum: float = 0.0,
                            margin: float = 0.0, cells: int = 2,

@@ -82,6 +82,17 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 MARKERS = "osD^vP*Xh<>p"  # one per method, drawn hollow and shrinking so that coincident points stay visible
 
 
+def legend_below(fig, axes, ncol: int, legend_rows: int) -> None:
+    """One legend under the panels, each label once (with a dozen methods a legend inside a panel hides its points),
+    and the panels laid out above it."""
+    handles = {}
+    for ax in axes:
+        for h, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
+
+
 def pareto_plot(rows: list[dict], path: Path, title: str):
     """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model, with
     that model's Pareto frontier. Returns the figure (already saved and closed)."""
@@ -104,7 +115,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
             if len(pts) == len(base):
                 continue
             ax.plot([r["prefill_flops"] / 1e9 for r in pts], [100 * r["accuracy"] for r in pts], label=method,
-                    marker=MARKERS[i % len(MARKERS)], markersize=11 - 6 * i / max(1, len(methods) - 1),
+                    color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], markersize=11 - 6 * i / max(1, len(methods) - 1),
                     markerfacecolor="none", markeredgewidth=1.4, linewidth=1, alpha=0.9)
         for r in base:
             ax.scatter([r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5, s=25,
@@ -121,14 +132,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
-    # One legend under the panels: with a dozen methods a legend inside a panel hides its points.
-    handles = {}
-    for ax in axes[0]:
-        for h, text in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(text, h)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_below(fig, axes.flat, ncol, legend_rows)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

@@ -216,24 +216,30 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import legend_below
+
     models = list(dict.fromkeys(r["model"] for r in rows))
     perts = list(dict.fromkeys(r["perturbation"] for r in rows))
-    fig, axes = plt.subplots(len(models), len(perts), figsize=(3.6 * len(perts), 3.4 * len(models)),
-                             squeeze=False)
+    # One colour per method across panels, whatever methods a panel lacks.
+    colour = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))}
+    ncol = max(1, min(len(colour) + 1, 2 * len(perts)))
+    legend_rows = -(-(len(colour) + 1) // ncol)
+    fig, axes = plt.subplots(len(models), len(perts), squeeze=False,
+                             figsize=(3.6 * len(perts), 3.4 * len(models) + 0.22 * legend_rows))
     for i, model in enumerate(models):
         for j, pert in enumerate(perts):
             ax, mine = axes[i][j], [r for r in rows if r["model"] == model and r["perturbation"] == pert]
             for method in dict.fromkeys(r["method"] for r in mine):
                 pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["budget_pct"])
-                style = dict(color="black", zorder=5) if method == "none" else dict(marker="o")
+                style = dict(color="black", zorder=5) if method == "none" else dict(marker="o", color=colour[method])
                 ax.plot([100 * r["answer_change"] for r in pts], [100 * r["accuracy"] for r in pts],
-                        label=method, **style, **({"marker": "s"} if method == "none" else {}))
+                        label="unpruned (control)" if method == "none" else method, **style,
+                        **({"marker": "s"} if method == "none" else {}))
             ax.set_title(f"{model.split('-')[0]} · {pert}", fontsize=9)
             ax.set_xlabel("answers changed (%)", fontsize=8)
             ax.set_ylabel("accuracy under perturbation (%)", fontsize=8)
             ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig, axes.flat, ncol, legend_rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

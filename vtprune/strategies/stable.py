@@ -183,17 +183,16 @@ def _check(inputs: SelectionInputs, k: int, smooth: int, quantum: float, margin:
     n = inputs.num_tokens
     if not 0 <= k <= n:
         raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
-    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
-        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick in "
-                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
-                         f"cell_pick={cell_pick!r}")
+    _validate(smooth, quantum, margin, cells, cell_pick)
     return usable_grid(inputs.grid, inputs.batch, n, inputs.frames)
 
 
 def _validate(smooth, quantum, margin, cells, cell_pick, **_):
-    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1:
-        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0 and 0 <= margin < 1; got smooth={smooth}, "
-                         f"cells={cells}, quantum={quantum}, margin={margin}")
+    """The options' ranges, for the registry (apply_pruner) and for direct calls of the strategies alike."""
+    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
+        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick in "
+                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
+                         f"cell_pick={cell_pick!r}")
 
 
 def _family_cells(adapter) -> dict:

@@ -37,11 +37,11 @@ def temporal_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     for row in range(inputs.batch):
         hw = inputs.grid[row] if inputs.grid is not None else None
         t = inputs.frames[row] if inputs.frames is not None else 1
-        if hw is not None and t * hw[0] * hw[1] == n and t > 1 and k > hw[0] * hw[1]:
+        if hw is None or t * hw[0] * hw[1] != n:
+            out.append(((torch.arange(k, device=inputs.features.device) + 0.5) * n / k).long())
+        elif t > 1 and k > hw[0] * hw[1]:
             score = temporal_change(inputs.features[row:row + 1], t)[0]
             out.append(torch.sort(score, descending=True, stable=True).indices[:k].sort().values)
-        elif hw is not None and t * hw[0] * hw[1] == n:  # one frame, or a budget within the first frame
+        else:  # one frame, or a budget within the first frame
             out.append(grid_subsample(hw[0], hw[1], k).to(inputs.features.device))
-        else:
-            out.append(((torch.arange(k, device=inputs.features.device) + 0.5) * n / k).long())
     return torch.stack(out)

@@ -114,8 +114,8 @@ def test_text_need_receives_the_text_hidden_states():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="random", seed="1"), "option seed='1' of method 'random' is not allowed; expected an integer or None"),
     (dict(method="fastv", debias="loud"), "option debias='loud'.*one of None, 'position', 'sink', 'both'"),
-    (dict(method="zoo", m=0), "m >= 1"),
-    (dict(method="zoo", h=-0.1), "h > 0"),
+    (dict(method="zoo", m=0), "option m=0 of method 'zoo' is not allowed; expected an integer >= 1"),
+    (dict(method="zoo", h=-0.1), "option h=-0.1 of method 'zoo' is not allowed; expected a number > 0"),
     (dict(method="divprune", keep_newlines=1), "keep_newlines=1.*True or False"),
     (dict(schedule=[{"method": "pool", "options": "fast"}]), "options must be a dict, got 'fast'"),
     (dict(method="pool", schedule=[{"method": "random"}]), "schedule= replaces.*\\['method'\\]"),
@@ -281,17 +281,24 @@ def test_zoo_scores_with_the_projector_weights_at_call_time(family):
     assert not torch.equal(after, first)
 
 
-def test_zoo_float32_copy_is_reused_until_the_weights_change():
+@torch.no_grad()
+def test_zoo_scores_a_half_precision_projector_with_its_current_weights_however_they_change():
+    """The float32 projector a bfloat16 model's zoo scores through follows every kind of weight change, the ones
+    a version counter misses (writes through ``.data``, a swapped ``.data``) included, and copies the projector
+    alone, not the model its capture hook belongs to."""
     model = tiny_model("llava").to(torch.bfloat16)
     vtprune.apply_pruner(model, method="zoo")
-    pruner = vtprune.get_pruner(model)
-    a, b = pruner.projector(), pruner.projector()
-    assert a is b and next(a.parameters()).dtype == torch.float32
-    with torch.no_grad():
-        pruner.adapter.projector_mlp().linear_1.weight.mul_(2)
-    c = pruner.projector()
-    assert c is not a
-    torch.testing.assert_close(c.linear_1.weight, pruner.adapter.projector_mlp().linear_1.weight.float())
+    pruner, live = vtprune.get_pruner(model), vtprune.get_pruner(model).adapter.projector_mlp()
+    try:
+        first = pruner.projector()
+        assert next(first.parameters()).dtype == torch.float32
+        assert sum(p.numel() for p in first.parameters()) == sum(p.numel() for p in live.parameters())
+        live.linear_1.weight.data.mul_(2)  # in place through .data: no version bump
+        torch.testing.assert_close(pruner.projector().linear_1.weight, live.linear_1.weight.float())
+        live.linear_2.weight.data = torch.ones_like(live.linear_2.weight)  # a new tensor behind the parameter
+        assert bool((pruner.projector().linear_2.weight == 1).all())
+    finally:
+        vtprune.remove_pruner(model)
 
 
 # --------------------------------------------------------------------------------------------- misuse

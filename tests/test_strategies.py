@@ -118,11 +118,12 @@ def test_divprune_newline_counts_differ_between_rows():
         assert torch.equal(got[row], divprune_select(one, 20, keep_newlines=True)[0])
 
 
-def test_divprune_rejects_bad_k():
+def test_the_engine_entry_point_checks_k_once_for_every_method():
     x, _ = redundant_features(1, 20, 8, 2, seed=0)
-    with pytest.raises(ValueError, match="k=21"):
-        divprune_select(SelectionInputs(features=x), 21)
-    assert divprune_select(SelectionInputs(features=x), 0).shape == (1, 0)
+    method = get_method("divprune")
+    with pytest.raises(ValueError, match="method 'divprune': budget k=21 is out of range"):
+        method.select(SelectionInputs(features=x), 21)
+    assert method.select(SelectionInputs(features=x), 0).shape == (1, 0)
 
 
 # --------------------------------------------------------------------------------------------- ZOO-Prune
@@ -378,7 +379,7 @@ def test_find_collapse_layer_and_cache():
     assert model._vtprune_collapse_layer == 3
     calls = model.calls
     assert calibrate.find_collapse_layer(model, []) == 3 and model.calls == calls  # cached, nothing run
-    with pytest.raises(ValueError, match="image tokens"):
+    with pytest.raises(ValueError, match="image or video tokens"):
         calibrate.find_collapse_layer(model, [], cache=False)
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from .strategies.base import BUDGETS, get_method
+from .strategies.base import BUDGETS, ENGINE_OPTIONS, get_method, plain
 
 DEFAULT_METHOD = "divprune"
 DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
 POSITIONS = ("original", "renumber")
-# Options every method accepts: they change what the engine does around the selection, not the selection.
-ENGINE_OPTIONS = ("merge", "budget", "units", "temporal")
 UNIT_MODES = ("each", "joint")  # each image/video chosen on its own, or one selection over the sample's units
 TEMPORAL_MODES = ("clip", "frame")  # a video chosen over the whole clip, or with a budget per frame
 
@@ -69,7 +67,8 @@ class PrunerConfig:
     def stages(self, adapter=None) -> list[StageConfig]:
         """Validated stages; with ``adapter``, options the user left out take the model family's defaults."""
         if self.schedule is None:
-            raw = [StageConfig(self.method or DEFAULT_METHOD, self.layer, self.keep_ratio, self.keep_tokens,
+            method = DEFAULT_METHOD if self.method is None else self.method  # "" is a name, and not one of ours
+            raw = [StageConfig(method, self.layer, self.keep_ratio, self.keep_tokens,
                                dict(self.options), self.video_keep_ratio, self.video_keep_tokens)]
         else:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
@@ -85,6 +84,7 @@ class PrunerConfig:
         return stages
 
 
+_NUMBERS = ("layer", "keep_ratio", "keep_tokens", "video_keep_ratio", "video_keep_tokens")
 _STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options", "video_keep_ratio", "video_keep_tokens")
 
 
@@ -105,6 +105,8 @@ def _as_stage(item: Any) -> StageConfig:
 
 
 def _validated(stage: StageConfig, adapter=None) -> StageConfig:
+    # NumPy scalars are taken as the Python numbers they hold.
+    stage = replace(stage, **{key: plain(getattr(stage, key)) for key in _NUMBERS})
     if not isinstance(stage.method, str):
         raise ValueError(f"method must be a method name (a string), got {stage.method!r}")
     method = get_method(stage.method)  # raises ValueError listing the methods
@@ -129,7 +131,7 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
                                     or stage.layer < 0):
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
     engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip"}
-    engine.update({k: stage.options[k] for k in stage.options if k in ENGINE_OPTIONS})
+    engine.update({k: plain(stage.options[k]) for k in stage.options if k in ENGINE_OPTIONS})
     rest = {**method.defaults_for(adapter),
             **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
     options = {**engine, **method.check(rest)}
@@ -144,6 +146,11 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
 def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter) -> None:
     """Checks that need the model: layer range, stage order, position mode."""
     num_layers = len(adapter.layers)
+    if "video" not in adapter.visual_token_ids(adapter.model.config):
+        asked = [key for s in stages for key in ("video_keep_ratio", "video_keep_tokens") if getattr(s, key) is not None]
+        if asked:
+            raise ValueError(f"{asked[0]} was given, but {type(adapter.model).__name__} takes no videos; use "
+                             "keep_ratio / keep_tokens")
     if cfg.positions == "renumber" and adapter.position_kind != "1d":
         raise ValueError(f"positions='renumber' is defined for 1-D RoPE models (LLaVA family); "
                          f"{type(adapter.model).__name__} gives visual tokens {adapter.position_kind} positions, "

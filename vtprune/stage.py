@@ -10,12 +10,10 @@ import torch
 
 from .config import StageConfig
 from .stats import UnitStats
-from .strategies.base import Method, SelectionInputs
+from .strategies.base import ENGINE_OPTIONS, Method, SelectionInputs
 from .strategies.entropy import layer_average_keep
 from .strategies.merge import merge_pruned
 from .units import Item, largest_remainder, unit_budgets
-
-ENGINE_KEYS = ("merge", "budget", "units", "temporal")  # stage options the engine reads; the rest go to the method
 
 
 @dataclass
@@ -28,6 +26,7 @@ class Sequence:
     pad: Optional[torch.Tensor] = None  # bool: mostly image padding (LLaVA pad-to-square)
     sizes: Optional[torch.Tensor] = None  # float: original tokens each token stands for (merging)
     unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
+    segment: Optional[torch.Tensor] = None  # long: packed sample the token belongs to (None: one sample per row)
 
     def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> "Sequence":
         """The flags at ``index`` [B, L']; ``valid`` False marks dummy slots (None: there are none)."""
@@ -68,7 +67,7 @@ def keep_layout(keep: torch.Tensor):
 
 def method_options(stage: StageConfig) -> dict:
     """The stage's options that go to the method (without the engine's own)."""
-    return {k: v for k, v in stage.options.items() if k not in ENGINE_KEYS}
+    return {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
 
 
 def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int,
@@ -186,7 +185,7 @@ def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor]
             text=None if text is None else text[rows_t], text_mask=None if text is None else text_mask[rows_t],
             backends=backends)
         _check_needs(method, inputs, stage)
-        picks = method.fn(inputs, k, **options).sort(dim=-1).values  # [G, k]
+        picks = method.select(inputs, k, **options)  # [G, k] ascending, checked
         kept_pos = positions.gather(1, picks)
         if stage.options["merge"]:
             m, s, backends["merge"] = merge_pruned(inputs.features, picks, take(sizes), with_backend=True)

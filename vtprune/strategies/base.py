@@ -12,16 +12,45 @@ layer, what it needs from the model, its budget rule and the FLOPs its scoring c
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Annotated, Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 
 # What a strategy may ask the engine to provide, beyond ``features``.
 NEEDS = ("attention", "queries", "projector", "grid", "pad_mask", "newline_mask", "text")
 BUDGETS = ("plain", "layer_average")
+# Options every method accepts: they change what the engine does around the selection, not the selection.
+ENGINE_OPTIONS = ("merge", "budget", "units", "temporal")
+# Names a method's own options may not take: the engine's options and apply_pruner's keywords would swallow them
+# (tests/test_core.py checks this list against apply_pruner's signature).
+RESERVED_OPTIONS = ENGINE_OPTIONS + ("model", "method", "keep_ratio", "keep_tokens", "layer", "schedule", "positions",
+                                     "video_keep_ratio", "video_keep_tokens", "config", "replace", "options")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric option must lie in, declared in its annotation (``m: Annotated[int, Range(ge=1)] =
+    64``) and checked with its type when the pruner is applied, so a bad value never reaches a forward."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def contains(self, value) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+        return " and ".join(f"{op} {bound:g}" for op, bound in bounds if bound is not None)
 
 
 @dataclass
@@ -127,19 +156,62 @@ class Method:
         return self.layer(adapter) if callable(self.layer) else self.layer
 
     def check(self, options: dict[str, Any]) -> dict[str, Any]:
-        """User options merged over the defaults; unknown names and ill-typed values raise ValueError."""
+        """User options merged over the defaults; unknown names, ill-typed or out-of-range values raise ValueError.
+        NumPy scalars become the Python numbers they hold."""
         unknown = set(options) - set(self.options)
         if unknown:
             allowed = sorted(self.options) or "none"
             raise ValueError(f"unknown option(s) {sorted(unknown)} for method {self.name!r}; allowed: {allowed}")
+        clean = {}
         for key, value in options.items():
-            allowed = _allowed(self.types.get(key, Any))
-            if allowed is not None and not _matches(value, self.types[key]):
-                raise ValueError(f"option {key}={value!r} of method {self.name!r} is not allowed; expected {allowed}")
-        merged = {**self.options, **options}
+            value = plain(value)
+            problem = _generic_problem(value) or _problem(value, self.types.get(key, Any))
+            if problem is not None:
+                raise ValueError(f"option {key}={value!r} of method {self.name!r} is not allowed; expected {problem}")
+            clean[key] = value
+        merged = {**self.options, **clean}
         if self.validate is not None:
             self.validate(**merged)
         return merged
+
+    def select(self, inputs: SelectionInputs, k: int, **options) -> torch.Tensor:
+        """The strategy as the engine runs it: ``0 <= k <= N`` checked, ``k == 0`` answered without a call,
+        gradients off (choosing never needs them), and the output checked (``checked_indices``). Returns [batch,
+        k] long, ascending."""
+        n = inputs.num_tokens
+        if not 0 <= k <= n:
+            raise ValueError(f"method {self.name!r}: budget k={k} is out of range; allowed: 0 <= k <= N={n}")
+        if k == 0:
+            return torch.empty(inputs.batch, 0, dtype=torch.long, device=inputs.features.device)
+        with torch.no_grad():
+            out = self.fn(inputs, k, **options)
+        return checked_indices(self.name, out, inputs.batch, n, k, inputs.features.device)
+
+
+def checked_indices(name: str, out, rows: int, n: int, k: int, device=None) -> torch.Tensor:
+    """A strategy's output as the engine may use it, or a RuntimeError naming the method and what is wrong: a
+    tensor of integers of shape [rows, k], every index in [0, n) and no index twice in a row. Returns it as long on
+    ``device``, each row ascending."""
+    what = f"method {name!r} returned"
+    expected = f"a LongTensor [rows, k] = [{rows}, {k}] of distinct token indices in [0, {n})"
+    if not torch.is_tensor(out):
+        raise RuntimeError(f"{what} {type(out).__name__}, not a tensor; a strategy must return {expected}")
+    if out.dtype == torch.bool or out.is_floating_point() or out.is_complex():
+        raise RuntimeError(f"{what} {out.dtype} indices; a strategy must return {expected}")
+    if tuple(out.shape) != (rows, k):
+        raise RuntimeError(f"{what} shape {list(out.shape)}; a strategy must return {expected}")
+    picks = out.to(device=device, dtype=torch.long).sort(dim=-1).values
+    repeat = picks[:, 1:] == picks[:, :-1]
+    bad = (picks[:, 0] < 0) | (picks[:, -1] >= n) | repeat.any(dim=-1)
+    if bool(bad.any()):  # one host sync when all is well; the diagnosis only on failure
+        r = int(bad.nonzero()[0])
+        if int(picks[r, 0]) < 0 or int(picks[r, -1]) >= n:
+            wrong = picks[r][(picks[r] < 0) | (picks[r] >= n)][0]
+            raise RuntimeError(f"{what} index {int(wrong)} in row {r}, out of range; a strategy must return {expected}")
+        twice = picks[r, 1:][repeat[r]][0]
+        raise RuntimeError(f"{what} index {int(twice)} twice in row {r} (it would count as two kept tokens); a "
+                           f"strategy must return {expected}")
+    return picks
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -186,13 +258,16 @@ def _signature_options(name: str, fn) -> tuple[dict, dict]:
     params = list(inspect.signature(fn).parameters.values())
     if len(params) < 2 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         raise ValueError(f"strategy {name!r} must take (inputs, k, **options)")
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     options, kinds = {}, {}
     for p in params[2:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise ValueError(f"strategy {name!r}: options must be named keyword parameters, not *{p.name}")
         if p.default is p.empty:
             raise ValueError(f"strategy {name!r}: option {p.name!r} needs a default value")
+        if p.name in RESERVED_OPTIONS:
+            raise ValueError(f"strategy {name!r}: an option may not be called {p.name!r}, which apply_pruner or the "
+                             f"engine takes itself (reserved: {list(RESERVED_OPTIONS)}); rename it")
         options[p.name] = p.default
         kinds[p.name] = hints.get(p.name, Any)
     return options, kinds
@@ -205,40 +280,64 @@ def _members(hint) -> Optional[list]:
     return None
 
 
-def _matches(value, hint) -> bool:
-    members = _members(hint)
-    if members is not None:
-        return any(_matches(value, m) for m in members)
-    if typing.get_origin(hint) is typing.Literal:
-        return any(value is v or (type(value) is type(v) and value == v) for v in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # Any, or an annotation too rich to check here
+def plain(value):
+    """NumPy scalars as the Python numbers they hold (``np.int64(3)`` is accepted wherever ``3`` is)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and isinstance(value, np.floating):
+        return float(value)
+    return value
 
 
-def _allowed(hint) -> Optional[str]:
-    """How to name what ``hint`` admits in an error message; None when it admits anything."""
-    members = _members(hint)
-    if members is not None:
-        parts = [_allowed(m) for m in members]
-        return None if None in parts else " or ".join(parts)
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    if hint is float:
-        return "a number"
-    if isinstance(hint, type):
-        return {bool: "True or False", int: "an integer", str: "a string"}.get(hint, hint.__name__)
+def _generic_problem(value) -> Optional[str]:
+    """What no numeric option may be, whatever its annotation: an integer beyond 64 bits (torch cannot hold it) or a
+    float that is not finite."""
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        return "an integer within 64 bits"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "a finite number"
     return None
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _problem(value, hint) -> Optional[str]:
+    """None when ``value`` fits the annotation ``hint``, else how to name what it admits (for the error)."""
+    if typing.get_origin(hint) is Annotated:
+        base, *meta = typing.get_args(hint)
+        problem = _problem(value, base)
+        if problem is not None:
+            return problem
+        for rule in meta:
+            if isinstance(rule, Range) and not rule.contains(value):
+                return f"{_describe(base)} {rule}"
+        return None
+    members = _members(hint)
+    if members is not None:
+        problems = [_problem(value, m) for m in members]
+        return None if None in problems else " or ".join(dict.fromkeys(problems))
+    if typing.get_origin(hint) is typing.Literal:
+        if any(value is v or (type(value) is type(v) and value == v) for v in typing.get_args(hint)):
+            return None
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    ok = {type(None): value is None, bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if hint in ok:
+        return None if ok[hint] else _describe(hint)
+    if hint is Any or not isinstance(hint, type):
+        return None  # Any, or an annotation too rich to check here
+    return None if isinstance(value, hint) else _describe(hint)
+
+
+def _describe(hint) -> str:
+    return {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string",
+            torch.Tensor: "a tensor", os.PathLike: "a path"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def get_method(name: str) -> Method:
@@ -249,8 +348,3 @@ def get_method(name: str) -> Method:
 
 def list_methods() -> list[str]:
     return sorted(_REGISTRY)
-
-
-def check_options(method: Method, options: dict[str, Any]) -> dict[str, Any]:
-    """Merge user options over the method's defaults, refusing unknown names and ill-typed values."""
-    return method.check(options)

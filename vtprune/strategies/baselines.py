@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal, Optional
+import os
+from typing import Literal, Optional, Union
 
+import numpy as np
 import torch
 
 from .base import SelectionInputs, register
@@ -40,23 +42,31 @@ def grid_subsample(height: int, width: int, k: int) -> torch.Tensor:
 def _grid_subsample_uncached(height: int, width: int, k: int) -> torch.Tensor:
     """``grid_subsample`` without the cache.
 
-    Takes the evenly spaced sub-grid whose size is closest to ``k`` without exceeding it, then fills the
-    remainder with evenly spaced tokens among those not yet taken.
+    Takes an evenly spaced sub-grid of at most ``k`` tokens (about the grid's aspect ratio), then fills the remainder
+    with evenly spaced tokens among those not yet taken, so exactly ``k`` distinct indices come back for any grid
+    and any 0 <= k <= height * width.
     """
     n = height * width
-    gh = max(1, min(height, round(height * math.sqrt(k / n))))
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    # gh <= k keeps the sub-grid within the budget on tall grids (k // gh >= 1 columns then fit).
+    gh = max(1, min(height, k, round(height * math.sqrt(k / n))))
     gw = max(1, min(width, k // gh))
-    rows = ((torch.arange(gh) + 0.5) * height / gh).long()
-    cols = ((torch.arange(gw) + 0.5) * width / gw).long()
-    chosen = (rows[:, None] * width + cols[None, :]).flatten()
-    rest = k - chosen.numel()
+    chosen = (_spread(gh, height)[:, None] * width + _spread(gw, width)[None, :]).ravel()
+    rest = k - chosen.size
     if rest > 0:
-        free = torch.ones(n, dtype=torch.bool)
+        free = np.ones(n, dtype=bool)
         free[chosen] = False
-        candidates = free.nonzero().flatten()
-        pick = ((torch.arange(rest) + 0.5) * candidates.numel() / rest).long()
-        chosen = torch.cat([chosen, candidates[pick]])
-    return chosen.sort().values
+        candidates = np.flatnonzero(free)
+        chosen = np.concatenate([chosen, candidates[_spread(rest, candidates.size)]])
+    return torch.from_numpy(np.sort(chosen))
+
+
+def _spread(count: int, length: int) -> np.ndarray:
+    """``count`` evenly spaced indices into ``length``: the centres of equal bins, in float32 (the arithmetic the
+    recorded pool results were made with), truncated."""
+    f32 = np.float32
+    return ((np.arange(count, dtype=f32) + f32(0.5)) * f32(length) / f32(count)).astype(np.int64)
 
 
 @register("pool", needs=("grid",), description="uniform spatial subsampling of the token grid")
@@ -76,17 +86,26 @@ def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     return torch.stack(out).to(inputs.features.device)
 
 
+def _check_curve(debias_curve=None, **_):
+    # A bad curve or path is refused when the pruner is applied, not at the first forward.
+    if debias_curve is not None:
+        from .debias import as_curve
+
+        as_curve(debias_curve)
+
+
 def _fastv_cap(k: int, pad_mask, debias=None, **_) -> int:
     # The paper caps the budget at the non-padding patches when padding is suppressed.
     return padding_cap(pad_mask[None], k) if debias in ("sink", "both") and pad_mask is not None else k
 
 
 @register("fastv", needs=("attention", "pad_mask"), layer=2, min_layer=1, budget_cap=_fastv_cap,
+          validate=_check_curve,
           needs_if={"pad_mask": lambda debias=None, **_: debias in ("sink", "both")},
           flops=lambda s, **_: 2 * s.heads * s.seq_len * s.head_dim * s.n // (s.row_n or s.n),
           description="top-k by last-token attention at layer K-1")
 def fastv_select(inputs: SelectionInputs, k: int, debias: Literal[None, "position", "sink", "both"] = None,
-                 debias_curve: Optional[Any] = None) -> torch.Tensor:
+                 debias_curve: Optional[Union[torch.Tensor, str, os.PathLike]] = None) -> torch.Tensor:
     """FastV: the ``k`` tokens with the highest last-token attention (head mean) at layer K-1.
 
     attention: [batch, N]; pad_mask: [batch, N] or None. Returns [batch, k] (ascending). Ties break towards

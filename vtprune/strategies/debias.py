@@ -74,9 +74,7 @@ def debias_position(scores: torch.Tensor, mode="sample", valid: torch.Tensor | N
     """
     n = scores.shape[-1]
     if isinstance(mode, torch.Tensor):
-        if mode.dim() != 1 or bool((mode <= 0).any()):
-            raise ValueError(f"a position curve must be 1-D and positive; got shape {tuple(mode.shape)}")
-        trend = _resample_curve(mode.to(scores.device), n)[None]
+        trend = _resample_curve(as_curve(mode).to(scores.device), n)[None]
     elif mode == "sample":
         a, b = fit_log_trend(scores, valid, eps)
         trend = torch.exp(a[:, None] + b[:, None] * _positions(n, scores.device))
@@ -111,6 +109,16 @@ def load_curve(path) -> torch.Tensor:
     if not isinstance(data, dict) or data.get("format") != _CURVE_FORMAT:
         raise ValueError(f"{path} is not a vtprune position curve (expected format {_CURVE_FORMAT!r})")
     return torch.tensor(data["curve"], dtype=torch.float32)
+
+
+def as_curve(curve) -> torch.Tensor:
+    """A position curve given as a tensor [M] or as the path of one saved by ``save_curve``, checked: 1-D, finite
+    and positive. Returns [M] float32."""
+    if not isinstance(curve, torch.Tensor):
+        curve = load_curve(curve)
+    if curve.dim() != 1 or curve.numel() == 0 or not bool(torch.isfinite(curve).all() and (curve > 0).all()):
+        raise ValueError(f"a position curve must be 1-D, finite and positive; got shape {tuple(curve.shape)}")
+    return curve.float()
 
 
 def suppress_sinks(scores: torch.Tensor, z: float = 5.0, min_ratio: float = 10.0,
@@ -170,7 +178,7 @@ def debias_scores(scores: torch.Tensor, how: str | None, curve=None,
         scores = zero_padding(scores, pad_mask)
         valid = ~pad_mask.to(device=scores.device, dtype=torch.bool)
     if how in ("position", "both"):
-        mode = "sample" if curve is None else curve if isinstance(curve, torch.Tensor) else load_curve(curve)
+        mode = "sample" if curve is None else as_curve(curve)
         scores = debias_position(scores, mode, valid=valid)
     if how in ("sink", "both"):
         scores = suppress_sinks(scores, valid=valid)

@@ -25,12 +25,7 @@ def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False
     kept and count towards ``k``; the remaining ``k - newlines`` tokens are chosen among the others. The
     official code treats newlines as ordinary tokens (the default, False). Newlines come first in the output.
     """
-    b, n = inputs.batch, inputs.num_tokens
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
-    device = inputs.features.device
-    if k == 0:
-        return torch.empty(b, 0, dtype=torch.long, device=device)
+    b, device = inputs.batch, inputs.features.device
     mask = inputs.newline_mask
     if not keep_newlines or mask is None:
         return _greedy(inputs, inputs.features, k)

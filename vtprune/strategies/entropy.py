@@ -63,9 +63,6 @@ def entropy_select(inputs: SelectionInputs, k: int, normalize: bool = False) -> 
     """
     if inputs.queries is None:
         raise ValueError("entropy needs inputs.queries ([batch, N, H, d_head]); got None")
-    n = inputs.num_tokens
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
     scores = entropy_scores(inputs.queries, normalize)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=-1).values

@@ -20,14 +20,17 @@ most salient tokens for Qwen-VL):
 """
 from __future__ import annotations
 
-from typing import Literal
+import math
+import typing
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .base import SelectionInputs, register
+from .base import Range, SelectionInputs, register
 from .divprune import diversity_flops
+from .zoo import Directions, Step
 from .zoo import _flops as zoo_flops
 from .zoo import minmax_normalise, zoo_sensitivity
 
@@ -131,6 +134,11 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
     None. Returns [B, k] long in pick order.
     With every knob off (smooth=1, quantum=0, margin=0, cells=1) the picks are ``ops.greedy_maxmin``'s.
     """
+    if smooth < 1 or cells < 1 or not 0 <= quantum < math.inf or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
+        # (the registered strategies' options are checked when applied; this is for direct calls)
+        raise ValueError(f"need smooth >= 1, cells >= 1, finite quantum >= 0, 0 <= margin < 1 and cell_pick in "
+                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
+                         f"cell_pick={cell_pick!r}")
     if grid is not None and smooth > 1:
         features = smooth_features(features, grid, smooth)
     dist = ops.pairwise_cosine_distance(features)
@@ -173,62 +181,44 @@ def best_in_cells(score: torch.Tensor, cell: torch.Tensor, chosen: torch.Tensor)
     return score.unsqueeze(-1).expand_as(member).masked_fill(~member, float("-inf")).argmax(dim=1)
 
 
-CELL_PICKS = ("central", "salient", "greedy")
+CellPick = Literal["central", "salient", "greedy"]
+CELL_PICKS = typing.get_args(CellPick)
 # The signatures' cells=2, cell_pick="central" hold without a model; through apply_pruner the model family's
 # measured layout (Adapter.stable_cells) replaces whichever of the two the user leaves out.
-
-
-def _check(inputs: SelectionInputs, k: int, smooth: int, quantum: float, margin: float, cells: int,
-           cell_pick: str):
-    n = inputs.num_tokens
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
-    _validate(smooth, quantum, margin, cells, cell_pick)
-    return usable_grid(inputs.grid, inputs.batch, n, inputs.frames)
-
-
-def _validate(smooth, quantum, margin, cells, cell_pick, **_):
-    """The options' ranges, for the registry (apply_pruner) and for direct calls of the strategies alike."""
-    if smooth < 1 or cells < 1 or quantum < 0 or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
-        raise ValueError(f"need smooth >= 1, cells >= 1, quantum >= 0, 0 <= margin < 1 and cell_pick in "
-                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
-                         f"cell_pick={cell_pick!r}")
+Size = Annotated[int, Range(ge=1)]
+Quantum = Annotated[float, Range(ge=0)]
+Margin = Annotated[float, Range(ge=0, lt=1)]
 
 
 def _family_cells(adapter) -> dict:
     return adapter.stable_cells
 
 
-@register("divprune_stable", needs=("grid",), validate=_validate, family_options=_family_cells,
+@register("divprune_stable", needs=("grid",), family_options=_family_cells,
           flops=lambda shape, **_: diversity_flops(shape),  # + the cells' Gram, (N / cells²)² x D: not counted
           description="DivPrune with selection that small pixel changes do not reshuffle")
-def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: int = 1, quantum: float = 0.0,
-                           margin: float = 0.0, cells: int = 2,
-                           cell_pick: Literal["central", "salient", "greedy"] = "central") -> torch.Tensor:
+def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: Size = 1, quantum: Quantum = 0.0,
+                           margin: Margin = 0.0, cells: Size = 2, cell_pick: CellPick = "central") -> torch.Tensor:
     """DivPrune through ``stable_maxmin``. features: [batch, N, D]. Returns [batch, k] in pick order."""
-    grid = _check(inputs, k, smooth, quantum, margin, cells, cell_pick)
-    if k == 0:
-        return torch.empty(inputs.batch, 0, dtype=torch.long, device=inputs.features.device)
+    grid = usable_grid(inputs.grid, inputs.batch, inputs.num_tokens, inputs.frames)
     return stable_maxmin(inputs.features, k, grid, None, smooth, quantum, margin, cells, cell_pick)
 
 
-@register("zoo_stable", needs=("grid", "projector", "newline_mask"), validate=_validate, flops=zoo_flops,
+@register("zoo_stable", needs=("grid", "projector", "newline_mask"), flops=zoo_flops,
           family_options=_family_cells,
           description="ZOO-Prune with selection that small pixel changes do not reshuffle")
-def zoo_stable_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, seed: int | None = 0,
-                      smooth: int = 1, quantum: float = 0.0, margin: float = 0.0, cells: int = 2,
-                      cell_pick: Literal["central", "salient", "greedy"] = "central") -> torch.Tensor:
+def zoo_stable_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.01, seed: int | None = 0,
+                      smooth: Size = 1, quantum: Quantum = 0.0, margin: Margin = 0.0, cells: Size = 2,
+                      cell_pick: CellPick = "central") -> torch.Tensor:
     """ZOO-Prune through ``stable_maxmin``: sensitivity weights (``zoo_sensitivity``, min-max normalised, also
     smoothed over the grid when ``smooth > 1``) times the distance to the picked set.
 
     features: [batch, N, D]; pre_projector: [batch, G*N, Din]. Returns [batch, k] in pick order.
     """
-    grid = _check(inputs, k, smooth, quantum, margin, cells, cell_pick)
+    grid = usable_grid(inputs.grid, inputs.batch, inputs.num_tokens, inputs.frames)
     if inputs.pre_projector is None or inputs.projector is None:
         raise ValueError("zoo_stable needs inputs.pre_projector and inputs.projector; got None")
     b = inputs.batch
-    if k == 0:
-        return torch.empty(b, 0, dtype=torch.long, device=inputs.features.device)
     pre = inputs.pre_projector.reshape(b, inputs.num_tokens, -1)
     sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=inputs.seed if seed is None else seed)
     if grid is not None and smooth > 1:

@@ -2,11 +2,11 @@
 sensitivity-weighted greedy max-min diversity on the projected tokens."""
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 
-from .base import ScoringShape, SelectionInputs, register
+from .base import Range, ScoringShape, SelectionInputs, register
 from .divprune import _greedy, diversity_flops
 
 
@@ -165,11 +165,6 @@ def minmax_normalise(s: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (s - lo) / span.clamp_min(torch.finfo(s.dtype).tiny), torch.ones_like(s))
 
 
-def _check(m, h, chunk_rows, **_):
-    if m < 1 or h <= 0 or chunk_rows < 2:
-        raise ValueError(f"zoo needs m >= 1, h > 0 and chunk_rows >= 2; got m={m}, h={h}, chunk_rows={chunk_rows}")
-
-
 def _flops(shape: ScoringShape, m=64, **_) -> int:
     """The sensitivity's products (the MLP form when the adapter gives the projector's Linear -> act -> Linear
     widths, else 2·m·N perturbed projector rows), then the diversity terms on the projected tokens."""
@@ -178,10 +173,16 @@ def _flops(shape: ScoringShape, m=64, **_) -> int:
     return 2 * m * shape.n * shape.projector_row + diversity_flops(shape)
 
 
-@register("zoo", needs=("projector", "newline_mask"), flops=_flops, validate=_check,
+# The option ranges zoo and zoo_stable share (checked when the pruner is applied).
+Directions = Annotated[int, Range(ge=1)]
+Step = Annotated[float, Range(gt=0)]
+
+
+@register("zoo", needs=("projector", "newline_mask"), flops=_flops,
           description="zeroth-order projector sensitivity x greedy max-min diversity")
-def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, seed: int | None = 0,
-               chunk_rows: int = 8192, precision: Literal["float32", "bfloat16"] = "float32") -> torch.Tensor:
+def zoo_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.01, seed: int | None = 0,
+               chunk_rows: Annotated[int, Range(ge=2)] = 8192,
+               precision: Literal["float32", "bfloat16"] = "float32") -> torch.Tensor:
     """ZOO-Prune selection of ``k`` of the ``N`` tokens. Returns [batch, k] in pick order.
 
     pre_projector: [batch, N, Din] with projector mapping [*, Din] -> [*, D]. The engine groups Qwen's 2x2
@@ -197,15 +198,11 @@ def zoo_select(inputs: SelectionInputs, k: int, m: int = 64, h: float = 0.01, se
     if inputs.pre_projector is None or inputs.projector is None:
         raise ValueError("zoo needs inputs.pre_projector and inputs.projector; got None")
     b, n = inputs.batch, inputs.num_tokens
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} is out of range; allowed: 0 <= k <= N={n}")
     pre = inputs.pre_projector
     if pre.dim() != 3 or pre.shape[0] != b or pre.shape[1] % n:
         raise ValueError(f"pre_projector has shape {tuple(pre.shape)}; expected [{b}, G*{n}, Din] for features "
                          f"of shape {tuple(inputs.features.shape)}")
     pre = pre.reshape(b, n, -1)
-    if k == 0:
-        return torch.empty(b, 0, dtype=torch.long, device=inputs.features.device)
     seed = inputs.seed if seed is None else seed
     sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed, chunk_rows=chunk_rows,
                            precision=precision)

@@ -155,6 +155,13 @@ class Adapter:
         pos = torch.arange(offset, offset + length, device=device).unsqueeze(0).expand(batch, -1)
         return pos if self.position_kind == "1d" else pos.unsqueeze(0).expand(3, -1, -1)
 
+    def mask_positions(self, pos: torch.Tensor) -> Optional[torch.Tensor]:
+        """The position ids [B, L] the language model reads packed-sample boundaries from (transformers: the 1-D ids;
+        for M-RoPE, the text row of a [4, B, L] tensor), or None where it reads none."""
+        if self.position_kind == "1d":
+            return pos
+        return pos[0] if pos.dim() == 3 and pos.shape[0] == 4 else None
+
     def encoded_rows(self, kwargs: dict) -> Optional[torch.Tensor]:
         """The visual tokens' embeddings [visual tokens of the batch, D] in sequence order, when the body's call
         brings them pre-encoded (``mm_encoder_outputs``) and places them as they are, one per placeholder, with no

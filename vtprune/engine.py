@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.cache_utils import Cache
+from transformers.masking_utils import (create_causal_mask, create_sliding_window_causal_mask,
+                                        find_packed_sequence_indices, packed_sequence_mask_function)
 
 from . import capture, ops
 from .config import PrunerConfig, StageConfig
@@ -27,6 +29,19 @@ from .patches.base import CALL_KEYS, Unit
 from .stage import Captured, Sequence, run_stage
 from .stats import StageStats
 from .strategies.base import get_method
+
+CALL_ATTR = "_vtprune_call"  # on a KV cache a pruned prefill filled: that call's CallState, for its decode steps
+
+
+def _cache(kwargs: dict):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _output_cache(output):
+    """The KV cache in a language model's output (a ModelOutput, or a tuple with return_dict=False), or None."""
+    if isinstance(output, tuple):
+        return next((item for item in output if isinstance(item, Cache)), None)
+    return getattr(output, "cache", None)
 
 
 @dataclass
@@ -57,6 +72,7 @@ class CallState:
     next_pos: Optional[torch.Tensor] = None  # [B] next original position id
     new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
     extra: dict = field(default_factory=dict)  # the adapter's own per-call tensors (Adapter.after_compact)
+    dropped: int = 0  # tokens the layer-0 stage removed: a cache filled by this call is that much shorter
     early: bool = False  # the body hook ran the layer-0 stage: the language model's prefill is already short
     encoded: Optional[dict] = None  # the call's own mm_encoder_outputs, put back into the body's output
 
@@ -70,6 +86,8 @@ class _ThreadState(threading.local):
         self.pre_projector: list = []  # projector inputs of this call, one per projector run, in run order
         self.paused = 0
         self.selecting = False  # inside a stage: a strategy running the projector must not be captured
+        self.lm_prefill = False  # the language model's current call is a prefill (its output cache gets tagged)
+        self.call_projector: list = []  # the projector inputs a generate() call's later prefills score with
 
 
 class Pruner:
@@ -85,8 +103,6 @@ class Pruner:
         self._needs = set().union(*(m.needs_for(s.options) for s, m in zip(self.stages, self.methods)))
         self._handles, self._captures = [], []
         self._local = _ThreadState()
-        self._lock = threading.Lock()
-        self._projector_cache = None  # (weights key, float32 copy) for projectors not in float32
         self._warned_embeds = False
 
     # ---------------------------------------------------------------- copies
@@ -94,7 +110,7 @@ class Pruner:
         """A copy for a deep-copied model: same settings, hooks bound to the copy, no call in flight."""
         new = Pruner.__new__(Pruner)
         memo[id(self)] = new
-        fresh = {"_local": _ThreadState(), "_lock": threading.Lock(), "_projector_cache": None}
+        fresh = {"_local": _ThreadState()}
         for key, value in self.__dict__.items():
             setattr(new, key, fresh[key] if key in fresh else copy.deepcopy(value, memo))
         return new
@@ -112,6 +128,7 @@ class Pruner:
         if self.stages[0].layer == 0:  # only a layer-0 stage can run in the body hook (_early_prefill)
             self._handles.append(body.register_forward_hook(self._body_output_hook))
         self._handles.append(lm.register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        self._handles.append(lm.register_forward_hook(self._lm_output_hook))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
         if first is not None:
             for i in range(first, len(self.adapter.layers)):
@@ -149,7 +166,10 @@ class Pruner:
         return [] if state is None else list(state.stats)
 
     def set_generate_call(self, call: dict) -> None:
+        """What a generate() wrapper saw (its image metadata), or {} when it returns. Either way a new call starts:
+        projector inputs captured before are not this call's."""
         self._local.generate_call = call
+        self._local.pre_projector, self._local.call_projector = [], []
 
     @contextlib.contextmanager
     def paused(self):
@@ -164,22 +184,23 @@ class Pruner:
         return None if self._local.paused else self._local.state
 
     def projector(self):
-        """The projector as the strategy scores through it: the live module when it is float32 (so weights changed
-        after apply_pruner are used), else a float32 copy refreshed whenever its weights change."""
+        """The projector as the strategy scores through it, with the model's current weights: the live module when
+        it is float32, else a float32 copy made for this call. No copy is kept: weights can change in ways no
+        version counter sees (``param.data = ...``), and a stale copy would score with old weights."""
         module = self.adapter.projector_mlp()
-        params = list(module.parameters())
-        if all(p.dtype == torch.float32 for p in params):
+        if all(p.dtype == torch.float32 for p in module.parameters()):
             return module
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        with self._lock:
-            if self._projector_cache is None or self._projector_cache[0] != key:
-                self._projector_cache = (key, copy.deepcopy(module).float())
-            return self._projector_cache[1]
+        # The memo stops the copy at this Pruner (bound in the projector's capture hook): not the whole model.
+        return copy.deepcopy(module, memo={id(self): self}).float()
 
     # ---------------------------------------------------------------- capture callbacks
     def wants_attention(self) -> bool:
         state = self._live()
         return state is not None and state.prefill
+
+    def attention_segments(self) -> Optional[torch.Tensor]:
+        """[B, L] packed-sample ids of the sequence whose attention is being captured (None: one sample per row)."""
+        return self._local.state.seq.segment
 
     def record_attention(self, probs: torch.Tensor, seconds: float = 0.0):
         captured = self._local.state.captured
@@ -208,7 +229,7 @@ class Pruner:
         if self._local.paused:
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache(kwargs)
         if cache is None or cache.get_seq_length() == 0:
             # generate() encodes images before prefill and passes mm_encoder_outputs instead of the image
             # metadata, so fall back to what its wrapper saw.
@@ -225,16 +246,39 @@ class Pruner:
                 or encoded.get("image") or encoded.get("video"):
             raise NotImplementedError("vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
                                       "reuse) are not supported; start a new cache for each prompt")
-        state = self._local.state
+        # The decode steps of the call whose prefill filled this cache (a cache no pruned prefill filled is the
+        # stock model's business), whichever call or thread continues it.
+        state = getattr(cache, CALL_ATTR, None)
         if state is None or not state.active:
             return None
+        self._local.state = state
+        if len(args) == 1 and "input_ids" not in kwargs:  # LLaVA-NeXT passes input_ids by position
+            args, kwargs = (), dict(kwargs, input_ids=args[0])
+        kwargs = self._drop_refed(state, kwargs)
         if kwargs.get("position_ids") is None:
             # The model would derive positions from the (pruned) cache length: continue the original numbering.
-            q = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
+            q = (kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1]
             pos = state.next_pos[:, None] + torch.arange(q, device=state.next_pos.device)
             kwargs = dict(kwargs, position_ids=pos if self.adapter.position_kind == "1d" else pos.expand(3, -1, -1))
-            return args, kwargs
-        return None
+        return args, kwargs
+
+    @staticmethod
+    def _drop_refed(state: CallState, kwargs: dict) -> dict:
+        """``generate(past_key_values=cache)`` continuing a returned cache slices its input from the cache length,
+        which the layer-0 stage made ``state.dropped`` shorter than what the call consumed: the first ``dropped``
+        tokens it feeds are already in the cache. Drop them, when the 2D mask (the whole sequence) shows exactly
+        that re-feed; anything else is left to ``_decode``'s checks."""
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if state.dropped == 0 or tokens is None or mask is None or not torch.is_tensor(mask) or mask.dim() != 2:
+            return kwargs
+        new = mask.shape[1] - state.prompt_len - state.fed
+        if new < 1 or tokens.shape[1] - new != state.dropped:
+            return kwargs
+        cut = {key: kwargs[key][:, -new:] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None}
+        cut.update({key: kwargs[key][..., -new:] for key in ("position_ids", "mm_token_type_ids", "token_type_ids")
+                    if torch.is_tensor(kwargs.get(key))})
+        return dict(kwargs, **cut)
 
     def _body_output_hook(self, module, args, output):
         state = self._local.state
@@ -253,8 +297,8 @@ class Pruner:
             return None
         rows = self.adapter.encoded_rows(kwargs)
         input_ids = state.call["input_ids"]
-        if rows is None or input_ids is None:
-            return None
+        if rows is None or input_ids is None or self._segments(kwargs, kwargs.get("position_ids"), 1) is not None:
+            return None  # packed samples take the language-model path, which builds their mask
         vis = self.adapter.visual_mask(input_ids)
         if int(vis.sum()) != rows.shape[0] or rows.shape[0] == 0:
             return None  # no image, or a count mismatch the model itself reports
@@ -271,19 +315,34 @@ class Pruner:
                         position_ids=new_pos, mm_encoder_outputs=encoded)
 
     def _lm_hook(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = _cache(kwargs)
         if getattr(cache, "is_compileable", False):
             raise NotImplementedError("vtprune does not support static/compilable caches (cache_implementation="
                                       "'static'); use the default dynamic cache")
         embeds = kwargs.get("inputs_embeds")
-        state = self._live()
+        prefill = cache is None or cache.get_seq_length() == 0
+        self._local.lm_prefill = prefill
+        if prefill and cache is not None:
+            cache.__dict__.pop(CALL_ATTR, None)  # a cache started over belongs to this prefill, pruned or not
+        state = self._live() if prefill else (None if self._local.paused else getattr(cache, CALL_ATTR, None))
         if embeds is None or state is None:
             return None
-        if cache is None or cache.get_seq_length() == 0:
+        if prefill:
             return self._prefill(state, kwargs, embeds)
         if state.active:
             return self._decode(state, kwargs, embeds)
         return None
+
+    def _lm_output_hook(self, module, args, output):
+        """Tag the cache a pruned prefill filled with its call, so that its decode steps (in this generate(), a
+        later one continuing from it, or a manual loop) find the call whatever ran in between."""
+        if not self._local.lm_prefill:
+            return output
+        self._local.lm_prefill = False
+        state, cache = self._live(), _output_cache(output)
+        if cache is not None and state is not None and state.active:
+            setattr(cache, CALL_ATTR, state)
+        return output
 
     def _prefill(self, state: CallState, kwargs, embeds):
         if state.early:  # the body hook pruned already; a second run of the language model starts over
@@ -307,20 +366,43 @@ class Pruner:
             # Newline flags are read by strategies that ask for them and keep newline slots out of projector rows.
             newline = self.adapter.newline_mask(embeds, vis)
         pos = self._begin(state, kwargs, vis, newline, embeds.device)
-        kwargs = dict(kwargs, attention_mask=state.seq.mask, position_ids=pos)
         if self.stages[0].layer != 0:
-            return (), kwargs
+            return (), dict(kwargs, attention_mask=self._lm_mask(state, embeds), position_ids=pos)
         index, embeds, stats = self._layer0(state, input_ids, vis, newline, embeds)
         new_embeds, new_pos, _, ran = ops.compact(embeds, index, pos, with_backend=True)
         new_pos = self._record_layer0(state, stats, ran, new_pos)
-        kwargs.update(inputs_embeds=new_embeds, attention_mask=state.seq.mask, position_ids=new_pos)
+        kwargs = dict(kwargs, inputs_embeds=new_embeds, attention_mask=self._lm_mask(state, new_embeds),
+                      position_ids=new_pos)
         kwargs.update(self.adapter.after_compact(state, 0, index, kwargs))
         return (), kwargs
+
+    def _lm_mask(self, state: CallState, embeds):
+        """The attention mask the language model is given for the current sequence: its 2D mask, or for packed
+        samples (``seq.segment``) the mask transformers would build for them, built here (a 4D mask, or one per
+        layer type), since the language model detects packing only from an absent mask and unbroken positions."""
+        if state.seq.segment is None:
+            return state.seq.mask
+        types = sorted(set(getattr(self.adapter.text_config, "layer_types", None) or ["full_attention"]))
+        masks = {t: self._causal_mask(t, embeds, state.seq.mask, None, state.seq.segment) for t in types}
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def _segments(self, kwargs: dict, pos, batch: int) -> Optional[torch.Tensor]:
+        """[B, L] long, the packed sample each token belongs to, when transformers would treat this prefill as packed
+        samples (no attention mask, no cache given or to be made, and text position ids that restart); else None."""
+        if pos is None or kwargs.get("attention_mask") is not None or _cache(kwargs) is not None \
+                or kwargs.get("use_cache"):
+            return None
+        text = self.adapter.mask_positions(pos)
+        return None if text is None else find_packed_sequence_indices(text.expand(batch, -1))
 
     def _layer0(self, state: CallState, input_ids, vis, newline, hidden, visual=None):
         """The layer-0 stage, on the full sequence's ``hidden`` or on the ``visual`` rows alone (``run_stage``),
         after recording the projector rows it reads. Returns ``_run``'s (index, hidden, stats)."""
         captured, self._local.pre_projector = self._local.pre_projector, []
+        if captured:  # generate(use_cache=False) runs every step as a prefill on the images it encoded once
+            self._local.call_projector = captured
+        elif self._local.generate_call:
+            captured = self._local.call_projector
         if "projector" in self._needs and captured:
             self._capture_projector(state, captured, input_ids, vis, newline)
         return self._run(state, 0, hidden, visual)
@@ -329,6 +411,7 @@ class Pruner:
         """Keep the layer-0 stage's stats (with the backend that built the short sequence); returns the kept
         tokens' position ids, renumbered when the config asks."""
         state.stats.append(StageStats(**{**stats, "backend": {**stats["backend"], "compact": compact}}))
+        state.dropped = state.prompt_len - state.seq.mask.shape[1]
         if self.cfg.positions == "renumber":
             new_pos, state.runs[0].shift = self._renumber(state)
         return new_pos
@@ -344,10 +427,10 @@ class Pruner:
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=device)
         needs = self._needs
         state.units = self._units(state.call, vis)
+        pos = kwargs.get("position_ids")
         state.seq = Sequence(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
                              pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
-                             unit=_unit_ids(vis, state.units))
-        pos = kwargs.get("position_ids")
+                             unit=_unit_ids(vis, state.units), segment=self._segments(kwargs, pos, b))
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, device)
         state.next_pos = self._max_pos(pos) + 1
@@ -464,7 +547,8 @@ class Pruner:
         else:
             cos, sin = ops.gather_tokens(cos, index), ops.gather_tokens(sin, index)
         run.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos,
-                         "attention_mask": self._layer_mask(run.layer, new_hidden, state.seq.mask, kwargs)}
+                         "attention_mask": self._layer_mask(run.layer, new_hidden, state.seq.mask, kwargs,
+                                                            state.seq.segment)}
         run.overrides.update(self.adapter.after_compact(state, run.layer, index, kwargs))
         return new_hidden
 
@@ -483,20 +567,28 @@ class Pruner:
             run.overrides.update(position_embeddings=self.adapter.language_model.rotary_emb(hidden, pos),
                                  position_ids=pos)
 
-    def _layer_mask(self, layer: int, hidden, mask2d, kwargs):
-        """The mask this layer's attention expects, for a sequence described by ``mask2d`` and its own cache."""
-        if kwargs.get("attention_mask") is None and bool(mask2d.all()):
+    def _layer_mask(self, layer: int, hidden, mask2d, kwargs, segment=None):
+        """The mask this layer's attention expects, for a sequence described by ``mask2d`` (and ``segment``, packed
+        samples) and its own cache."""
+        if kwargs.get("attention_mask") is None and segment is None and bool(mask2d.all()):
             # The model found the full sequence needs no mask (sdpa's or flash's causal skip: no padding, and no
             # past or a single query); a subsequence without padding at the same query length needs none either.
             return None
+        types = getattr(self.adapter.text_config, "layer_types", None)
+        kind = types[layer] if types is not None else "full_attention"
+        return self._causal_mask(kind, hidden, mask2d, _cache(kwargs), segment, layer)
+
+    def _causal_mask(self, kind: str, hidden, mask2d, cache, segment, layer: Optional[int] = None):
+        """transformers' own mask for a layer of ``kind`` ("full_attention" / "sliding_attention") over ``mask2d``;
+        packed samples (``segment`` [B, L]) see only their own tokens, as transformers' packed mask has them."""
         cfg = self.adapter.text_config
-        layer_types = getattr(cfg, "layer_types", None)
-        fn = create_causal_mask
-        if layer_types is not None and layer_types[layer] == "sliding_attention":
-            fn = create_sliding_window_causal_mask
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+        extra = {}
+        if segment is not None and not (cfg._attn_implementation or "").startswith("flash"):
+            # (flash attention splits packed samples from the position ids, which restart at each sample)
+            extra["and_mask_function"] = packed_sequence_mask_function(segment)
         return fn(config=cfg, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=None,
-                  layer_idx=layer)
+                  layer_idx=layer, **extra)
 
     # ---------------------------------------------------------------- positions
     @staticmethod

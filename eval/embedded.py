@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .catalog import EMBEDDED_MODELS, MODELS_DIR, is_available, model_dir, training_info  # noqa: F401  (re-exported)
+from .catalog import EMBEDDED_MODELS, MODELS_DIR, VIDEO_MODELS, is_available, model_dir, training_info  # noqa: F401
 from .data import QUESTION_TYPES, Example, make_split, score
 
 DEFAULT_EVAL_SIZE = 1000  # examples of a named split when no list and no limit is given
@@ -19,20 +19,23 @@ MAX_NEW_TOKENS = 3
 def load_embedded(name: str, dtype: torch.dtype = torch.float32):
     """Load an embedded model and its processor from the package folder (no network).
 
-    ``name`` is ``"llava-tiny-sortofclevr"`` (``LlavaForConditionalGeneration``, 144 visual tokens per image) or
-    ``"qwen2_5_vl-tiny-sortofclevr"`` (``Qwen2_5_VLForConditionalGeneration``, 150); ``vtprune models`` lists them.
-    Both answer questions about ``vtprune.eval.data`` scenes (``make_split("test", n)[i].image`` / ``.question``).
+    ``name`` is any model ``vtprune models`` lists: ``"llava-tiny-sortofclevr"`` (``LlavaForConditionalGeneration``,
+    144 visual tokens per image) or ``"qwen2_5_vl-tiny-sortofclevr"`` (``Qwen2_5_VLForConditionalGeneration``, 150)
+    answer questions about ``vtprune.eval.data`` scenes (``make_split("test", n)[i].image`` / ``.question``);
+    ``"qwen2_5_vl-tiny-sortofclevr-video"`` about ``vtprune.eval.video_data`` clips (600 visual tokens per clip).
     """
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
 
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model {name!r}; expected one of {EMBEDDED_MODELS}")
+    if name not in EMBEDDED_MODELS + VIDEO_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; expected one of {EMBEDDED_MODELS + VIDEO_MODELS}")
     d = model_dir(name)
     if not is_available(name):
         raise FileNotFoundError(f"embedded model {name!r} is not present under {d}; run eval/train.py to build it")
     processor = AutoProcessor.from_pretrained(d, local_files_only=True)
-    # the PIL image backend is the one the models were trained with (the torchvision one resizes slightly differently)
-    processor.image_processor = AutoImageProcessor.from_pretrained(d, local_files_only=True, backend="pil")
+    if name in EMBEDDED_MODELS:
+        # the PIL image backend is the one the image models were trained with (torchvision's resizes slightly
+        # differently); the video model was trained through its video processor, which it keeps
+        processor.image_processor = AutoImageProcessor.from_pretrained(d, local_files_only=True, backend="pil")
     model = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True, dtype=dtype)
     model.eval()
     return model, processor

@@ -11,26 +11,19 @@ import torch
 
 from .catalog import VIDEO_MODELS
 from .data import score
-from .embedded import MAX_NEW_TOKENS, model_dir, predict_batches
+from .embedded import MAX_NEW_TOKENS, is_available, load_embedded, predict_batches
 from .video_data import MULTI_FRAME_TYPES, SINGLE_FRAME_TYPES, VIDEO_QUESTION_TYPES, VideoExample
 
 VIDEO_MODEL = VIDEO_MODELS[0]
 
 
 def is_video_model_available(name: str = VIDEO_MODEL) -> bool:
-    d = model_dir(name)
-    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
+    return is_available(name)
 
 
 def load_video_model(name: str = VIDEO_MODEL, dtype: torch.dtype = torch.float32):
-    """Load the video model and its processor from the package folder (no network)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if not is_video_model_available(name):
-        raise FileNotFoundError(f"video model {name!r} is not present under {model_dir(name)}; run eval/train_video.py")
-    processor = AutoProcessor.from_pretrained(model_dir(name), local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir(name), local_files_only=True, dtype=dtype)
-    return model.eval(), processor
+    """Load the video model and its processor from the package folder (no network): ``load_embedded``."""
+    return load_embedded(name, dtype)
 
 
 def build_video_prompt(processor, question: str) -> str:

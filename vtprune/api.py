@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Optional
+
+import torch
 
 from .config import PrunerConfig
 from .engine import Pruner
@@ -40,6 +43,7 @@ def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float
     from . import _compat
 
     _compat.check_transformers()
+    _check_model(model)
     if config is None:
         config = PrunerConfig(method=method, keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
                               schedule=schedule, positions=positions, options=dict(options),
@@ -50,11 +54,25 @@ def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float
         raise ValueError("pass either config=PrunerConfig(...) or keyword settings, not both")
     if not isinstance(config, PrunerConfig):
         raise ValueError(f"config must be a vtprune.PrunerConfig, got {type(config).__name__}")
+    config = copy.deepcopy(config)  # the caller's object stays theirs: editing it later changes nothing here
     existing = get_pruner(model)
     if existing is not None and not replace:
         raise ValueError("this model is already patched by vtprune; call vtprune.remove_pruner(model) first or "
                          "pass replace=True")
     return _install(model, config, existing)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError("apply_pruner needs a Hugging Face vision-language model (a torch.nn.Module with a .config, "
+                        f"as from_pretrained returns it), got {type(model).__name__}")
+    offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
+    if offloaded is not None:
+        raise NotImplementedError(
+            f"this model's weights are on the meta device ({offloaded}, ...): it is offloaded (accelerate's "
+            "cpu_offload / disk_offload, or a device_map with 'cpu'/'disk' offload), and vtprune reads the weights "
+            "a method scores with directly. Load it on real devices (device_map='auto' onto GPUs, or the CPU) "
+            "before apply_pruner")
 
 
 def _install(model, config, existing):
@@ -121,7 +139,9 @@ def get_stats(model) -> list:
 
 
 def get_config(model) -> PrunerConfig:
-    return _require(model).cfg
+    """A copy of the configuration ``model`` was patched with (editing it changes nothing; apply_pruner with
+    ``replace=True`` does)."""
+    return copy.deepcopy(_require(model).cfg)
 
 
 def is_patched(model) -> bool:

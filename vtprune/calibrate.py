@@ -3,20 +3,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
-
 import contextlib
+
+import torch
 
 from .strategies.entropy import COLLAPSE_ATTR as _CACHE_ATTR
 from .strategies.entropy import collapse_layer, matrix_entropy
-
-
-def _image_token_id(config) -> int:
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(config).__name__} has neither image_token_id nor image_token_index")
 
 
 @torch.no_grad()
@@ -26,7 +18,10 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
     batches: dicts from the model's processor (``input_ids``, ``pixel_values``, ...); tensors are moved to
     the model's device. Returns one value per ``hidden_states`` entry (embeddings, then each layer's output).
     """
-    image_id = _image_token_id(model.config)
+    from .patches import ADAPTERS, Adapter
+
+    # Image and video tokens alike, as the model's family places them (any config naming image_token_id will do).
+    placeholders = ADAPTERS.get(getattr(model.config, "model_type", None), Adapter).placeholder_mask
     device = getattr(model, "device", None)
     sums, count = None, 0
     from .api import is_patched, paused
@@ -38,7 +33,7 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with paused(model) if patched else contextlib.nullcontext():
             hidden = model(**batch, output_hidden_states=True).hidden_states
-        visual = batch["input_ids"] == image_id  # [B, S]
+        visual = placeholders(model.config, batch["input_ids"])  # [B, S]
         for row in range(visual.shape[0]):
             if int(visual[row].sum()) < 2:
                 continue  # a text-only sample has no visual representation to measure
@@ -46,7 +41,7 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
             sums = values if sums is None else [a + v for a, v in zip(sums, values)]
             count += 1
     if count == 0:
-        raise ValueError(f"no calibration sample contains at least 2 image tokens (id {image_id})")
+        raise ValueError("no calibration sample contains at least 2 image or video tokens")
     return [s / count for s in sums]
 
 

@@ -106,7 +106,36 @@ def _token_image(processor, image: Image.Image, batch: dict, index: int = 0) -> 
 def _as_images(image) -> list:
     if image is None:
         return []
-    return [im.convert("RGB") for im in (image if isinstance(image, (list, tuple)) else [image])]
+    return [as_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+
+
+def as_image(image) -> Image.Image:
+    """An RGB PIL image from what users hold: a PIL image, a file path, encoded bytes, or pixels as an array or
+    tensor ([H, W, 3] or [3, H, W]; uint8, or floats in [0, 1])."""
+    import io
+    import os
+
+    import numpy as np
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        return Image.open(image).convert("RGB")
+    if isinstance(image, (bytes, bytearray)):
+        return Image.open(io.BytesIO(image)).convert("RGB")
+    if torch.is_tensor(image) or isinstance(image, np.ndarray):
+        pixels = image.detach().cpu().numpy() if torch.is_tensor(image) else image
+        if pixels.ndim == 3 and pixels.shape[0] in (1, 3) and pixels.shape[-1] not in (1, 3):
+            pixels = pixels.transpose(1, 2, 0)  # channels first, as torchvision keeps them
+        if pixels.ndim == 3 and pixels.shape[-1] == 1:
+            pixels = pixels[..., 0]
+        if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] != 3):
+            raise ValueError(f"an image array must be [H, W, 3], [3, H, W] or [H, W]; got shape {pixels.shape}")
+        if np.issubdtype(pixels.dtype, np.floating):
+            pixels = (np.clip(pixels, 0, 1) * 255).round()
+        return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+    raise ValueError(f"cannot read an image from a {type(image).__name__}; give a PIL image, a file path, bytes, "
+                     "or an array / tensor of pixels")
 
 
 def read_clip(video, max_frames: int = 16):
@@ -242,9 +271,10 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
 
 def load_model(name_or_path: str):
     """An embedded model by name, or an HF checkpoint (id or folder) with its processor."""
-    from .eval.embedded import EMBEDDED_MODELS, load_embedded
+    from .eval.catalog import EMBEDDED_MODELS, VIDEO_MODELS
+    from .eval.embedded import load_embedded
 
-    if name_or_path in EMBEDDED_MODELS:
+    if name_or_path in EMBEDDED_MODELS + VIDEO_MODELS:
         return load_embedded(name_or_path)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -25,18 +25,14 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # One import namespace over four top-level folders.
-    package_dir={
-        "vtprune": "vtprune",
-        "vtprune.strategies": "vtprune/strategies",
-        "vtprune.patches": "patches",
-        "vtprune.cuda": "cuda",
-        "vtprune.eval": "eval",
-    },
-    packages=["vtprune", "vtprune.strategies", "vtprune.patches", "vtprune.cuda", "vtprune.eval"],
+    # One import namespace over four top-level folders; eval/ holds one subpackage per role.
+    package_dir={"vtprune": "vtprune", "vtprune.patches": "patches", "vtprune.cuda": "cuda", "vtprune.eval": "eval"},
+    packages=["vtprune", "vtprune.strategies", "vtprune.patches", "vtprune.cuda", "vtprune.eval",
+              *(f"vtprune.eval.{role}" for role in ("data", "harness", "lmms", "models", "robustness"))],
     include_package_data=True,
-    package_data={"vtprune.eval": ["models/**/*", "tasks/*/*.yaml", "tasks/*/*.py", "tasks/*/*.jsonl",
-                                   "results/*"]},
+    # The embedded models' folders and the offline lmms-eval tasks; measured results live in docs/, not here.
+    package_data={"vtprune.eval.models": ["*/*"], "vtprune.eval.lmms": ["tasks/*/*.yaml", "tasks/*/*.py",
+                                                                       "tasks/*/*.jsonl"]},
     install_requires=["torch>=2.4", "transformers>=5.20,<6", "accelerate>=1.0", PILLOW],
     extras_require={
         "eval": EVAL + SHARED,
@@ -49,6 +45,6 @@ setup(
     entry_points={
         "console_scripts": ["vtprune = vtprune.cli:main"],
         # lmms-eval 0.7.3 reads ModelManifests from this group (one entry registers both wrappers).
-        "lmms_eval.models": ["vtprune = vtprune.eval.lmms_plugin:lmms_eval_manifests"],
+        "lmms_eval.models": ["vtprune = vtprune.eval.lmms.plugin:lmms_eval_manifests"],
     },
 )

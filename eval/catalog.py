@@ -3,16 +3,27 @@ the method names (so ``vtprune --help`` and ``vtprune models`` answer at once)."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).parent / "models"
-TASKS_DIR = Path(__file__).parent / "tasks"  # lmms-eval's --include_path for the vtprune_sortofclevr task
+TASKS_DIR = Path(__file__).parent / "lmms" / "tasks"  # lmms-eval's --include_path for the offline tasks
 EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]  # the image benchmark's models
 VIDEO_MODELS = ["qwen2_5_vl-tiny-sortofclevr-video"]  # the video benchmark's (eval/video_data.py clips)
 TASKS = ("image", "video")  # `vtprune eval --tasks` without --model: the embedded benchmarks
-# The registry (vtprune.list_methods()) imports torch; tests/test_cli.py checks this copy against it.
 DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
-METHODS = ["divprune", "divprune_stable", "entropy", "fastv", "pool", "random", "temporal", "zoo", "zoo_stable"]  # sorted, as list_methods() returns them
+
+
+def builtin_methods() -> list[str]:
+    """The built-in methods' names, sorted, read from their ``@register("name"`` lines: the registry
+    (``vtprune.list_methods()``) imports torch, which ``vtprune --help`` should not wait for."""
+    import importlib.util
+
+    folder = Path(importlib.util.find_spec("vtprune.strategies").submodule_search_locations[0])  # not imported
+    found = set()
+    for path in folder.glob("*.py"):
+        found.update(re.findall(r'^@register\(\s*"([A-Za-z0-9_]+)"', path.read_text(), flags=re.M))
+    return sorted(found)
 
 
 def model_dir(name: str) -> Path:

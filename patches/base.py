@@ -69,7 +69,7 @@ class Adapter:
     position_kind = "1d"
     entropy_layer = 2  # EntropyPrune's published collapse layer for the family (its released scripts)
     # divprune_stable / zoo_stable's cell layout where the user gives none: measured on the embedded models
-    # (eval/results/robustness/criterion): CLIP tokens mix their neighbours, so a 2x2 cell's central token works.
+    # (docs/robustness/criterion): CLIP tokens mix their neighbours, so a 2x2 cell's central token works.
     stable_cells = {"cells": 2, "cell_pick": "central"}
     prompt_tag = "<image>"  # the image placeholder in a hand-written prompt of the tiny test models
     video_tag: Optional[str] = None  # the video placeholder there, for families that take videos

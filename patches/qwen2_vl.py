@@ -17,7 +17,7 @@ class Qwen2VLAdapter(Adapter):
     position_kind = "mrope"
     entropy_layer = 1
     # Merged 2x2-patch tokens stay local: a central token is the background beside a small object, so choose
-    # among 3x3 cells and keep each cell's most salient token (eval/results/robustness/criterion).
+    # among 3x3 cells and keep each cell's most salient token (docs/robustness/criterion).
     stable_cells = {"cells": 3, "cell_pick": "salient"}
     prompt_tag = "<|vision_start|> <|image_pad|> <|vision_end|>"
     video_tag = "<|vision_start|> <|video_pad|> <|vision_end|>"

@@ -1,10 +1,82 @@
-"""Inputs the condition tests build from the tiny models' batches: packed rows and continued generation."""
+"""What the tests share: cached tiny models and processors, batches, single rows of a batch, packed rows and the
+inputs that continue a generation. Import it as ``helpers`` (pytest puts tests/ on the path, pyproject.toml)."""
+import functools
+import os
+
+import pytest
 import torch
 
-from conftest import make_batch, row
+from vtprune.testing import tiny_batch, tiny_images, tiny_model, tiny_processor
 
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images", "pixel_values_videos",
               "video_grid_thw")
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(family, attn="sdpa"):
+    """One tiny model per (family, attention) for the whole run; tests that patch it must unpatch it."""
+    return tiny_model(family, attn)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_processor(family):
+    return tiny_processor(family)
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a dependency is missing, except in CI (``CI=true``), where the test fails instead: CI must prove
+    that everything the README promises runs."""
+    if not condition:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{reason} (CI=true: a missing dependency fails instead of skipping)")
+        pytest.skip(reason)
+
+
+def needs(ok: bool, reason: str):
+    """A mark for a test that needs a dependency (weights, a browser, lmms-eval): without it the test is skipped
+    with ``reason`` shown (``-rs``), or fails under CI=true (conftest.py applies it through ``require``)."""
+    return pytest.mark.needs(ok=bool(ok), reason=reason)
+
+
+def make_batch(family, n, seed=0):
+    """n samples, one image each, questions of different lengths so rows are left padded."""
+    return tiny_batch(family, cached_processor(family), tiny_images(n, seed=seed))
+
+
+def make_video_batch(family, n, seed=0, frames=3):
+    """n samples, each one image then one video (sizes differ between samples), left padded."""
+    from vtprune.testing import tiny_videos, video_prompt
+
+    questions = ["what moved ?", "is the red circle left of the blue square ?"]
+    text = [video_prompt(family, questions[i % 2], images=1) for i in range(n)]
+    return cached_processor(family)(images=tiny_images(n, seed=seed), videos=tiny_videos(n, frames, seed=seed),
+                              text=text, return_tensors="pt", padding=True)
+
+
+def row(batch, i):
+    """Sample i of a processor batch, alone and without its left padding."""
+    keep = batch["attention_mask"][i].bool()
+    out = {}
+    for k, v in batch.items():
+        if k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            out[k] = v[i : i + 1, keep]
+    if "image_grid_thw" in batch or "video_grid_thw" in batch:
+        # One image and/or one video per sample: slice the flat patch tensors by their grids.
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if grid in batch:
+                sizes = batch[grid].prod(-1).tolist()
+                start = sum(sizes[:i])
+                out[pixels] = batch[pixels][start : start + sizes[i]]
+                out[grid] = batch[grid][i : i + 1]
+    else:
+        out["pixel_values"] = batch["pixel_values"][i : i + 1]
+        if "pixel_values_videos" in batch:  # one clip per sample, batched on the first dim (LLaVA-OneVision)
+            out["pixel_values_videos"] = batch["pixel_values_videos"][i : i + 1]
+    if "image_sizes" in batch:
+        out["image_sizes"] = batch["image_sizes"][i : i + 1]
+    if "batch_num_images" in batch:  # one image per sample (tiny_batch)
+        out["batch_num_images"] = batch["batch_num_images"][i : i + 1]
+    return out
 
 
 def packed(model, samples: list) -> dict:

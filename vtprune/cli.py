@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .eval import catalog, robustness_args
+from .eval import catalog
+from .eval.robustness import args as robustness_args
 
 
 def _eval(args) -> int:
     import torch
 
-    from .eval import harness, report
+    import vtprune
+
+    from .eval import harness
 
     torch.set_num_threads(args.threads)
     budgets = harness.parse_budgets(args.budgets)
@@ -28,15 +31,15 @@ def _eval(args) -> int:
     if args.model:
         if not tasks:
             raise SystemExit("vtprune eval: --model needs --tasks (the lmms-eval tasks to run it on)")
-        from .eval.lmms_runner import run_lmms
+        from .eval.lmms.runner import run_lmms
 
-        rows = run_lmms(args.model, tasks, harness.check_methods(methods or catalog.METHODS),
+        rows = run_lmms(args.model, tasks, harness.check_methods(methods or vtprune.list_methods()),
                         budgets, args.limit, output, batch_size=args.batch_size)
         rows = harness.add_ratios(rows)
     else:
         rows = _eval_embedded(args, tasks or ["image"], methods, budgets)
-    paths = report.write_results(rows, output)
-    print(report.table(rows))
+    paths = harness.write_results(rows, output)
+    print(harness.table(rows))
     print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['plot']}")
     return 0
 
@@ -65,9 +68,7 @@ def _eval_embedded(args, tasks: list[str], methods, budgets) -> list[dict]:
             rows += harness.run_embedded(mine, methods, budgets, args.limit, args.batch_size,
                                          progress=not args.no_progress)
         else:
-            from .eval import video_eval
-
-            rows += video_eval.run_video(mine, methods, budgets, args.limit, args.batch_size,
+            rows += harness.run_video(mine, methods, budgets, args.limit, args.batch_size,
                                          progress=not args.no_progress)
     return rows
 
@@ -105,9 +106,9 @@ def _methods(args) -> int:
 
 
 def _robustness(args) -> int:
-    from .eval import robustness
+    from .eval.robustness import run
 
-    return robustness.run(args)
+    return run.run(args)
 
 
 def _tasks_path(args) -> int:
@@ -119,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vtprune", description="Training-free visual token pruning for HF VLMs")
     ap.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    models, methods = ", ".join(catalog.EMBEDDED_MODELS + catalog.VIDEO_MODELS), ", ".join(catalog.METHODS)
+    models, methods = ", ".join(catalog.EMBEDDED_MODELS + catalog.VIDEO_MODELS), ", ".join(catalog.builtin_methods())
     ev = sub.add_parser(
         "eval", help="accuracy vs prefill FLOPs on the embedded models (or lmms-eval tasks)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

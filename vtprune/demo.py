@@ -208,7 +208,7 @@ def compare(model, processor, image, question: str, method: str = "divprune",
 
 def _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt,
              video, options) -> Comparison:
-    from .eval.embedded import build_prompt, count_visual_tokens
+    from .eval.models import build_prompt, count_visual_tokens
     from .patches import get_adapter
 
     if api.is_patched(model):
@@ -272,7 +272,7 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
 def load_model(name_or_path: str):
     """An embedded model by name, or an HF checkpoint (id or folder) with its processor."""
     from .eval.catalog import EMBEDDED_MODELS, VIDEO_MODELS
-    from .eval.embedded import load_embedded
+    from .eval.models import load_embedded
 
     if name_or_path in EMBEDDED_MODELS + VIDEO_MODELS:
         return load_embedded(name_or_path)

@@ -1,0 +1,5 @@
+"""``python -m vtprune.eval.robustness``: the same as ``vtprune robustness``."""
+
+from .run import main
+
+main()

@@ -1,0 +1,187 @@
+"""Every registered method on every family under the conditions users meet beyond a plain batched prefill:
+autograd on (train mode), generate() without a cache, bfloat16 weights, packed (padding-free) samples, generation
+continued from a returned cache, and grids with one side much longer than the budget.
+
+The table is the registry itself, so a new method is covered without editing this file. Keep-all runs equal the
+stock model bit for bit; pruned runs keep exactly their budget, as the stats say and as the KV cache shows.
+"""
+import copy
+import functools
+
+import pytest
+import torch
+
+import vtprune
+from helpers import cached_model, cached_processor, continuation, make_batch, packed_pair
+from vtprune.testing import tiny_batch, tiny_images
+from vtprune.units import ratio_keep
+
+METHODS = vtprune.list_methods()
+RATIO = 0.5
+GEN = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.fixture(params=METHODS)
+def method(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _unpatch():
+    yield
+    for model in list(_MODELS):
+        if vtprune.is_patched(model):
+            vtprune.remove_pruner(model)
+
+
+_MODELS = []
+
+
+def _use(model):
+    _MODELS.append(model)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16(family):
+    return copy.deepcopy(cached_model(family, "sdpa")).to(torch.bfloat16)
+
+
+def stage_layer(model) -> int:
+    return vtprune.get_pruner(model).stages[0].layer
+
+
+def check_budget(model, batch, ratio=RATIO, cache=None, fed=0):
+    """The first stage kept ratio_keep(ratio, n) tokens of every unit, as distinct valid indices; the cache (when
+    given) holds the text, padding and kept tokens from the stage's layer on, and the ``fed`` tokens since."""
+    stats = vtprune.get_stats(model)[0]
+    for r, units in enumerate(stats.units):
+        want = [ratio_keep(ratio, u.tokens_before) for u in units]
+        assert [u.tokens_after for u in units] == want, (r, stats.tokens_before)
+        assert stats.tokens_after[r] == sum(want)
+        kept = stats.kept_indices[r][: sum(want)]
+        assert len(set(kept.tolist())) == sum(want) and int(kept.max()) < stats.tokens_before[r]
+    if cache is not None:
+        length = batch["input_ids"].shape[1]
+        short = max(length - n + k for n, k in zip(stats.tokens_before, stats.tokens_after))
+        for i, layer in enumerate(cache.layers):
+            assert layer.keys.shape[-2] == (short if i >= stats.layer else length) + fed, i
+
+
+# ------------------------------------------------------------------------------------------- autograd, train mode
+
+def test_autograd_and_train_mode(family, method):
+    model = _use(cached_model(family, "sdpa"))
+    batch = make_batch(family, 2)
+    model.train()
+    try:
+        ref = model(**batch).logits
+        vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+        assert torch.equal(model(**batch).logits, ref)
+        vtprune.apply_pruner(model, method=method, keep_ratio=RATIO, replace=True)
+        out = model(**batch, use_cache=True)
+        out.logits.float().sum().backward()  # the loss of the kept tokens reaches the weights
+        assert model.lm_head.weight.grad is not None
+        check_budget(model, batch, cache=out.cache)
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------- no KV cache
+
+@torch.no_grad()
+def test_generate_without_cache(family, method):
+    model = _use(cached_model(family, "sdpa"))
+    batch = make_batch(family, 2)
+    ref = model.generate(**batch, use_cache=False, max_new_tokens=2, **GEN)
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    out = model.generate(**batch, use_cache=False, max_new_tokens=2, **GEN)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    vtprune.apply_pruner(model, method=method, keep_ratio=RATIO, replace=True)
+    uncached = model.generate(**batch, use_cache=False, max_new_tokens=2, **GEN)
+    check_budget(model, batch)  # the last step's prefill
+    if stage_layer(model) == 0:  # an in-LLM stage re-chooses from each step's last token without a cache
+        cached = model.generate(**batch, use_cache=True, max_new_tokens=2, **GEN)
+        assert torch.equal(cached.sequences, uncached.sequences)
+
+
+# ------------------------------------------------------------------------------------------- bfloat16
+
+@torch.no_grad()
+def test_bfloat16_weights(family, method):
+    model = _use(_bf16(family))
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in make_batch(family, 2).items()}
+    ref = model(**batch).logits
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    assert torch.equal(model(**batch).logits, ref)
+    vtprune.apply_pruner(model, method=method, keep_ratio=RATIO, replace=True)
+    check_budget(model, batch, cache=model(**batch, use_cache=True).cache)
+
+
+# ------------------------------------------------------------------------------------------- packed samples
+
+@torch.no_grad()
+def test_packed_samples_stay_apart(family, method):
+    """Two samples in one row, no mask, positions restarting: keep-all is the stock model's packed forward; pruned,
+    the first sample keeps the same tokens and gives the same logits whatever the second sample shows."""
+    model = _use(cached_model(family, "sdpa"))
+    first, other = packed_pair(model, family), packed_pair(model, family, second_seed=1)
+    ref = model(**first, use_cache=False).logits
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    assert torch.equal(model(**first, use_cache=False).logits, ref)
+    vtprune.apply_pruner(model, method=method, keep_ratio=RATIO, replace=True)
+    logits, stats = [], []
+    for batch in (first, other):
+        logits.append(model(**batch, use_cache=False).logits)
+        stats.append(vtprune.get_stats(model)[0])
+        check_budget(model, batch)
+    (a, _), (b, _) = stats[0].units[0], stats[1].units[0]  # unit 0 is the first sample's image
+    assert a.kind == b.kind == "image" and torch.equal(a.kept_indices, b.kept_indices)
+    n = make_batch(family, 2)["attention_mask"][0].sum() - a.tokens_before + a.tokens_after  # its kept length
+    torch.testing.assert_close(logits[0][:, :n], logits[1][:, :n], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits[0][:, n:], logits[1][:, n:])  # the second samples did differ
+
+
+# ------------------------------------------------------------------------------------------- continued generation
+
+@torch.no_grad()
+def test_generation_continued_from_the_returned_cache(family, method):
+    """generate() for 2 tokens, then generate(past_key_values=that cache) on the prompt + those tokens for 2 more,
+    equals generating 4 at once; keep-all equals the stock continuation."""
+    model = _use(cached_model(family, "sdpa"))
+    batch = make_batch(family, 2)
+
+    def two_then_two():
+        head = model.generate(**batch, max_new_tokens=2, **GEN)
+        return model.generate(**continuation(batch, head.sequences), cache=head.past_key_values,
+                              max_new_tokens=2, **GEN)
+
+    ref = two_then_two()
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    out = two_then_two()
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    vtprune.apply_pruner(model, method=method, keep_ratio=RATIO, replace=True)
+    whole = model.generate(**batch, max_new_tokens=4, **GEN)
+    out = two_then_two()
+    assert torch.equal(out.sequences, whole.sequences)
+    for a, b in zip(out.logits, whole.logits[2:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    check_budget(model, batch, cache=out.past_key_values, fed=3)  # 4 generated, the last one never fed
+
+
+# ------------------------------------------------------------------------------------------- long thin grids
+
+@torch.no_grad()
+def test_long_thin_grids_keep_exact_budgets(family, method):
+    """A tall and a wide image in one batch (Qwen: 14 x 1 and 1 x 14 merged tokens), a budget far below the long
+    side: every unit keeps exactly its budget, and the batch of mixed grid shapes runs."""
+    model = _use(cached_model(family, "sdpa"))
+    batch = tiny_batch(family, cached_processor(family), tiny_images(2, sizes=[(14, 196), (196, 14)]))
+    ref = model(**batch).logits
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    assert torch.equal(model(**batch).logits, ref)
+    vtprune.apply_pruner(model, method=method, keep_ratio=0.15, replace=True)
+    check_budget(model, batch, ratio=0.15, cache=model(**batch, use_cache=True).cache)

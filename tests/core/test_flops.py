@@ -1,0 +1,237 @@
+"""The analytic FLOPs counter (vtprune.flops) against torch.utils.flop_counter.FlopCounterMode.
+
+FlopCounterMode counts matmuls and convolutions, which is what vtprune.flops counts. On CPU, SDPA runs as
+``aten._scaled_dot_product_flash_attention_for_cpu``, which FlopCounterMode has no formula for and silently
+counts as 0; for the sdpa runs we register the formula it uses for the GPU flash op, 2·B·H·Lq·Lk·(d + dv).
+The eager runs need no help: their attention is plain bmm. Mixture-of-experts layers run ``aten._grouped_mm``,
+also uncounted: its formula is registered too.
+"""
+import functools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vtprune
+from helpers import cached_model, cached_processor, require
+from vtprune import flops
+from vtprune.testing import FAMILIES, NEWLINE_FAMILIES, tiny_batch, tiny_images
+
+torch.set_num_threads(1)
+TOL = 0.02
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    b, h, lq, d = query_shape
+    return 2 * b * h * lq * key_shape[-2] * (d + value_shape[-1])
+
+
+def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    # Mixture-of-experts layers (experts_implementation "grouped_mm"): token rows [T, K] grouped against the
+    # experts' [G, K, N] weights; FlopCounterMode has no formula and would count 0.
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+          torch.ops.aten._grouped_mm: _grouped_mm}
+
+# Pruning setups: name -> apply_pruner schedule (None: unpatched).
+SETUPS = {
+    "none": None,
+    "pool0": [dict(method="pool", layer=0, keep_ratio=0.5)],
+    "random2": [dict(method="random", layer=2, keep_ratio=0.5)],
+    "pool0+random2": [dict(method="pool", layer=0, keep_ratio=0.5), dict(method="random", layer=2, keep_ratio=0.5)],
+    "divprune0+fastv2": [dict(method="divprune", layer=0, keep_ratio=0.5),
+                         dict(method="fastv", layer=2, keep_ratio=0.5)],
+    "entropy1": [dict(method="entropy", layer=1, keep_ratio=0.5)],
+}
+
+
+def measure(model, **inputs):
+    """Run ``model(**inputs)`` under FlopCounterMode; returns (output, {module path: FLOPs})."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM) as fc:
+        out = model(**inputs)
+    return out, {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+
+def part(counts, suffix):
+    return sum(v for k, v in counts.items() if k.endswith(suffix))
+
+
+def measured_parts(counts):
+    """Measured FLOPs split like count_prefill: vision tower, projector/merger, decoder, LM head, total."""
+    projector = part(counts, ".model.multi_modal_projector") + part(counts, ".model.visual.merger")
+    vision = part(counts, ".model.vision_tower") + part(counts, ".model.visual") - part(counts, ".visual.merger")
+    return {"vision": vision, "projector": projector, "language_model": part(counts, ".model.language_model"),
+            "lm_head": part(counts, ".lm_head"), "total": counts["Global"]}
+
+
+def assert_close(got, want, what):
+    assert abs(got - want) <= TOL * max(want, 1), f"{what}: analytic {got} vs FlopCounterMode {want} " \
+                                                  f"({100 * (got - want) / max(want, 1):+.2f} %)"
+
+
+@pytest.fixture
+def patched():
+    """Yields a function patching a model; removes the patch afterwards even when the test fails."""
+    models = []
+
+    def apply(model, schedule):
+        if schedule is not None:
+            vtprune.apply_pruner(model, schedule=schedule)
+            models.append(model)
+        return model
+
+    yield apply
+    for m in models:
+        vtprune.remove_pruner(m)
+
+
+def check_prefill(model, batch, schedule, patched):
+    model = patched(model, schedule)
+    out, counts = measure(model, **batch)
+    stats = vtprune.get_stats(model) if schedule is not None else None
+    if schedule is not None:
+        assert [s["layer"] for s in stats] == [s["layer"] for s in schedule]
+    res = flops.count_prefill(model, batch, stats)
+    got = measured_parts(counts)
+    assert res["tokens_per_stage"][-1]["seq_len"] == out.logits.shape[1]  # pruned length as the model ran it
+    for key in ("vision", "projector", "lm_head", "total"):
+        assert_close(res[key], got[key], key)
+    # Every stage's scoring runs inside the language model's scope: layer-0 stages in its forward pre-hook,
+    # in-LLM stages in the decoder layers' hooks and the attention capture.
+    assert_close(res["llm"] + res["scoring"], got["language_model"], "language_model")
+    return res, got
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_matches_flop_counter(family, attn, setup, patched):
+    batch = tiny_batch(family, cached_processor(family), tiny_images(2))
+    res, _ = check_prefill(cached_model(family, attn), batch, SETUPS[setup], patched)
+    if SETUPS[setup] is not None:
+        unpruned = flops.count_prefill(cached_model(family, attn), batch)
+        assert res["llm"] < unpruned["llm"]
+
+
+@pytest.mark.parametrize("setup", ["none", "pool0+random2"])
+@pytest.mark.parametrize("family", NEWLINE_FAMILIES)
+def test_anyres_uneven_crops(family, setup, patched):
+    """Images with 5, 3 and 3 crops: the padded crop slots of pixel_values are not run and not counted."""
+    batch = tiny_batch(family, cached_processor(family), tiny_images(3, sizes=[(56, 56), (56, 28), (20, 60)]))
+    assert batch["pixel_values"].shape[1] == 5
+    check_prefill(cached_model(family, "sdpa"), batch, SETUPS[setup], patched)
+
+
+@pytest.mark.parametrize("setup", ["none", "pool0+random2"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_matches_flop_counter(family, attn, setup, patched):
+    model = patched(cached_model(family, attn), SETUPS[setup])
+    batch = tiny_batch(family, cached_processor(family), tiny_images(2))
+    out, _ = measure(model, **batch, use_cache=True)
+    res = flops.count_prefill(model, batch, vtprune.get_stats(model) if SETUPS[setup] else None)
+    cache = out.past_key_values
+    assert [cache.get_seq_length(i) for i in range(len(res["cache_len_per_layer"]))] == res["cache_len_per_layer"]
+    step = {"input_ids": out.logits[:, -1].argmax(-1, keepdim=True), "cache": cache, "use_cache": True,
+            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}
+    if family.startswith("qwen"):
+        # Called by hand with a cache and no position_ids, Qwen builds positions for every mask column (generate
+        # passes them); any positions of the right shape do, their values change no FLOPs.
+        step["position_ids"] = torch.full((3, 2, 1), out.logits.shape[1], dtype=torch.long)
+    _, counts = measure(model, **step)
+    got = measured_parts(counts)
+    want = flops.decode_step_flops(model.config, res["cache_len_per_layer"], batch=2)
+    assert_close(want["layers"], got["language_model"], "decode layers")
+    assert_close(want["total"], got["total"], "decode total")
+
+
+def test_scoring_costs_match_flop_counter():
+    """Each method's own cost, measured on the strategy functions directly (the whole-model runs above hide it
+    under the tiny models' other FLOPs)."""
+    from vtprune import capture
+    from vtprune.strategies import SelectionInputs, get_method
+
+    torch.manual_seed(0)
+    n, k, d, heads, hd, length = 96, 24, 64, 8, 16, 130
+    cases = {
+        "divprune": (SelectionInputs(features=torch.randn(1, n, d)), {}),
+        "entropy": (SelectionInputs(features=torch.randn(1, n, d), queries=torch.randn(1, n, heads, hd)), {}),
+        "random": (SelectionInputs(features=torch.randn(1, n, d)), {}),
+        "pool": (SelectionInputs(features=torch.randn(1, n, d), grid=[(8, 12)]), {}),
+    }
+    for name, (inputs, opts) in cases.items():
+        with FlopCounterMode(display=False) as fc:
+            get_method(name).fn(inputs, k, **opts)
+        assert_close(flops.scoring_flops(name, n, k, d, heads=heads, head_dim=hd), fc.get_total_flops(), name)
+    # ZOO-Prune through a real LLaVA projector: 2·m·N projector rows + the diversity terms.
+    model = cached_model("llava", "eager")
+    proj = model.model.multi_modal_projector
+    din = model.config.vision_config.hidden_size
+    feats = torch.randn(1, n, model.config.get_text_config().hidden_size)
+    inputs = SelectionInputs(features=feats, pre_projector=torch.randn(1, n, din), projector=proj)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        get_method("zoo").fn(inputs, k, m=4)
+    from vtprune.patches import adapter_class
+
+    dims = adapter_class(model.config).projector_dims(model.config)
+    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config),
+                               projector_dims=dims)
+    assert_close(want, fc.get_total_flops(), "zoo")
+    # FastV: the capture's last-query row, for a batch of 2 rows.
+    q, key = torch.randn(2, heads, length, hd), torch.randn(2, heads // 2, length, hd)
+    with FlopCounterMode(display=False) as fc:
+        capture.last_query_attention(q, key, None, 1.0)
+    assert_close(2 * flops.scoring_flops("fastv", n, k, d, heads=heads, head_dim=hd, seq_len=length),
+                 fc.get_total_flops(), "fastv")
+
+
+def test_units_are_real_flops():
+    """One decode step on an empty cache costs 2 FLOPs per weight of every decoder linear layer (+ attention
+    over the one key), and the LM head 2 per weight: real FLOPs, not MACs."""
+    model = cached_model("qwen2_vl", "eager")
+    tc = model.config.get_text_config()
+    weights = sum(m.weight.numel() for m in model.model.language_model.layers.modules()
+                  if isinstance(m, torch.nn.Linear))
+    step = flops.decode_step_flops(tc, 0)
+    assert step["layers"] == 2 * weights + tc.num_hidden_layers * 4 * tc.hidden_size
+    assert step["lm_head"] == 2 * model.lm_head.weight.numel()
+    with pytest.raises(ValueError, match="unknown method"):
+        flops.scoring_flops("nope", 4, 2, 8)
+    # The causal-halved attention is reported but not in the totals.
+    full = flops.llm_prefill_flops(tc, 10)
+    assert full["attention_causal"] * 20 == full["attention"] * 11
+    assert full["total"] == full["projections"] + full["attention"] + full["mlp"] + full["lm_head"]
+
+
+def _embedded_names():
+    try:
+        from vtprune.eval.catalog import EMBEDDED_MODELS
+    except ImportError:
+        return ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]
+    return list(EMBEDDED_MODELS)
+
+
+@pytest.mark.parametrize("setup", ["none", "pool0+random2", "divprune0+fastv2"])
+@pytest.mark.parametrize("name", _embedded_names())
+def test_embedded_models_match_flop_counter(name, setup, patched):
+    from vtprune.eval.catalog import is_available, model_dir
+    from vtprune.eval.data import make_split
+    from vtprune.eval.models import build_prompt
+
+    require(is_available(name), f"embedded model {name}'s weights are missing under {model_dir(name)}")
+    model, processor = _embedded(name)
+    examples = make_split("test", 2, seed=0)
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=[e.image for e in examples],
+                      text=[build_prompt(processor, e.question) for e in examples],
+                      padding=True, return_tensors="pt")
+    check_prefill(model, batch, SETUPS[setup], patched)
+
+
+@functools.lru_cache(maxsize=None)
+def _embedded(name):
+    from vtprune.eval.models import load_embedded
+
+    return load_embedded(name)

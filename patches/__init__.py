@@ -1,40 +1,48 @@
-"""One adapter per model family, looked up by ``config.model_type``. Adding a family is one adapter file and one
-``register_adapter`` line here."""
+"""One family per file (its ``Adapter``, ``Cost`` and ``Tiny``), registered here by ``config.model_type``. Adding a
+family is one file and one ``register_family`` line."""
 from __future__ import annotations
 
-from .base import Adapter
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
-from .llava_onevision import LlavaOnevisionAdapter
-from .qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
-from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
+from .base import Adapter, Compaction, Cost, Family, Tiny, Unit
+from .llava import LLAVA
+from .llava_next import LLAVA_NEXT
+from .llava_onevision import LLAVA_ONEVISION
+from .qwen2_vl import QWEN2_5_VL, QWEN2_VL
+from .qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
-ADAPTERS: dict[str, type[Adapter]] = {}
-
-
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Serve every ``config.model_type`` in ``cls.model_types`` with ``cls``."""
-    if not cls.model_types:
-        raise ValueError(f"{cls.__name__} declares no model_types")
-    for model_type in cls.model_types:
-        if model_type in ADAPTERS:
-            raise ValueError(f"model_type {model_type!r} already has an adapter ({ADAPTERS[model_type].__name__})")
-        ADAPTERS[model_type] = cls
-    return cls
+FAMILIES: dict[str, Family] = {}  # config.model_type -> Family
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen25VLAdapter, LlavaOnevisionAdapter,
-             Qwen3VLAdapter, Qwen3VLMoeAdapter):
-    register_adapter(_cls)
+def register_family(family: Family) -> Family:
+    """Serve every ``config.model_type`` in ``family.model_types`` with ``family``."""
+    if not family.model_types:
+        raise ValueError(f"family {family.name!r} declares no model_types")
+    for model_type in family.model_types:
+        if model_type in FAMILIES:
+            raise ValueError(f"model_type {model_type!r} already belongs to family {FAMILIES[model_type].name!r}")
+        FAMILIES[model_type] = family
+    return family
+
+
+for _family in (LLAVA, LLAVA_NEXT, QWEN2_VL, QWEN2_5_VL, LLAVA_ONEVISION, QWEN3_VL, QWEN3_VL_MOE):
+    register_family(_family)
+
+
+def family_of(config) -> Family:
+    """The family of a model config (or a model), without needing the weights."""
+    config = getattr(config, "config", config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise NotImplementedError(f"vtprune does not support model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 def adapter_class(config) -> type[Adapter]:
-    """The adapter class for a model config (or a model), without needing the weights."""
-    config = getattr(config, "config", config)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise NotImplementedError(f"vtprune does not support model_type {model_type!r}; supported: {sorted(ADAPTERS)}")
-    return ADAPTERS[model_type]
+    return family_of(config).adapter
+
+
+def cost_model(config) -> type[Cost]:
+    """The FLOPs model of the config's family (``vtprune.flops`` counts with it)."""
+    return family_of(config).cost
 
 
 def get_adapter(model) -> Adapter:
@@ -45,4 +53,5 @@ def get_adapter(model) -> Adapter:
     return cls(model)
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_class", "get_adapter", "register_adapter"]
+__all__ = ["FAMILIES", "Adapter", "Compaction", "Cost", "Family", "Tiny", "Unit", "adapter_class", "cost_model",
+           "family_of", "get_adapter", "register_family"]

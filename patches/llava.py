@@ -5,14 +5,14 @@ import functools
 
 import torch
 
-from .base import TINY_IDS, Adapter, Unit, tiny_text_config
+from .base import TINY_IDS, Adapter, Cost, Family, Tiny, Unit, tiny_text_config
 
 _PAD_TOLERANCE = 0.02  # normalised units; the pad colour is the (rounded) image mean, so it maps to ~0
 _NORM = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-class ClipLlamaFamily(Adapter):
-    """What LLaVA-1.5 and LLaVA-NeXT share: a CLIP tower, a two-layer projector, a Llama decoder."""
+class ClipCost(Cost):
+    """What LLaVA-1.5 and LLaVA-NeXT share: a CLIP tower over each image or crop, a two-layer projector."""
 
     tower_cls_tokens = 1  # tokens the tower runs besides the patches (CLIP's CLS; SigLIP has none)
 
@@ -56,24 +56,8 @@ class ClipLlamaFamily(Adapter):
         dropped = 1 if config.vision_feature_select_strategy == "default" else 0
         return n * ((height // p) * (width // p) + cls.tower_cls_tokens - dropped)
 
-    @classmethod
-    def tiny_config(cls, num_layers: int = 4):
-        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
-        text = dict(model_type="llama", **tiny_text_config(num_hidden_layers=num_layers))
-        return cls._config_class()(vision_config=vision, text_config=text, image_token_id=TINY_IDS["<image>"],
-                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                   **cls._tiny_extra())
 
-    @classmethod
-    def _tiny_extra(cls) -> dict:
-        return {}
-
-
-class LlavaAdapter(ClipLlamaFamily):
-    family = "llava"
-    model_types = ("llava",)
-
+class LlavaTiny(Tiny):
     @classmethod
     def model_class(cls):
         from transformers import LlavaForConditionalGeneration
@@ -87,7 +71,20 @@ class LlavaAdapter(ClipLlamaFamily):
         return LlavaConfig
 
     @classmethod
-    def tiny_processor(cls, tokenizer):
+    def config(cls, num_layers: int = 4):
+        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+        text = dict(model_type="llama", **tiny_text_config(num_hidden_layers=num_layers))
+        return cls._config_class()(vision_config=vision, text_config=text, image_token_id=TINY_IDS["<image>"],
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   **cls._extra())
+
+    @classmethod
+    def _extra(cls) -> dict:
+        return {}
+
+    @classmethod
+    def processor(cls, tokenizer):
         from transformers import LlavaImageProcessorPil, LlavaProcessor
 
         ip = LlavaImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
@@ -95,6 +92,12 @@ class LlavaAdapter(ClipLlamaFamily):
         return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=7,
                               vision_feature_select_strategy="default", image_token="<image>",
                               num_additional_image_tokens=1)
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5: a fixed square grid of CLIP patches per image."""
+
+    family = "llava"
 
     @functools.cached_property
     def side(self) -> int:  # read on every prefill; the tower's geometry does not change under a patch
@@ -124,6 +127,11 @@ class LlavaAdapter(ClipLlamaFamily):
     def with_encoded_rows(self, encoded, rows):
         image = encoded["image"]
         return {"image": type(image)(**{**image, "pooler_output": [rows]})}
+
+    def restore_encoded(self, output, encoded):
+        if hasattr(output, "image_outputs"):
+            output.image_outputs = encoded.get("image")
+        return output
 
     def pad_mask(self, call, vis):
         """Patches more than half covered by the border that pad-to-square adds.
@@ -158,3 +166,6 @@ def _symmetric_bands(line_pad: torch.Tensor) -> torch.Tensor:
     full = a == line_pad.shape[1]  # a constant image: no content to centre
     symmetric = (a > 0) & (b > 0) & ((a - b).abs() <= torch.clamp_min(0.15 * torch.maximum(a, b), 2)) & ~full
     return (from_start.bool() | from_end.bool()) & symmetric[:, None]
+
+
+LLAVA = Family("llava", ("llava",), LlavaAdapter, ClipCost, LlavaTiny)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Unit, as_rows
-from .llava import _NORM, ClipLlamaFamily
+from .base import Adapter, Family, Unit, as_rows
+from .llava import _NORM, ClipCost, LlavaTiny
 
 _PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the tiny test model's anyres grid
 
 
-class LlavaNextAdapter(ClipLlamaFamily):
-    family = "llava_next"
-    model_types = ("llava_next",)
-
+class LlavaNextCost(ClipCost):
     @classmethod
     def crops(cls, config, pixel_values, image_sizes, **extra):
         """pixel_values [n, max_crops, 3, H, W] is padded; the real crop count per image comes from image_sizes."""
@@ -28,6 +25,8 @@ class LlavaNextAdapter(ClipLlamaFamily):
                 for s in as_rows(image_sizes))
         return n, shape[-2], shape[-1]
 
+
+class LlavaNextTiny(LlavaTiny):
     @classmethod
     def model_class(cls):
         from transformers import LlavaNextForConditionalGeneration
@@ -41,11 +40,11 @@ class LlavaNextAdapter(ClipLlamaFamily):
         return LlavaNextConfig
 
     @classmethod
-    def _tiny_extra(cls) -> dict:
+    def _extra(cls) -> dict:
         return dict(image_grid_pinpoints=_PINPOINTS)
 
     @classmethod
-    def tiny_processor(cls, tokenizer):
+    def processor(cls, tokenizer):
         from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
         ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
@@ -54,8 +53,12 @@ class LlavaNextAdapter(ClipLlamaFamily):
                                   vision_feature_select_strategy="default", image_token="<image>",
                                   num_additional_image_tokens=1)
 
+
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+
     def newline_mask(self, embeds, vis):
-        newline = self.base.image_newline.to(embeds.dtype)
+        newline = self.body.image_newline.to(embeds.dtype)
         return (embeds == newline).all(dim=-1) & vis
 
     def _packed_index(self, patches: int, sizes, newline):
@@ -69,7 +72,7 @@ class LlavaNextAdapter(ClipLlamaFamily):
                                            patch_size=cfg.vision_config.image_size) for s in as_rows(sizes)]
         idx = torch.arange(sum(crops) * patches, dtype=torch.float64).view(sum(crops), patches, 1)
         line = torch.full((1,), -1.0, dtype=torch.float64) if newline else None
-        packed, _ = self.base.pack_image_features(list(torch.split(idx, crops, dim=0)), sizes,
+        packed, _ = self.body.pack_image_features(list(torch.split(idx, crops, dim=0)), sizes,
                                                   cfg.vision_feature_select_strategy, image_newline=line)
         return packed
 
@@ -96,3 +99,6 @@ class LlavaNextAdapter(ClipLlamaFamily):
         packed = self._packed_index(rows.shape[1], call["image_sizes"], newline=False)
         order = torch.cat(packed).flatten().long().to(rows.device)
         return {"image": rows.reshape(-1, rows.shape[-1])[order].float()}
+
+
+LLAVA_NEXT = Family("llava_next", ("llava_next",), LlavaNextAdapter, LlavaNextCost, LlavaNextTiny)

@@ -9,33 +9,29 @@ import math
 
 import torch
 
-from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Family, Tiny, Unit, as_rows, tiny_text_config
 from .llava import _NORM
-from .llava_next import LlavaNextAdapter
+from .llava_next import LlavaNextAdapter, LlavaNextCost
 
 _PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]  # the tiny test model's anyres grid
 
 
-class LlavaOnevisionAdapter(LlavaNextAdapter):
-    family = "llava_onevision"
-    model_types = ("llava_onevision",)
-    tower_cls_tokens = 0
-    prompt_tag = "<image>"
-    video_tag = "<video>"
+def crop_counts(config, image_sizes, batch_num_images=None) -> list[int]:
+    """Crops the tower runs per image: anyres crops + base for a sample's only image, the base crop alone for each
+    image of a multi-image sample (as the model decides it)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-    @classmethod
-    def crop_counts(cls, config, image_sizes, batch_num_images=None) -> list[int]:
-        """Crops the tower runs per image: anyres crops + base for a sample's only image, the base crop alone for
-        each image of a multi-image sample (as the model decides it)."""
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    sizes = as_rows(image_sizes)
+    single = [True] * len(sizes)
+    if batch_num_images is not None:
+        per_sample = torch.as_tensor(batch_num_images).flatten().tolist()
+        single = [n == 1 for n in per_sample for _ in range(n)]
+    return [image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
+            if one else 1 for s, one in zip(sizes, single)]
 
-        sizes = as_rows(image_sizes)
-        single = [True] * len(sizes)
-        if batch_num_images is not None:
-            per_sample = torch.as_tensor(batch_num_images).flatten().tolist()
-            single = [n == 1 for n in per_sample for _ in range(n)]
-        return [image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
-                if one else 1 for s, one in zip(sizes, single)]
+
+class LlavaOnevisionCost(LlavaNextCost):
+    tower_cls_tokens = 0  # SigLIP: patches only
 
     @classmethod
     def crops(cls, config, pixel_values, image_sizes, batch_num_images=None, pixel_values_videos=None, **extra):
@@ -43,8 +39,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         n, height, width = 0, 0, 0
         if pixel_values is not None:
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
-            n = shape[0] * shape[1] if image_sizes is None else sum(cls.crop_counts(config, image_sizes,
-                                                                                    batch_num_images))
+            n = shape[0] * shape[1] if image_sizes is None else sum(crop_counts(config, image_sizes, batch_num_images))
             height, width = shape[-2:]
         if pixel_values_videos is not None:  # [videos, frames, 3, H, W]
             shape = tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else \
@@ -66,6 +61,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         head = 2 * e * e * 2 + 2 * t * e * e * 2 + 2 * 2 * t * e + 2 * 2 * e * vc.intermediate_size
         return flops + n * head
 
+
+class LlavaOnevisionTiny(Tiny):
+    prompt_tag = "<image>"
+    video_tag = "<video>"
+
     @classmethod
     def model_class(cls):
         from transformers import LlavaOnevisionForConditionalGeneration
@@ -73,7 +73,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return LlavaOnevisionForConditionalGeneration
 
     @classmethod
-    def tiny_config(cls, num_layers: int = 4, **over):
+    def config(cls, num_layers: int = 4, **over):
         from transformers import LlavaOnevisionConfig
 
         vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -85,7 +85,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return LlavaOnevisionConfig(**{**settings, **over})
 
     @classmethod
-    def tiny_processor(cls, tokenizer, vision_aspect_ratio: str = "anyres_max_9"):
+    def processor(cls, tokenizer, vision_aspect_ratio: str = "anyres_max_9"):
         from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
         ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=_PINPOINTS, **_NORM)
@@ -95,13 +95,18 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                                        image_token="<image>", video_token="<video>",
                                        vision_aspect_ratio=vision_aspect_ratio)
 
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    family = "llava_onevision"
+
     def _image_lengths(self, call) -> list[int]:
         """Tokens of each image of the batch as the model packs them (newlines included), in order."""
         cfg, sizes = self.model.config, call["image_sizes"]
-        crops = self.crop_counts(cfg, sizes, call.get("batch_num_images"))
+        crops = crop_counts(cfg, sizes, call.get("batch_num_images"))
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         shapes = [torch.zeros(c, side * side, 1) for c in crops]  # only the packed shapes are wanted
-        packed, lengths = self.base.pack_image_features(shapes, sizes, image_newline=torch.zeros(1),
+        packed, lengths = self.body.pack_image_features(shapes, sizes, image_newline=torch.zeros(1),
                                                         vision_aspect_ratio=cfg.vision_aspect_ratio)
         return lengths.tolist()
 
@@ -139,11 +144,15 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         cfg, out, runs = self.model.config, {}, list(captured)
         if call.get("pixel_values") is not None and call.get("image_sizes") is not None:
             rows = runs.pop(0)
-            crops = self.crop_counts(cfg, call["image_sizes"], call.get("batch_num_images"))
-            packed, _ = self.base.pack_image_features(list(torch.split(rows, crops, dim=0)), call["image_sizes"],
+            crops = crop_counts(cfg, call["image_sizes"], call.get("batch_num_images"))
+            packed, _ = self.body.pack_image_features(list(torch.split(rows, crops, dim=0)), call["image_sizes"],
                                                       image_newline=None, vision_aspect_ratio=cfg.vision_aspect_ratio)
             out["image"] = torch.cat(packed).float()
         if call.get("pixel_values_videos") is not None and runs:
-            pooled = self.base.apply_pooling(runs.pop(0))  # [videos * frames, pooled grid, Din]
+            pooled = self.body.apply_pooling(runs.pop(0))  # [videos * frames, pooled grid, Din]
             out["video"] = pooled.reshape(-1, pooled.shape[-1]).float()
         return out
+
+
+LLAVA_ONEVISION = Family("llava_onevision", ("llava_onevision",), LlavaOnevisionAdapter, LlavaOnevisionCost,
+                         LlavaOnevisionTiny)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TINY_IDS, Adapter, Unit, as_rows, tiny_text_config
+from .base import TINY_IDS, Adapter, Cost, Family, Tiny, Unit, as_rows, tiny_text_config
 
 
 def _thw_rows(*grids) -> list:
@@ -13,14 +13,7 @@ def _thw_rows(*grids) -> list:
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
-    model_types = ("qwen2_vl",)
     position_kind = "mrope"
-    entropy_layer = 1
-    # Merged 2x2-patch tokens stay local: a central token is the background beside a small object, so choose
-    # among 3x3 cells and keep each cell's most salient token (docs/robustness/criterion).
-    stable_cells = {"cells": 3, "cell_pick": "salient"}
-    prompt_tag = "<|vision_start|> <|image_pad|> <|vision_end|>"
-    video_tag = "<|vision_start|> <|video_pad|> <|vision_end|>"
 
     def _grids(self, call, kind: str) -> list:
         """(t, h, w) per image or video of the batch, in order, after the 2x2 merge."""
@@ -42,16 +35,16 @@ class Qwen2VLAdapter(Adapter):
         return out
 
     def projector_module(self):
-        return self.base.visual.merger
+        return self.body.visual.merger
 
     def projector_mlp(self):
         # The sensitivity is taken through the merger's MLP on the normalised, 2x2-grouped patch rows.
-        return self.base.visual.merger.mlp
+        return self.body.visual.merger.mlp
 
     def projector_rows(self, captured, call):
         """The model runs the merger on the images, then on the videos (one call each): the captures are paired
         with the kinds in that order, each checked by its patch count."""
-        merger = self.base.visual.merger
+        merger = self.body.visual.merger
         kinds = [(k, call[f"{k}_grid_thw"]) for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
         captured = captured[-len(kinds):] if kinds else []
         out = {}
@@ -68,7 +61,7 @@ class Qwen2VLAdapter(Adapter):
         return slice(None)  # Qwen2-VL merges patches already in raster order
 
 
-    # ------------------------------------------------------------------ family facts
+class Qwen2VLCost(Cost):
     @classmethod
     def _dims(cls, vc) -> tuple[int, int]:
         """(vision width E, merger output dim): Qwen2-VL names them embed_dim / hidden_size."""
@@ -109,6 +102,11 @@ class Qwen2VLAdapter(Adapter):
         patches = sum(t * h * w for t, h, w in _thw_rows(image_grid_thw, video_grid_thw))
         return patches // config.vision_config.spatial_merge_size ** 2
 
+
+class Qwen2VLTiny(Tiny):
+    prompt_tag = "<|vision_start|> <|image_pad|> <|vision_end|>"
+    video_tag = "<|vision_start|> <|video_pad|> <|vision_end|>"
+
     @classmethod
     def model_class(cls):
         from transformers import Qwen2VLForConditionalGeneration
@@ -121,7 +119,7 @@ class Qwen2VLAdapter(Adapter):
                     temporal_patch_size=1, spatial_merge_size=2, in_channels=3, out_hidden_size=32, hidden_act="silu")
 
     @classmethod
-    def tiny_config(cls, num_layers: int = 4):
+    def config(cls, num_layers: int = 4):
         text = tiny_text_config(num_hidden_layers=num_layers, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
         return cls.model_class().config_class(
@@ -136,7 +134,7 @@ class Qwen2VLAdapter(Adapter):
         return Qwen2VLProcessor
 
     @classmethod
-    def tiny_processor(cls, tokenizer):
+    def processor(cls, tokenizer):
         from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor  # the video one needs torchvision
 
         pixels = dict(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14, max_pixels=56 * 56,
@@ -149,18 +147,19 @@ class Qwen2VLAdapter(Adapter):
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
-    model_types = ("qwen2_5_vl",)
 
     def _merged_order(self, thw, device):
         # Qwen2.5-VL's tower runs in window order and un-permutes after the merger; do the same here.
         from transformers.vision_utils import get_vision_window_index
 
-        visual = self.base.visual
+        visual = self.body.visual
         window_index, _ = get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size,
                                                   kwargs={})
         return torch.argsort(window_index.to(device))
 
+
+class Qwen25VLCost(Qwen2VLCost):
     @classmethod
     def _dims(cls, vc) -> tuple[int, int]:
         return vc.hidden_size, vc.out_hidden_size  # Qwen2.5-VL's names for (E, merger output)
@@ -181,6 +180,8 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         window = 4 * vc.hidden_size * t * sum(s * s for s in sizes)
         return [full if b in set(vc.fullatt_block_indexes) else window for b in range(vc.depth)]
 
+
+class Qwen25VLTiny(Qwen2VLTiny):
     @classmethod
     def model_class(cls):
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -196,3 +197,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         from transformers import Qwen2_5_VLProcessor
 
         return Qwen2_5_VLProcessor
+
+
+QWEN2_VL = Family("qwen2_vl", ("qwen2_vl",), Qwen2VLAdapter, Qwen2VLCost, Qwen2VLTiny)
+QWEN2_5_VL = Family("qwen2_5_vl", ("qwen2_5_vl",), Qwen25VLAdapter, Qwen25VLCost, Qwen25VLTiny)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .base import TINY_IDS, Adapter, Unit, tiny_text_config
-from .qwen2_vl import Qwen2VLAdapter
+from .base import TINY_IDS, Adapter, Compaction, Family, Unit, tiny_text_config
+from .qwen2_vl import Qwen2VLAdapter, Qwen2VLCost, Qwen2VLTiny
+
 
 def gather_visual_rows(embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor,
                        kept: torch.Tensor) -> torch.Tensor:
@@ -25,17 +26,16 @@ def gather_visual_rows(embeds: torch.Tensor, mask: torch.Tensor, index: torch.Te
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
-    model_types = ("qwen3_vl",)
 
     def __init__(self, model):
         super().__init__(model)
-        self._pruner = None
+        self._current_extra = None  # the engine's accessor of the running prefill's scratch (install)
         self._saved = None  # an instance-level _deepstack_process found at install (None: the class's)
 
     # ------------------------------------------------------------------ DeepStack
-    def install(self, pruner) -> None:
+    def install(self, current_extra) -> None:
         lm = self.language_model
-        self._pruner = pruner
+        self._current_extra = current_extra
         self._saved = lm.__dict__.get("_deepstack_process")
         # A bound method of this adapter (not a closure): a deep copy of the model rebinds it to the copy's adapter.
         lm._deepstack_process = self._deepstack_process
@@ -46,30 +46,31 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             lm.__dict__.pop("_deepstack_process", None)
         else:
             lm._deepstack_process = self._saved
-        self._pruner, self._saved = None, None
+        self._current_extra, self._saved = None, None
 
-    def after_compact(self, state, layer: int, index: torch.Tensor, kwargs: dict) -> dict:
-        kept_mask = state.seq.mask.bool()  # False on padding and on the dummy slots of shorter rows
-        if layer == 0:
+    def after_compact(self, compaction: Compaction) -> dict:
+        extra, index = compaction.extra, compaction.index
+        if compaction.layer == 0:
+            kwargs = compaction.kwargs
             mask, embeds = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
-            state.extra.pop("deepstack_index", None)  # the language model's own mask is pruned from here on
+            extra.pop("deepstack_index", None)  # the language model's own mask is pruned from here on
             if mask is None or embeds is None:
                 return {}
-            kept = mask.gather(1, index) & kept_mask
+            kept = mask.gather(1, index) & compaction.kept
             return {"visual_pos_masks": kept,
                     "deepstack_visual_embeds": [gather_visual_rows(e, mask, index, kept) for e in embeds]}
         # In-LLM: compose with earlier in-LLM stages, as an index into the language model's input sequence.
-        prev = state.extra.get("deepstack_index")
-        state.extra["deepstack_index"] = index if prev is None else prev.gather(1, index)
-        state.extra["deepstack_kept"] = kept_mask
+        prev = extra.get("deepstack_index")
+        extra["deepstack_index"] = index if prev is None else prev.gather(1, index)
+        extra["deepstack_kept"] = compaction.kept
         return {}
 
     def _deepstack_process(self, hidden, visual_pos_masks, visual_embeds):
         lm = self.language_model
-        state = self._pruner._live() if self._pruner is not None else None
-        index = None if state is None or not state.prefill else state.extra.get("deepstack_index")
+        extra = self._current_extra() if self._current_extra is not None else None
+        index = None if extra is None else extra.get("deepstack_index")
         if index is not None:  # an in-LLM stage ran before this layer: its mask and rows are still unpruned
-            kept = visual_pos_masks.to(index.device).gather(1, index) & state.extra["deepstack_kept"]
+            kept = visual_pos_masks.to(index.device).gather(1, index) & extra["deepstack_kept"]
             visual_embeds = gather_visual_rows(visual_embeds.to(hidden.device), visual_pos_masks, index, kept)
             visual_pos_masks = kept
         original = self._saved if self._saved is not None else type(lm)._deepstack_process.__get__(lm)
@@ -77,13 +78,13 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     # ------------------------------------------------------------------ projector (ZOO)
     def projector_mlp(self):
-        merger = self.base.visual.merger
+        merger = self.body.visual.merger
         # The merger has no MLP submodule; these are its live layers after the (pre-shuffle) norm.
         return torch.nn.Sequential(merger.linear_fc1, merger.act_fn, merger.linear_fc2)
 
     def projector_rows(self, captured, call):
         """One merger call per kind (images, then videos), as in Qwen2-VL; the norm comes before the 2x2 grouping."""
-        merger = self.base.visual.merger
+        merger = self.body.visual.merger
         kinds = [k for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
         out = {}
         for kind, rows in zip(kinds, captured[-len(kinds):] if kinds else []):
@@ -113,7 +114,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                         else Unit(u.kind, u.length) for u in row])
         return out
 
-    # ------------------------------------------------------------------ family facts
+
+class Qwen3VLCost(Qwen2VLCost):
     @classmethod
     def _dims(cls, vc) -> tuple[int, int]:
         return vc.hidden_size, vc.out_hidden_size
@@ -136,6 +138,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         deepstack = len(config.vision_config.deepstack_visual_indexes) * rows * 2 * (d_in * d_mid + d_mid * d_out)
         return super().vision_flops(config, **grids) + deepstack
 
+
+class Qwen3VLTiny(Qwen2VLTiny):
     @classmethod
     def model_class(cls):
         from transformers import Qwen3VLForConditionalGeneration
@@ -154,14 +158,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True})
 
     @classmethod
-    def tiny_config(cls, num_layers: int = 4):
+    def config(cls, num_layers: int = 4):
         return cls.model_class().config_class(
             vision_config=cls._tiny_vision(), text_config=cls._tiny_text(num_layers),
             image_token_id=TINY_IDS["<|image_pad|>"], video_token_id=TINY_IDS["<|video_pad|>"],
             vision_start_token_id=TINY_IDS["<|vision_start|>"], vision_end_token_id=TINY_IDS["<|vision_end|>"])
 
     @classmethod
-    def tiny_processor(cls, tokenizer):
+    def processor(cls, tokenizer):
         from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
         ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14,
@@ -176,8 +180,9 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
     """Qwen3-VL-MoE: the same body, DeepStack and vision tower; the decoder MLPs are sparse mixtures of experts."""
 
     family = "qwen3_vl_moe"
-    model_types = ("qwen3_vl_moe",)
 
+
+class Qwen3VLMoeTiny(Qwen3VLTiny):
     @classmethod
     def model_class(cls):
         from transformers import Qwen3VLMoeForConditionalGeneration
@@ -189,3 +194,7 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
         # Layer 1 dense (mlp_only_layers), so the FLOPs count sees both kinds of layer.
         return dict(super()._tiny_text(num_layers), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                     decoder_sparse_step=1, mlp_only_layers=[1])
+
+
+QWEN3_VL = Family("qwen3_vl", ("qwen3_vl",), Qwen3VLAdapter, Qwen3VLCost, Qwen3VLTiny)
+QWEN3_VL_MOE = Family("qwen3_vl_moe", ("qwen3_vl_moe",), Qwen3VLMoeAdapter, Qwen3VLCost, Qwen3VLMoeTiny)

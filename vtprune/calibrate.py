@@ -18,10 +18,11 @@ def layer_entropies(model, batches: Iterable[dict]) -> list[float]:
     batches: dicts from the model's processor (``input_ids``, ``pixel_values``, ...); tensors are moved to
     the model's device. Returns one value per ``hidden_states`` entry (embeddings, then each layer's output).
     """
-    from .patches import ADAPTERS, Adapter
+    from .patches import FAMILIES, Adapter
 
     # Image and video tokens alike, as the model's family places them (any config naming image_token_id will do).
-    placeholders = ADAPTERS.get(getattr(model.config, "model_type", None), Adapter).placeholder_mask
+    family = FAMILIES.get(getattr(model.config, "model_type", None))
+    placeholders = (family.adapter if family is not None else Adapter).placeholder_mask
     device = getattr(model, "device", None)
     sums, count = None, 0
     from .api import is_patched, paused

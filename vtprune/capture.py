@@ -75,8 +75,8 @@ def _capture_forward(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(CAPTURE_IMPL, _capture_forward)
 
 
-def attach(attn_module, sink) -> tuple:
-    """Point ``attn_module`` at the capturing function; returns what ``detach`` needs to undo it."""
+def attach(attn_module, sink):
+    """Point ``attn_module`` at the capturing function; returns the callable that undoes exactly that."""
     original = attn_module.config
     impl = original._attn_implementation or "eager"
     if impl not in ("eager", "sdpa") and not impl.startswith("flash_attention"):
@@ -87,11 +87,10 @@ def attach(attn_module, sink) -> tuple:
     attn_module.config = cfg
     attn_module._vtprune_inner_impl = impl
     attn_module._vtprune_sink = sink
-    return (attn_module, original)
 
+    def detach():
+        attn_module.config = original
+        del attn_module._vtprune_inner_impl
+        del attn_module._vtprune_sink
 
-def detach(token) -> None:
-    attn_module, original = token
-    attn_module.config = original
-    del attn_module._vtprune_inner_impl
-    del attn_module._vtprune_sink
+    return detach

@@ -217,7 +217,7 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
         raise ValueError("question is empty: ask something about the image")
     adapter = get_adapter(model)
     images = _as_images(image)
-    if video is not None and adapter.video_tag is None:
+    if video is not None and not adapter.takes_videos:
         raise ValueError(f"{type(model).__name__} takes no videos; give images only")
     clip = None if video is None else read_clip(video)
     if not images and clip is None:
@@ -322,7 +322,7 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
         with gr.Row():
             image2 = gr.Image(type="pil", label="second image (optional)", elem_id="vt-image-2", format="png")
             shown2 = gr.Image(type="pil", label="second image: tokens kept", elem_id="vt-overlay-2", format="png")
-            takes_video = get_adapter(model).video_tag is not None
+            takes_video = get_adapter(model).takes_videos
             video = gr.Video(label="video (optional)", elem_id="vt-video", visible=takes_video)
         question = gr.Textbox(label="question", elem_id="vt-question")
         with gr.Row():

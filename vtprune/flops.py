@@ -23,18 +23,18 @@ over all num_attention_heads query heads (k/v are repeated, not shared in the ar
 Vision towers, as Hugging Face runs them: CLIP runs every layer (even when vision_feature_layer picks an
 earlier one) over patches + CLS, once per image or LLaVA-NeXT crop; Qwen2/2.5-VL attend within each image
 frame, Qwen2.5-VL's window blocks within each window; videos (Qwen video_grid_thw) as t-frame grids. Each
-family's adapter (``vtprune.patches``) knows its tower's and projector's shapes; this module asks it.
+family's ``Cost`` (``vtprune.patches``) knows its tower's and projector's shapes; this module asks it.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 
-def _adapter(config):
-    """The adapter class of the model's family, which knows its vision tower and projector FLOPs."""
-    from .patches import adapter_class
+def _cost(config):
+    """The FLOPs model of the model's family, which knows its vision tower and projector."""
+    from .patches import cost_model
 
-    return adapter_class(config)
+    return cost_model(config)
 
 
 def _text(config):
@@ -49,20 +49,20 @@ def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=Non
     (crops counted per image as HF unpads them); Qwen2/2.5-VL: image_grid_thw [n, 3] (patches in t, h, w), and
     ``video_grid_thw`` for videos. Tensors or plain shapes/lists are accepted. The family's adapter counts.
     """
-    return _adapter(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+    return _cost(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                          image_sizes=image_sizes, **videos)
 
 
 def projector_row_flops(config) -> int:
     """FLOPs of the projector (LLaVA) / patch merger (Qwen) for one output token."""
-    d_in, d_mid, d_out = _adapter(config).projector_dims(config)
+    d_in, d_mid, d_out = _cost(config).projector_dims(config)
     return 2 * (d_in * d_mid + d_mid * d_out)
 
 
 def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
     """FLOPs of the multi-modal projector (LLaVA: every crop's patch tokens, before LLaVA-NeXT unpads) or the Qwen
     patch merger (one row per spatial_merge_size² patches)."""
-    rows = _adapter(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+    rows = _cost(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                                               image_sizes=image_sizes, **videos)
     return rows * projector_row_flops(config)
 
@@ -162,7 +162,9 @@ def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_d
 # ------------------------------------------------------------------------------------------- main entry
 def visual_counts(config, input_ids) -> list[int]:
     """Visual tokens (image and video placeholders) per row of ``input_ids`` [B, L]."""
-    return _adapter(config).placeholder_mask(config, input_ids).sum(1).tolist()
+    from .patches import adapter_class
+
+    return adapter_class(config).placeholder_mask(config, input_ids).sum(1).tolist()
 
 
 def _stage_options(model) -> dict:
@@ -203,7 +205,7 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     for st in sorted(stats or [], key=lambda s: s["layer"]):
         before, after = list(st["tokens_before"]), list(st["tokens_after"])
         opts = options.get(st["layer"], {})
-        proj = dict(projector_row=projector_row_flops(config), projector_dims=_adapter(config).projector_dims(config))
+        proj = dict(projector_row=projector_row_flops(config), projector_dims=_cost(config).projector_dims(config))
         # Scoring runs once per strategy call: per image/video (or frame), not over the row's tokens at once.
         calls = st["selections"] if "selections" in st.keys() else [[(n, k)] for n, k in zip(before, after)]
         for row, row_n in zip(calls, before):

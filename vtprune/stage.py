@@ -1,5 +1,6 @@
-"""One pruning stage on the current sequence: selection items and budgets, grouped strategy calls, merging, the
-gather layout, and the stage's stats."""
+"""One pruning stage on the current sequence, in named steps: plan the selection items and their budgets
+(``budgets.plan_items``), build each group's inputs, choose (``Method.select``: the one checked entry point),
+apply the choice (keep mask, optional merging), lay out the shorter sequence, and record the stage's stats."""
 from __future__ import annotations
 
 import time
@@ -8,17 +9,16 @@ from typing import Callable, Optional
 
 import torch
 
+from .budgets import Item, plan_items
 from .config import StageConfig
-from .stats import UnitStats
+from .merge import merge_pruned
+from .stats import StageStats, UnitStats
 from .strategies.base import ENGINE_OPTIONS, Method, SelectionInputs
-from .strategies.entropy import layer_average_keep
-from .strategies.merge import merge_pruned
-from .units import Item, largest_remainder, unit_budgets
 
 
 @dataclass
-class Sequence:
-    """Per-token flags of the current sequence, all [B, L_cur], carried (gathered) from stage to stage."""
+class TokenFlags:
+    """Per-token facts of the current sequence, all [B, L_cur], carried (gathered) from stage to stage."""
 
     vis: torch.Tensor  # bool: visual token
     mask: torch.Tensor  # long: 2D attention mask (0 on padding and dummy slots)
@@ -28,16 +28,14 @@ class Sequence:
     unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
     segment: Optional[torch.Tensor] = None  # long: packed sample the token belongs to (None: one sample per row)
 
-    def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> "Sequence":
+    def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> TokenFlags:
         """The flags at ``index`` [B, L']; ``valid`` False marks dummy slots (None: there are none)."""
-        out = {}
-        for f in fields(self):
-            t = getattr(self, f.name)
-            out[f.name] = None if t is None else t.gather(1, index)
+        out = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).gather(1, index)
+               for f in fields(self)}
         if valid is not None:
             out["vis"] = out["vis"] & valid
             out["mask"] = out["mask"] * valid.long()
-        return Sequence(**out)
+        return TokenFlags(**out)
 
 
 @dataclass
@@ -50,6 +48,18 @@ class Captured:
     pre_index: Optional[torch.Tensor] = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
     projector: Optional[Callable] = None
     score_time_s: float = 0.0  # spent computing ``attention`` at layer K-1: FastV's scoring, counted as choosing
+
+
+@dataclass
+class Pruned:
+    """What ``prune`` returns: the gather ``index`` [B, L'] into the current sequence, the hidden states the kept
+    slots take (merged into when asked; None when the stage chose from ``visual`` rows alone), the gathered flags and
+    the typed stats (the engine adds the backend that compacted the sequence)."""
+
+    index: torch.Tensor
+    hidden: Optional[torch.Tensor]
+    flags: TokenFlags
+    stats: StageStats
 
 
 def keep_layout(keep: torch.Tensor):
@@ -70,148 +80,136 @@ def method_options(stage: StageConfig) -> dict:
     return {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
 
 
-def plan_items(stage: StageConfig, method: Method, seq: Sequence, units: list, num_layers: int,
-               counts: Optional[list] = None) -> list[Item]:
-    """The selection items of this stage: one per unit (or per frame, or per row), each with its budget.
-
-    units: per row, the ``Unit``s of its prefill (``seq.unit`` maps the current tokens to them); counts: each
-    row's visual tokens, when the caller has them.
-    """
-    options = method_options(stage)
-    items = []
-    counts = seq.vis.sum(1).tolist() if counts is None else counts
-    for r, row_units in enumerate(units):
-        if counts[r] == 0:
-            continue
-        vis = seq.vis[r]
-        if len(row_units) == 1:
-            sizes = [counts[r]]
-        else:
-            sizes = torch.bincount(seq.unit[r][vis], minlength=len(row_units)).tolist()
-        ks = unit_budgets(stage, [u.kind for u in row_units], sizes)
-        if stage.options["budget"] == "layer_average":
-            # EntropyPrune's convention: the budget is the average over all layers, layers before K keep all.
-            ks = [0 if n == 0 else layer_average_keep(num_layers, stage.layer, n, k) for n, k in zip(sizes, ks)]
-        starts = [sum(sizes[:u]) for u in range(len(sizes))]
-        if method.budget_cap is not None:
-            pad = None if seq.pad is None else seq.pad[r][vis]
-            ks = [k if n == 0 else method.budget_cap(k, None if pad is None else pad[s:s + n], **options)
-                  for s, n, k in zip(starts, sizes, ks)]
-        if stage.options["units"] == "joint":
-            kinds = {u.kind for u in row_units}
-            items.append(Item(r, -1, kinds.pop() if len(kinds) == 1 else "mixed", 0, sum(sizes), sum(ks)))
-            continue
-        for u, (unit, start, n, k) in enumerate(zip(row_units, starts, sizes, ks)):
-            items.extend(_unit_items(Item(r, u, unit.kind, start, n, k), unit, stage.options["temporal"]))
-    return [it for it in items if it.k > 0]  # a part keeping nothing needs no strategy call
-
-
-def _unit_items(item: Item, unit, temporal: str) -> list[Item]:
-    """One unit's items: the whole unit, or its grid's frames (``temporal="frame"``), and its tail tokens apart
-    from the grid, each with its largest-remainder share of the unit's budget. A pruned unit is no grid."""
-    if item.n == 0 or unit.grid is None or item.n != unit.length:
-        return [replace(item)]
-    t, h, w = unit.grid
-    frames = t if temporal == "frame" else 1
-    parts = [h * w * t // frames] * frames + ([unit.tail] if unit.tail else [])
-    if len(parts) == 1:
-        return [replace(item, grid=(h, w), frames=t)]
-    out, start = [], item.start
-    for i, (n, k) in enumerate(zip(parts, largest_remainder(item.k, parts))):
-        grid = ((h, w), t // frames) if i < frames else (None, 1)
-        out.append(replace(item, start=start, n=n, k=k, grid=grid[0], frames=grid[1]))
-        start += n
-    return out
-
-
-def run_stage(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], seq: Sequence, cap: Captured,
-              units: list, num_layers: int, visual: Optional[torch.Tensor] = None):
+def prune(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], flags: TokenFlags, cap: Captured,
+          units: list, num_layers: int, visual: Optional[torch.Tensor] = None) -> Pruned:
     """Choose the visual tokens to keep. hidden: [B, L_cur, D]; units: per row, its ``Unit``s.
 
     visual: instead of ``hidden`` (then None), the visual tokens' hidden states alone, [visual tokens of the batch,
     D] in sequence order, row after row: what a layer-0 stage sees before the body has built the sequence. Not
     with merging or methods that read the text tokens.
-
-    Returns (index [B, L'] into L_cur, hidden [B, L_cur, D] (merged into the kept tokens when asked; None when
-    ``visual`` was given), the gathered Sequence, the fields of ``StageStats`` but the engine's own backends).
     """
-    t0 = time.perf_counter()
-    vis = seq.vis
-    b = vis.shape[0]
-    counts = vis.sum(1).tolist()
-    items = plan_items(stage, method, seq, units, num_layers, counts)
-    backends: dict = {}
-    options = method_options(stage)
     if visual is not None and (hidden is not None or stage.options["merge"] or "text" in method.needs):
-        raise ValueError("run_stage: visual= replaces hidden, without merging or text tokens")
-    text, text_mask = _text_tokens(hidden, seq) if "text" in method.needs else (None, None)
-    row_start = [sum(counts[:r]) for r in range(b)]  # each row's first token in ``visual``
-    vis_pos = [vis[r].nonzero().flatten() for r in range(b)]
-    keep = ~vis
-    chosen = []  # (item, indices into the item's tokens, ascending)
-    merged = hidden.clone() if stage.options["merge"] else hidden
-    sizes = seq.sizes
-    if stage.options["merge"]:
-        sizes = torch.ones(vis.shape, dtype=torch.float32, device=hidden.device) if sizes is None else sizes.clone()
-    groups: dict = {}
-    for item in items:
-        groups.setdefault((item.n, item.k), []).append(item)
-    for (n, k), group in sorted(groups.items(), key=lambda g: g[0]):
-        rows_t = torch.tensor([it.row for it in group], device=vis.device)
-        positions = _stack([vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
-        ends = positions[:, [0, -1]].tolist()
-        first = [e[0] for e in ends]
-        # A unit's tokens are usually one contiguous run: then one item is a view, several a stack of slices.
-        contiguous = all(e[1] - e[0] == n - 1 for e in ends)
-
-        def take(t):
-            if t is None:
-                return None
-            if contiguous:
-                if len(group) == 1:
-                    return t[group[0].row, first[0]:first[0] + n].unsqueeze(0)
-                return torch.stack([t[it.row, p:p + n] for it, p in zip(group, first)])
-            return t[rows_t[:, None], positions]  # one gather straight to [G, n, ...]
-
-        if visual is None:
-            features = take(hidden)
-        else:
-            features = _stack([visual[row_start[it.row] + it.start:row_start[it.row] + it.start + n] for it in group])
-        inputs = SelectionInputs(
-            features=features, attention=take(cap.attention), queries=take(cap.queries),
-            pre_projector=_pre_rows(cap, rows_t, positions), projector=cap.projector,
-            grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
-            pad_mask=take(seq.pad), newline_mask=take(seq.newline), seed=options.get("seed"),
-            text=None if text is None else text[rows_t], text_mask=None if text is None else text_mask[rows_t],
-            backends=backends)
+        raise ValueError("prune: visual= replaces hidden, without merging or text tokens")
+    t0 = time.perf_counter()
+    counts = flags.vis.sum(1).tolist()
+    items = plan_items(stage, method, flags, units, num_layers, counts)
+    choice = _Choice(flags, hidden, stage.options["merge"])
+    source = _Source(hidden, visual, flags, cap, counts, "text" in method.needs)
+    backends: dict = {}
+    for (n, k), group in sorted(_groups(items).items()):
+        inputs, rows, positions = source.inputs(group, n, backends)
         _check_needs(method, inputs, stage)
-        picks = method.select(inputs, k, **options)  # [G, k] ascending, checked
-        kept_pos = positions.gather(1, picks)
-        if stage.options["merge"]:
-            m, s, backends["merge"] = merge_pruned(inputs.features, picks, take(sizes), with_backend=True)
-            merged[rows_t[:, None], kept_pos] = m
-            sizes[rows_t[:, None], kept_pos] = s
-        if len(group) == 1:
-            keep[group[0].row, kept_pos[0]] = True
+        picks = method.select(inputs, k, **method_options(stage))  # [G, k] ascending, checked
+        choice.apply(group, rows, positions, picks, inputs.features, backends)
+    index, new_flags = choice.layout()
+    stats = _stats(stage, flags, units, counts, items, choice.chosen, time.perf_counter() - t0 + cap.score_time_s,
+                   backends)
+    return Pruned(index, choice.merged, new_flags, stats)
+
+
+def _groups(items: list[Item]) -> dict:
+    """Items by (tokens, budget): one strategy call serves a group, its rows stacked."""
+    out: dict = {}
+    for item in items:
+        out.setdefault((item.n, item.k), []).append(item)
+    return out
+
+
+class _Source:
+    """Where a group's inputs come from: the sequence's hidden states (or the visual rows alone) and what was
+    captured for it, gathered per item."""
+
+    def __init__(self, hidden, visual, flags: TokenFlags, cap: Captured, counts: list, text: bool):
+        self.hidden, self.visual, self.flags, self.cap = hidden, visual, flags, cap
+        self.row_start = [sum(counts[:r]) for r in range(len(counts))]  # each row's first token in ``visual``
+        self.vis_pos = [flags.vis[r].nonzero().flatten() for r in range(len(counts))]
+        self.text, self.text_mask = _text_tokens(hidden, flags) if text else (None, None)
+
+    def inputs(self, group: list[Item], n: int, backends: dict):
+        """(SelectionInputs of the group's items, their rows [G], their tokens' positions [G, n])."""
+        rows = torch.tensor([it.row for it in group], device=self.flags.vis.device)
+        positions = _stack([self.vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
+        take = _taker(group, rows, positions, n)
+        if self.visual is None:
+            features = take(self.hidden)
         else:
-            keep[rows_t[:, None], kept_pos] = True
-        chosen.extend(zip(group, picks))
-    elapsed = time.perf_counter() - t0 + cap.score_time_s
-    # One row needs no dummy slots: its kept positions in order are the whole index.
-    index, valid = (keep[0].nonzero().view(1, -1), None) if b == 1 else keep_layout(keep)
-    new_seq = replace(seq, sizes=sizes).gather(index, valid)
+            features = _stack([self.visual[self.row_start[it.row] + it.start:][:n] for it in group])
+        text = None if self.text is None else self.text[rows]
+        return SelectionInputs(
+            features=features, attention=take(self.cap.attention), queries=take(self.cap.queries),
+            pre_projector=_pre_rows(self.cap, rows, positions), projector=self.cap.projector,
+            grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
+            pad_mask=take(self.flags.pad), newline_mask=take(self.flags.newline), text=text,
+            text_mask=None if text is None else self.text_mask[rows], backends=backends), rows, positions
+
+
+def _taker(group: list[Item], rows: torch.Tensor, positions: torch.Tensor, n: int):
+    """A function giving a per-token tensor's [G, n, ...] slice for the group: a view when there is one contiguous
+    item (the common case: one image), a stack of slices when each item is contiguous, else one gather."""
+    ends = positions[:, [0, -1]].tolist()
+    contiguous = all(e[1] - e[0] == n - 1 for e in ends)
+
+    def take(t):
+        if t is None:
+            return None
+        if contiguous:
+            if len(group) == 1:
+                return t[group[0].row, ends[0][0]:ends[0][0] + n].unsqueeze(0)
+            return torch.stack([t[it.row, e[0]:e[0] + n] for it, e in zip(group, ends)])
+        return t[rows[:, None], positions]
+
+    return take
+
+
+class _Choice:
+    """The stage's choice as it is made, group by group: which tokens stay, and (merging) what they become."""
+
+    def __init__(self, flags: TokenFlags, hidden, merge: bool):
+        self.flags, self.merge = flags, merge
+        self.keep = ~flags.vis
+        self.merged = hidden.clone() if merge else hidden
+        self.sizes = flags.sizes
+        if merge:
+            ones = torch.ones(flags.vis.shape, dtype=torch.float32, device=hidden.device)
+            self.sizes = ones if flags.sizes is None else flags.sizes.clone()
+        self.chosen: list = []  # (item, its picks into its own tokens, ascending)
+
+    def apply(self, group, rows, positions, picks, features, backends: dict) -> None:
+        kept_pos = positions.gather(1, picks)
+        if self.merge:
+            sizes = self.sizes[rows[:, None], positions]
+            merged, sizes, backends["merge"] = merge_pruned(features, picks, sizes, with_backend=True)
+            self.merged[rows[:, None], kept_pos] = merged
+            self.sizes[rows[:, None], kept_pos] = sizes
+        if len(group) == 1:
+            self.keep[group[0].row, kept_pos[0]] = True
+        else:
+            self.keep[rows[:, None], kept_pos] = True
+        self.chosen.extend(zip(group, picks))
+
+    def layout(self):
+        """(gather index [B, L'], the gathered flags). One row needs no dummy slots: its kept positions in order are
+        the whole index."""
+        keep = self.keep
+        index, valid = (keep[0].nonzero().view(1, -1), None) if keep.shape[0] == 1 else keep_layout(keep)
+        return index, replace(self.flags, sizes=self.sizes).gather(index, valid)
+
+
+def _stats(stage: StageConfig, flags: TokenFlags, units: list, counts: list, items: list, chosen: list,
+           seconds: float, backends: dict) -> StageStats:
+    b = len(counts)
     row_kept = [[] for _ in range(b)]
     for it, picks in chosen:
         row_kept[it.row].append(picks + it.start)
     # One item's picks are already ascending: no concatenation or sort.
     row_kept = [(x[0] if len(x) == 1 else torch.cat(x).sort().values) if x else None for x in row_kept]
-    stats = dict(layer=stage.layer, method=stage.method, tokens_before=counts,
-                 tokens_after=[0 if x is None else len(x) for x in row_kept],
-                 kept_indices=_pad_rows(row_kept, vis.device), units=_unit_stats(seq, units, row_kept, counts),
-                 selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
-                 select_time_s=elapsed, budget=stage.options["budget"], merged=stage.options["merge"],
-                 backend=backends)
-    return index, merged, new_seq, stats
+    return StageStats(layer=stage.layer, method=stage.method, tokens_before=counts,
+                      tokens_after=[0 if x is None else len(x) for x in row_kept],
+                      kept_indices=_pad_rows(row_kept, flags.vis.device),
+                      units=_unit_stats(flags, units, row_kept, counts),
+                      selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
+                      select_time_s=seconds, budget=stage.options["budget"], merged=stage.options["merge"],
+                      backend=backends)
 
 
 def _stack(parts: list) -> torch.Tensor:
@@ -219,17 +217,17 @@ def _stack(parts: list) -> torch.Tensor:
     return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
 
 
-def _unit_stats(seq: Sequence, units: list, row_kept: list, counts: list) -> list:
+def _unit_stats(flags: TokenFlags, units: list, row_kept: list, counts: list) -> list:
     """Per row, one UnitStats per unit, from the row's kept indices into its current visual tokens (``counts``
     per row)."""
     out = []
     for r, row_units in enumerate(units):
-        kept = row_kept[r] if row_kept[r] is not None else seq.vis.new_empty(0, dtype=torch.long)
+        kept = row_kept[r] if row_kept[r] is not None else flags.vis.new_empty(0, dtype=torch.long)
         if len(row_units) == 1:  # the row's visual tokens are its one unit: nothing to split
             unit = row_units[0]
             out.append([UnitStats(unit.kind, unit.frames, counts[r], len(kept), kept)])
             continue
-        ids = seq.unit[r][seq.vis[r]]
+        ids = flags.unit[r][flags.vis[r]]
         row, start = [], 0
         for u, unit in enumerate(row_units):
             n = int((ids == u).sum())
@@ -240,18 +238,17 @@ def _unit_stats(seq: Sequence, units: list, row_kept: list, counts: list) -> lis
     return out
 
 
-def _text_tokens(hidden: torch.Tensor, seq: Sequence):
+def _text_tokens(hidden: torch.Tensor, flags: TokenFlags):
     """Each row's text tokens (valid, non-visual), left padded: ([B, T, D], mask [B, T] bool)."""
-    text = ~seq.vis & seq.mask.bool()
-    index, valid = keep_layout(text)
+    index, valid = keep_layout(~flags.vis & flags.mask.bool())
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])), valid
 
 
-def _pre_rows(cap: Captured, rows_t: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+def _pre_rows(cap: Captured, rows: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
     """The projector inputs of the items' tokens: [G, n, Din], zeros where a token has none (newlines)."""
     if cap.pre_projector is None:
         return None
-    idx = cap.pre_index[rows_t[:, None], positions]  # [G, n]
+    idx = cap.pre_index[rows[:, None], positions]  # [G, n]
     return cap.pre_projector[idx.clamp_min(0)].masked_fill((idx < 0)[..., None], 0.0)
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .patches import ADAPTERS, Adapter
+from .patches import FAMILIES as _REGISTRY
+from .patches import Adapter
 from .patches.base import TINY_IDS, TINY_SPECIAL, TINY_VOCAB
 
-FAMILIES = tuple(ADAPTERS)
+FAMILIES = tuple(_REGISTRY)  # the model_types of every registered family
 # Anyres families (their adapters find newline tokens): rows of a batch hold different visual-token counts.
-NEWLINE_FAMILIES = tuple(f for f in FAMILIES if ADAPTERS[f].newline_mask is not Adapter.newline_mask)
+NEWLINE_FAMILIES = tuple(f for f in FAMILIES if _REGISTRY[f].adapter.newline_mask is not Adapter.newline_mask)
 
 
 def tiny_tokenizer():
@@ -30,20 +31,20 @@ def tiny_tokenizer():
     return fast
 
 
-def _adapter(family: str):
-    if family not in ADAPTERS:
+def _tiny(family: str):
+    if family not in _REGISTRY:
         raise ValueError(f"unknown family {family!r}; allowed: {list(FAMILIES)}")
-    return ADAPTERS[family]
+    return _REGISTRY[family].tiny
 
 
 def tiny_config(family: str, num_layers: int = 4):
-    return _adapter(family).tiny_config(num_layers)
+    return _tiny(family).config(num_layers)
 
 
 def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 4):
     """A random-weight model of ``family`` (one of FAMILIES) in eval mode, float32."""
-    cls = _adapter(family)
-    cfg = cls.tiny_config(num_layers)
+    cls = _tiny(family)
+    cfg = cls.config(num_layers)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = cls.model_class()(cfg).eval()
@@ -60,16 +61,16 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, nu
 
 def tiny_processor(family: str):
     """A real processor for ``family`` with a word-level tokenizer and pixel settings matching tiny_model."""
-    return _adapter(family).tiny_processor(tiny_tokenizer())
+    return _tiny(family).processor(tiny_tokenizer())
 
 
 def image_prompt(family: str, question: str = "what colour is the circle ?") -> str:
-    return f"USER: {_adapter(family).prompt_tag} {question} ASSISTANT:"
+    return f"USER: {_tiny(family).prompt_tag} {question} ASSISTANT:"
 
 
 def video_prompt(family: str, question: str = "what moved ?", images: int = 0) -> str:
     """A prompt with ``images`` image placeholders, then one video placeholder."""
-    cls = _adapter(family)
+    cls = _tiny(family)
     if cls.video_tag is None:
         raise ValueError(f"family {family!r} takes no videos")
     tags = " ".join([cls.prompt_tag] * images + [cls.video_tag])

@@ -1,7 +1,7 @@
 """lmms-eval model wrapper that runs Hugging Face VLMs with vtprune's visual token pruning.
 
 Registered with lmms-eval (0.7.x) through the Python entry-point group ``lmms_eval.models`` as ``vtprune`` (any
-family in ``vtprune.patches.ADAPTERS``), with the older names
+family in ``vtprune.patches.FAMILIES``), with the older names
 ``vtprune_llava`` (the LLaVA families) and ``vtprune_qwen2_5_vl`` (the Qwen families) kept as aliases, so that,
 once vtprune is installed::
 
@@ -76,7 +76,7 @@ from loguru import logger  # noqa: E402
 
 import vtprune  # noqa: E402
 
-from vtprune.patches import ADAPTERS  # noqa: E402
+from vtprune.patches import FAMILIES  # noqa: E402
 
 from .. import catalog  # noqa: E402
 from ..models import build_prompt, count_visual_tokens  # noqa: E402
@@ -96,7 +96,7 @@ class VtpruneLMM(lmms):
 
     @classmethod
     def model_types(cls) -> list[str]:
-        return sorted(t for t in ADAPTERS if t.startswith(cls.prefix))
+        return sorted(t for t in FAMILIES if t.startswith(cls.prefix))
 
     def __init__(self, pretrained: Optional[str] = None, method: Any = "divprune", keep_ratio: Any = None,
                  keep_tokens: Any = None, layer: Any = None, positions: Any = "original", schedule: Any = None,

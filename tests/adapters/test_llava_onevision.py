@@ -11,26 +11,27 @@ from test_flops import check_prefill
 
 import vtprune
 from helpers import cached_model, cached_processor, row
-from vtprune.patches import ADAPTERS
+from vtprune.patches import FAMILIES
+from vtprune.patches.llava_onevision import crop_counts
 from vtprune.testing import tiny_batch, tiny_images, tiny_tokenizer
 
 FAMILY = "llava_onevision"
-OV = ADAPTERS[FAMILY]
+OV = FAMILIES[FAMILY]
 
 
 @functools.lru_cache(maxsize=None)
 def capped(attn="sdpa", use_head=False):
     """A tiny OneVision model and processor whose anyres_max cap is one crop's worth of tokens."""
-    cfg = OV.tiny_config(vision_aspect_ratio="anyres_max_1")
+    cfg = OV.tiny.config(vision_aspect_ratio="anyres_max_1")
     cfg.vision_config.vision_use_head = use_head
     cfg._attn_implementation = attn
     torch.manual_seed(0)
-    model = OV.model_class()(cfg).eval()
+    model = OV.tiny.model_class()(cfg).eval()
     with torch.no_grad():  # as vtprune.testing.tiny_model: weights that make token choices matter
         for name, p in model.named_parameters():
             if "embed_tokens" in name or "multi_modal_projector" in name:
                 p.mul_(8.0)
-    return model, OV.tiny_processor(tiny_tokenizer(), vision_aspect_ratio="anyres_max_1")
+    return model, OV.tiny.processor(tiny_tokenizer(), vision_aspect_ratio="anyres_max_1")
 
 
 def lm_input(model, batch):
@@ -86,7 +87,7 @@ def test_a_wide_image_gives_base_crop_plus_newline_rows():
     vis = batch["input_ids"] == model.config.image_token_id
     assert int(vis.sum()) == 52
     embeds = lm_input(model, batch)["inputs_embeds"]
-    newline = OV(model).newline_mask(embeds, vis)[vis]
+    newline = OV.adapter(model).newline_mask(embeds, vis)[vis]
     assert newline.nonzero().flatten().tolist() == [16 + 9 * r + 8 for r in range(4)]
 
 
@@ -195,7 +196,7 @@ def test_pooling_head_flops_exactly():
     with_head = vtprune.flops.vision_flops(model.config, batch["pixel_values"], image_sizes=batch["image_sizes"])
     no_head = vtprune.flops.vision_flops(capped("eager")[0].config, batch["pixel_values"],
                                          image_sizes=batch["image_sizes"])
-    crops = sum(OV.crop_counts(model.config, batch["image_sizes"]))
+    crops = sum(crop_counts(model.config, batch["image_sizes"]))
     vc = model.config.vision_config
     tokens = torch.randn(crops, (vc.image_size // vc.patch_size) ** 2, vc.hidden_size)
     with FlopCounterMode(display=False) as fc:
@@ -217,7 +218,7 @@ def test_image_and_video_units_are_pruned_exactly(unpatch):
     tokens; cached and uncached generation agree."""
     model, proc = cached_model(FAMILY, "sdpa"), cached_processor(FAMILY)
     batch = video_and_image_batch(proc)
-    vis = OV(model).visual_mask(batch["input_ids"])[0]
+    vis = OV.adapter(model).visual_mask(batch["input_ids"])[0]
     n_video = int((batch["input_ids"][0] == model.config.video_token_id).sum())
     assert n_video == 4 * 2 * 2 + 1
     full = lm_input(model, batch)

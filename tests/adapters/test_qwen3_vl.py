@@ -221,7 +221,7 @@ def test_deepcopy_wrapper_runs_the_copy():
     ref = model(**batch).logits
     twin = copy.deepcopy(model)
     wrapper = twin.model.language_model._deepstack_process
-    assert wrapper.__self__._pruner is vtprune.get_pruner(twin)
+    assert wrapper.__self__._current_extra.__self__ is vtprune.get_pruner(twin)
     assert wrapper.__self__.model is twin
     assert torch.equal(twin(**batch).logits, ref)
     vtprune.remove_pruner(twin)

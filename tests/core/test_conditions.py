@@ -14,7 +14,7 @@ import torch
 import vtprune
 from helpers import cached_model, cached_processor, continuation, make_batch, packed_pair
 from vtprune.testing import tiny_batch, tiny_images
-from vtprune.units import ratio_keep
+from vtprune.budgets import ratio_keep
 
 METHODS = vtprune.list_methods()
 RATIO = 0.5

@@ -102,7 +102,7 @@ def test_pruned_equals_oracle_on_kept_tokens(model, method):
     full = dict(seen)
     if full.get("deepstack_visual_embeds") is not None:
         handle.remove()
-        pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/test_qwen3_vl.py builds it")
+        pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/adapters/test_qwen3_vl.py builds it")
     vtprune.apply_pruner(model, method=method, keep_ratio=0.5)
     pruned = model(**batch).logits
     kept = vtprune.get_stats(model)[0]["kept_indices"]
@@ -136,7 +136,7 @@ def test_in_llm_stage_equals_manual_layer_loop(family, layer):
     model(**batch)
     handle.remove()
     if layer < len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())):
-        pytest.skip("DeepStack features are added after layer K: tests/test_qwen3_vl.py loops with them")
+        pytest.skip("DeepStack features are added after layer K: tests/adapters/test_qwen3_vl.py loops with them")
     vtprune.apply_pruner(model, method="random", keep_ratio=0.4, layer=layer, seed=5)
     pruned = model(**batch).logits
     kept = vtprune.get_stats(model)[0]["kept_indices"][0]

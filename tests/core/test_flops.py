@@ -173,9 +173,9 @@ def test_scoring_costs_match_flop_counter():
     inputs = SelectionInputs(features=feats, pre_projector=torch.randn(1, n, din), projector=proj)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         get_method("zoo").fn(inputs, k, m=4)
-    from vtprune.patches import adapter_class
+    from vtprune.patches import cost_model
 
-    dims = adapter_class(model.config).projector_dims(model.config)
+    dims = cost_model(model.config).projector_dims(model.config)
     want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config),
                                projector_dims=dims)
     assert_close(want, fc.get_total_flops(), "zoo")

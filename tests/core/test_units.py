@@ -5,14 +5,15 @@ import torch
 
 import vtprune
 from helpers import cached_model, cached_processor, make_video_batch, row
-from vtprune.patches import ADAPTERS, get_adapter
+from vtprune.patches import FAMILIES as REGISTRY
+from vtprune.patches import get_adapter
 from vtprune.strategies import SelectionInputs
 from vtprune.strategies.baselines import grid_subsample
 from vtprune.strategies.temporal import temporal_change, temporal_select
 from vtprune.testing import FAMILIES, tiny_images
-from vtprune.units import largest_remainder
+from vtprune.budgets import largest_remainder
 
-VIDEO_FAMILIES = [f for f in FAMILIES if ADAPTERS[f].video_tag is not None]
+VIDEO_FAMILIES = [f for f in FAMILIES if REGISTRY[f].tiny.video_tag is not None]
 
 
 @pytest.fixture(params=VIDEO_FAMILIES)
@@ -191,7 +192,7 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
         full = dict(seen)
         handle.remove()
         if full.get("deepstack_visual_embeds") is not None:
-            pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/test_qwen3_vl.py builds it")
+            pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/adapters/test_qwen3_vl.py builds it")
         vtprune.apply_pruner(model, method=method, keep_ratio=0.4)
         # Registered after the pruner's hook, so it sees what the language model really gets.
         handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
@@ -294,7 +295,7 @@ def test_video_flops_match_the_flop_counter(vfamily):
 def test_two_images_in_one_prompt_are_two_units(family):
     model = cached_model(family, "sdpa")
     proc = cached_processor(family)
-    tag = ADAPTERS[family].prompt_tag
+    tag = REGISTRY[family].tiny.prompt_tag
     text = [f"USER: {tag} {tag} which is red ? ASSISTANT:", f"USER: {tag} {tag} what ? ASSISTANT:"]
     images = tiny_images(4, seed=7)
     if family == "qwen2_vl" or family == "llava_next":

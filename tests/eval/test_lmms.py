@@ -130,15 +130,15 @@ def test_entry_point_registers_both_wrappers():
 
 @requires_lmms
 def test_model_types_come_from_the_adapter_registry(monkeypatch, qwen_dir):
-    """A family added to vtprune.patches.ADAPTERS is taken by the wrappers without a plugin edit."""
+    """A family added to vtprune.patches.FAMILIES is taken by the wrappers without a plugin edit."""
     from vtprune.eval.lmms import plugin as lmms_plugin
-    from vtprune.patches import ADAPTERS
+    from vtprune.patches import FAMILIES
 
-    assert lmms_plugin.VtpruneLMM.model_types() == sorted(ADAPTERS)
-    monkeypatch.setitem(lmms_plugin.ADAPTERS, "llava_onevision", object)
+    assert lmms_plugin.VtpruneLMM.model_types() == sorted(FAMILIES)
+    monkeypatch.setitem(lmms_plugin.FAMILIES, "llava_onevision", object)
     assert "llava_onevision" in lmms_plugin.VtpruneLlava.model_types()
     assert "llava_onevision" not in lmms_plugin.VtpruneQwen25VL.model_types()
-    monkeypatch.delitem(lmms_plugin.ADAPTERS, "qwen2_5_vl")
+    monkeypatch.delitem(lmms_plugin.FAMILIES, "qwen2_5_vl")
     with pytest.raises(ValueError, match="'qwen2_5_vl' checkpoint but --model vtprune takes"):
         lmms_plugin.VtpruneLMM(pretrained=str(qwen_dir), device="cpu")
 

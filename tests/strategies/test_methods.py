@@ -149,7 +149,7 @@ def test_padding_patches_are_found_and_capped():
     vtprune.apply_pruner(model, method="fastv", layer=1, keep_tokens=16, replace=True)
     assert "pad_mask" not in model._vtprune_pruner._needs
     model(**batch)
-    assert model._vtprune_pruner.state.seq.pad is None and vtprune.get_stats(model)[0]["tokens_after"] == [16]
+    assert model._vtprune_pruner.state.flags.pad is None and vtprune.get_stats(model)[0]["tokens_after"] == [16]
     vtprune.remove_pruner(model)
 
 

@@ -8,7 +8,8 @@ import torch
 torch.set_num_threads(1)
 
 from vtprune import calibrate  # noqa: E402
-from vtprune.strategies import debias, entropy, get_method, merge, zoo  # noqa: E402
+from vtprune import budgets, merge  # noqa: E402
+from vtprune.strategies import debias, entropy, get_method, zoo  # noqa: E402
 from vtprune.strategies.base import SelectionInputs  # noqa: E402
 from vtprune.strategies.baselines import fastv_select  # noqa: E402
 from vtprune.strategies.divprune import divprune_select  # noqa: E402
@@ -297,14 +298,14 @@ def test_entropy_ties_go_to_earlier_tokens():
     ((28, 1, 1000, 100), 66), ((32, 2, 576, 30), 1), ((32, 2, 576, 576), 576), ((32, 2, 576, 128.5), 98),
 ])
 def test_layer_average_keep(args, want):
-    assert entropy.layer_average_keep(*args) == want
+    assert budgets.layer_average_keep(*args) == want
 
 
 @pytest.mark.parametrize("args", [(32, 32, 576, 64), (32, -1, 576, 64), (32, 2, 576, 0), (32, 2, 576, 600),
                                   (0, 0, 576, 64), (32, 2, 0, 1)])
 def test_layer_average_keep_rejects(args):
     with pytest.raises(ValueError):
-        entropy.layer_average_keep(*args)
+        budgets.layer_average_keep(*args)
 
 
 def test_matrix_entropy_hand_cases():

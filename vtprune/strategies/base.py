@@ -72,7 +72,6 @@ class SelectionInputs:
     newline_mask:  [batch, N] bool, True for LLaVA-NeXT row-separator tokens.
     text:          [batch, T, D] hidden states of the row's text tokens (prompt order, left padded), or None.
     text_mask:     [batch, T] bool, False on the left padding of ``text``.
-    seed:          seed for stochastic strategies (``None`` = draw from torch's global generator).
     backends:      filled by strategies with the path each op ran ({"greedy": "torch"}); the engine reports it.
     """
 
@@ -88,7 +87,6 @@ class SelectionInputs:
     newline_mask: Optional[torch.Tensor] = None
     text: Optional[torch.Tensor] = None
     text_mask: Optional[torch.Tensor] = None
-    seed: Optional[int] = None
     backends: dict = field(default_factory=dict)
 
     @property

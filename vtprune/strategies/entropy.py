@@ -44,12 +44,18 @@ def entropy_scores(queries: torch.Tensor, normalize: bool = False) -> torch.Tens
     return _spectral_entropy(gram, math.log(heads), normalize)
 
 
+# EntropyPrune's published collapse layer per model family (its released scripts: 2 for LLaVA-1.5, 1 for
+# Qwen2.5-VL); families not listed take the LLaVA value.
+COLLAPSE_LAYERS = {"qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "qwen3_vl_moe": 1}
+DEFAULT_COLLAPSE_LAYER = 2
+
+
 def _entropy_layer(adapter) -> int:
     # A layer found by vtprune.calibrate.find_collapse_layer on this model wins over the family's published one.
     found = getattr(adapter.model, COLLAPSE_ATTR, None) if adapter is not None else None
     if found is not None:
         return found
-    return adapter.entropy_layer if adapter is not None else 2
+    return COLLAPSE_LAYERS.get(getattr(adapter, "family", None), DEFAULT_COLLAPSE_LAYER)
 
 
 @register("entropy", needs=("queries",), layer=_entropy_layer, min_layer=1,
@@ -66,24 +72,6 @@ def entropy_select(inputs: SelectionInputs, k: int, normalize: bool = False) -> 
     scores = entropy_scores(inputs.queries, normalize)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     return order.sort(dim=-1).values
-
-
-def layer_average_keep(num_layers: int, layer: int, n_visual: int, target_avg: float) -> int:
-    """Tokens to keep from layer ``layer`` on so that the average over all layers is ``target_avg``.
-
-    With N tokens in layers [0, K) and k in [K, L): (K*N + (L-K)*k) / L = T gives
-    k = floor((L*T - K*N) / (L - K)), clamped to [1, N]. E.g. L=32, K=2, N=576, T=128 -> 98.
-    """
-    if num_layers < 1 or not 0 <= layer < num_layers:
-        raise ValueError(f"need num_layers >= 1 and 0 <= layer < num_layers; got num_layers={num_layers}, "
-                         f"layer={layer}")
-    if n_visual < 1 or not 0 < target_avg <= n_visual:
-        raise ValueError(f"need n_visual >= 1 and 0 < target_avg <= n_visual; got n_visual={n_visual}, "
-                         f"target_avg={target_avg}")
-    num = num_layers * target_avg - layer * n_visual
-    den = num_layers - layer
-    keep = num // den if isinstance(num, int) else math.floor(num / den)  # exact for integers
-    return int(min(max(keep, 1), n_visual))
 
 
 def matrix_entropy(x: torch.Tensor) -> float:

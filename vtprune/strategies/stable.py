@@ -4,7 +4,7 @@ The greedy max-min selection follows the argmax of a score at every step, so two
 invisible noise and every later pick follows the swap; a noisy or high-contrast corner patch also has far-apart
 tokens that the greedy then keeps. The knobs here (in ``stable_maxmin`` each is off by default, which is the plain
 greedy; the registered ``divprune_stable`` and ``zoo_stable`` use cells, with the layout measured for the model
-family, ``Adapter.stable_cells``: 2x2 cells and their central tokens for LLaVA-type models, 3x3 cells and their
+family, ``CELL_LAYOUTS``: 2x2 cells and their central tokens for LLaVA-type models, 3x3 cells and their
 most salient tokens for Qwen-VL):
 
 * ``smooth``:  select on features averaged over the ``smooth x smooth`` neighbourhood on the token grid, which
@@ -184,14 +184,23 @@ def best_in_cells(score: torch.Tensor, cell: torch.Tensor, chosen: torch.Tensor)
 CellPick = Literal["central", "salient", "greedy"]
 CELL_PICKS = typing.get_args(CellPick)
 # The signatures' cells=2, cell_pick="central" hold without a model; through apply_pruner the model family's
-# measured layout (Adapter.stable_cells) replaces whichever of the two the user leaves out.
+# measured layout (CELL_LAYOUTS) replaces whichever of the two the user leaves out.
 Size = Annotated[int, Range(ge=1)]
 Quantum = Annotated[float, Range(ge=0)]
 Margin = Annotated[float, Range(ge=0, lt=1)]
 
 
+# The cell layout per model family where the user gives none, measured on the embedded models
+# (docs/robustness/criterion): CLIP tokens mix their neighbours, so a 2x2 cell's central token works; Qwen's merged
+# 2x2-patch tokens stay local (a central token is the background beside a small object), so Qwen-VL families choose
+# among 3x3 cells and keep each cell's most salient token.
+CELL_LAYOUTS = {family: {"cells": 3, "cell_pick": "salient"} for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+                                                                            "qwen3_vl_moe")}
+DEFAULT_CELL_LAYOUT = {"cells": 2, "cell_pick": "central"}
+
+
 def _family_cells(adapter) -> dict:
-    return adapter.stable_cells
+    return dict(CELL_LAYOUTS.get(adapter.family, DEFAULT_CELL_LAYOUT))
 
 
 @register("divprune_stable", needs=("grid",), family_options=_family_cells,
@@ -220,7 +229,7 @@ def zoo_stable_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: St
         raise ValueError("zoo_stable needs inputs.pre_projector and inputs.projector; got None")
     b = inputs.batch
     pre = inputs.pre_projector.reshape(b, inputs.num_tokens, -1)
-    sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=inputs.seed if seed is None else seed)
+    sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed)
     if grid is not None and smooth > 1:
         sens = smooth_features(sens.unsqueeze(-1), grid, smooth).squeeze(-1)
     weights = minmax_normalise(sens).to(inputs.features.device)

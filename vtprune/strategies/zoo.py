@@ -191,8 +191,7 @@ def zoo_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.
     features: [batch, N, D] projected tokens, used for the cosine distances.
 
     First pick = the most sensitive token; each next pick maximises S_j * min_{i picked} (1 - cos(z_j, z_i))
-    with S min-max normalised per row. ``seed`` fixes the random directions (None: ``inputs.seed``, then
-    torch's global generator). ``precision="bfloat16"`` computes the projector products of an MLP projector in
+    with S min-max normalised per row. ``seed`` fixes the random directions (None: torch's global generator). ``precision="bfloat16"`` computes the projector products of an MLP projector in
     bfloat16 (``zoo_sensitivity``); the default float32 keeps the finite differences exact to float32.
     """
     if inputs.pre_projector is None or inputs.projector is None:
@@ -203,7 +202,6 @@ def zoo_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.
         raise ValueError(f"pre_projector has shape {tuple(pre.shape)}; expected [{b}, G*{n}, Din] for features "
                          f"of shape {tuple(inputs.features.shape)}")
     pre = pre.reshape(b, n, -1)
-    seed = inputs.seed if seed is None else seed
     sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed, chunk_rows=chunk_rows,
                            precision=precision)
     weights = minmax_normalise(sens).to(inputs.features.device)

@@ -1,9 +1,10 @@
-"""Merge pruned tokens into the kept ones instead of dropping them (ToMe-style size-weighted averages)."""
+"""Merging, an engine operation any stage can ask for (``merge=True``): every pruned token is averaged into its most
+similar kept token, weighted by how many original tokens each stands for (ToMe's size-weighted averages)."""
 from __future__ import annotations
 
 import torch
 
-from .. import ops
+from . import ops
 
 
 def assign_to_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+"""The decode side of the engine: every step after a pruned prefill gets the mask of the kept prompt plus the new
+tokens, positions in the original numbering, and (continuing a returned cache) only the tokens it has not seen."""
+from __future__ import annotations
+
+import torch
+
+from .calls import CallState, max_position
+from .masks import layer_mask
+
+
+class DecodeSteps:
+    """Mixed into ``Pruner``: the steps after a pruned prefill, found through the KV cache it filled."""
+
+    @staticmethod
+    def _drop_refed(state: CallState, kwargs: dict) -> dict:
+        """``generate(past_key_values=cache)`` continuing a returned cache slices its input from the cache length,
+        which the layer-0 stage made ``state.dropped`` shorter than what the call consumed: the first ``dropped``
+        tokens it feeds are already in the cache. Drop them, when the 2D mask (the whole sequence) shows exactly
+        that re-feed; anything else is left to ``_decode``'s checks."""
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if state.dropped == 0 or tokens is None or mask is None or not torch.is_tensor(mask) or mask.dim() != 2:
+            return kwargs
+        new = mask.shape[1] - state.prompt_len - state.fed
+        if new < 1 or tokens.shape[1] - new != state.dropped:
+            return kwargs
+        cut = {key: kwargs[key][:, -new:] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None}
+        cut.update({key: kwargs[key][..., -new:] for key in ("position_ids", "mm_token_type_ids", "token_type_ids")
+                    if torch.is_tensor(kwargs.get(key))})
+        return dict(kwargs, **cut)
+
+    def _decode(self, state: CallState, kwargs, embeds):
+        state.phase = "decode"
+        b, q = embeds.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise NotImplementedError("vtprune needs a 2D attention mask on decode steps")
+            expected = state.prompt_len + state.fed + q
+            if mask.shape[1] != expected:
+                raise ValueError(f"attention_mask has {mask.shape[1]} columns; after the pruned prompt of "
+                                 f"{state.prompt_len} tokens and {state.fed} fed since, {expected}"
+                                 " were expected (reuse of a cache across prompts is not supported)")
+            state.new_cols = mask[:, state.prompt_len:].long()
+        else:
+            state.new_cols = torch.ones(b, state.fed + q, dtype=torch.long, device=embeds.device)
+        state.fed += q
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            state.next_pos = max_position(pos) + 1
+        first = state.outputs.get(0)
+        if first is None:
+            return None
+        kwargs = dict(kwargs, attention_mask=torch.cat([first.kept_mask, state.new_cols], dim=1))
+        if first.shift is not None and pos is not None:
+            kwargs["position_ids"] = pos - first.shift[:, None]
+        return (), kwargs
+
+    def _layer_decode(self, state: CallState, i: int, hidden, kwargs):
+        output = state.outputs.get(self.stages[i].layer)
+        if output is None:
+            return
+        mask2d = torch.cat([output.kept_mask, state.new_cols], dim=1)
+        output.overrides = {"attention_mask": layer_mask(self.adapter.text_config, output.layer, hidden, mask2d,
+                                                         kwargs)}
+        if output.shift is not None:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                q = hidden.shape[1]
+                pos = (state.next_pos - q)[:, None] + torch.arange(q, device=hidden.device)
+            pos = pos - output.shift[:, None]
+            output.overrides.update(position_embeddings=self.adapter.rotary(hidden, pos), position_ids=pos)

@@ -7,7 +7,7 @@ Selection (DivPrune rule, and the weighted ZOO-Prune rule), LLaVA-1.5 (N = 576, 
 (N = 2880, k = 320/640) shapes, fp16 features with D = 4096, batch 1. All three contenders start from the same float32
 cosine-distance matrix (its GEMM is timed on its own line):
   kernel    vtprune.cuda.greedy, one launch;
-  reference ops.greedy_maxmin_from_distance, a running-minimum loop in PyTorch (a few launches per step);
+  reference ops.maxmin_on_distances, a running-minimum loop in PyTorch (a few launches per step);
   official  k steps of index_select / min / argmax over the rows picked so far, as DivPrune's released code does.
 "kernel k=1" is the first pick alone (an N x N pass inside one program), to show its share.
 
@@ -19,6 +19,7 @@ compact_reference; achieved bandwidth = bytes read and written / time, against t
 Timing: CUDA events around each call, after a compiling call and warmup calls, L2 flushed before each call
 (a 256 MiB write), median of the repetitions. Without a CUDA device (and without --interpret) it says so and exits 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,13 +37,28 @@ from vtprune import ops
 # Peak DRAM bandwidth in TB/s, matched against torch.cuda.get_device_name() (first match wins, so the more specific
 # names come first).
 PEAK_TBPS = [
-    ("GH200", 4.0), ("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),  # "H100 80GB HBM3" = SXM
-    ("H800", 3.35), ("B200", 8.0), ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555),
-    ("L40S", 0.864), ("L40", 0.864), ("L4", 0.3), ("A10G", 0.6), ("A10", 0.6), ("RTX 4090", 1.008),
-    ("RTX 3090", 0.936), ("V100", 0.9), ("T4", 0.32),
+    ("GH200", 4.0),
+    ("H200", 4.8),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),  # "H100 80GB HBM3" = SXM
+    ("H800", 3.35),
+    ("B200", 8.0),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIe", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+    ("L40", 0.864),
+    ("L4", 0.3),
+    ("A10G", 0.6),
+    ("A10", 0.6),
+    ("RTX 4090", 1.008),
+    ("RTX 3090", 0.936),
+    ("V100", 0.9),
+    ("T4", 0.32),
 ]
-SELECTION_GOAL = 10.0      # kernel vs official-style loop at N = 2880, k = 640
-BANDWIDTH_GOAL = 0.70      # share of peak for the compaction
+SELECTION_GOAL = 10.0  # kernel vs official-style loop at N = 2880, k = 640
+BANDWIDTH_GOAL = 0.70  # share of peak for the compaction
 
 
 def peak_tbps(name: str, override: float | None) -> float | None:
@@ -111,11 +127,13 @@ def _fmt_ms(s: float) -> str:
 
 
 def bench_selection(timer: Timer, device: str, cases, d: int, results: list) -> None:
-    from vtprune.cuda.greedy import greedy_maxmin as kernel
+    from vtprune.cuda.greedy import maxmin_kernel as kernel
 
     print(f"\n## Selection (batch 1, D = {d}, fp16 features, float32 distance matrix)")
-    print(f"{'N':>6} {'k':>5} {'rule':>9} | {'kernel':>12} {'reference':>12} {'official':>12} | "
-          f"{'x ref':>7} {'x official':>10} | same picks")
+    print(
+        f"{'N':>6} {'k':>5} {'rule':>9} | {'kernel':>12} {'reference':>12} {'official':>12} | "
+        f"{'x ref':>7} {'x official':>10} | same picks"
+    )
     seen_n = set()
     for n, k in cases:
         gen = torch.Generator().manual_seed(n)
@@ -126,25 +144,38 @@ def bench_selection(timer: Timer, device: str, cases, d: int, results: list) -> 
             seen_n.add(n)
             t_dist = timer(lambda: ops.pairwise_cosine_distance(feats))
             t_first = timer(lambda: kernel(dist, 1))
-            print(f"{n:>6} {'':>5} {'':>9} | distance matrix (GEMM, float32) {_fmt_ms(t_dist)}; "
-                  f"kernel k=1 (first pick) {_fmt_ms(t_first)}")
+            print(
+                f"{n:>6} {'':>5} {'':>9} | distance matrix (GEMM, float32) {_fmt_ms(t_dist)}; "
+                f"kernel k=1 (first pick) {_fmt_ms(t_first)}"
+            )
             results.append({"op": "distance", "N": n, "D": d, "s": t_dist})
             results.append({"op": "greedy_first_pick", "N": n, "s": t_first})
         for rule, w in (("divprune", None), ("zoo", weights)):
             t_k = timer(lambda: kernel(dist, k, w))
-            t_r = timer(lambda: ops.greedy_maxmin_from_distance(dist, k, w))
-            same = torch.equal(kernel(dist, k, w), ops.greedy_maxmin_from_distance(dist, k, w))
-            row = {"op": "greedy", "rule": rule, "N": n, "k": k, "kernel_s": t_k, "reference_s": t_r,
-                   "same_as_reference": same}
+            t_r = timer(lambda: ops.maxmin_on_distances(dist, k, w))
+            same = torch.equal(kernel(dist, k, w), ops.maxmin_on_distances(dist, k, w))
+            row = {
+                "op": "greedy",
+                "rule": rule,
+                "N": n,
+                "k": k,
+                "kernel_s": t_k,
+                "reference_s": t_r,
+                "same_as_reference": same,
+            }
             if rule == "divprune":
                 t_o = timer(lambda: official_divprune(dist[0], k), warmup=1)
                 same_o = torch.equal(kernel(dist, k)[0], official_divprune(dist[0], k))
                 row.update(official_s=t_o, same_as_official=same_o)
-                print(f"{n:>6} {k:>5} {rule:>9} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} {_fmt_ms(t_o)} | "
-                      f"{t_r / t_k:6.1f}x {t_o / t_k:9.1f}x | ref {same}, official {same_o}")
+                print(
+                    f"{n:>6} {k:>5} {rule:>9} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} {_fmt_ms(t_o)} | "
+                    f"{t_r / t_k:6.1f}x {t_o / t_k:9.1f}x | ref {same}, official {same_o}"
+                )
             else:
-                print(f"{n:>6} {k:>5} {rule:>9} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} {'':>12} | "
-                      f"{t_r / t_k:6.1f}x {'':>10} | ref {same}")
+                print(
+                    f"{n:>6} {k:>5} {rule:>9} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} {'':>12} | "
+                    f"{t_r / t_k:6.1f}x {'':>10} | ref {same}"
+                )
             results.append(row)
 
 
@@ -161,10 +192,14 @@ def _compact_bytes(hidden, index, pos, mask) -> int:
 def bench_compaction(timer: Timer, device: str, cases, d: int, peak: float | None, results: list) -> None:
     from vtprune.cuda.compact import compact as kernel
 
-    print(f"\n## Compaction (hidden fp16, D = {d}, int64 position ids, int64 mask)"
-          + (f"; peak {peak:.2f} TB/s" if peak else "; peak unknown (--peak-tbps)"))
-    print(f"{'case':>24} {'B':>3} {'L':>6} {'L_kept':>6} {'rows':>4} | {'kernel':>12} {'reference':>12} | "
-          f"{'MB moved':>9} {'GB/s':>8} {'% peak':>7}")
+    print(
+        f"\n## Compaction (hidden fp16, D = {d}, int64 position ids, int64 mask)"
+        + (f"; peak {peak:.2f} TB/s" if peak else "; peak unknown (--peak-tbps)")
+    )
+    print(
+        f"{'case':>24} {'B':>3} {'L':>6} {'L_kept':>6} {'rows':>4} | {'kernel':>12} {'reference':>12} | "
+        f"{'MB moved':>9} {'GB/s':>8} {'% peak':>7}"
+    )
     for name, b, l, lk, rows in cases:
         gen = torch.Generator().manual_seed(l)
         hidden = torch.randn(b, l, d, generator=gen).to(device=device, dtype=torch.float16)
@@ -174,15 +209,33 @@ def bench_compaction(timer: Timer, device: str, cases, d: int, peak: float | Non
         mask = torch.ones(b, l, dtype=torch.long, device=device)
         t_k = timer(lambda: kernel(hidden, index, pos, mask))
         t_r = timer(lambda: ops.compact_reference(hidden, index, pos, mask))
-        ok = all(torch.equal(x, y) for x, y in zip(kernel(hidden, index, pos, mask),
-                                                     ops.compact_reference(hidden, index, pos, mask)))
+        ok = all(
+            torch.equal(x, y)
+            for x, y in zip(kernel(hidden, index, pos, mask), ops.compact_reference(hidden, index, pos, mask))
+        )
         moved = _compact_bytes(hidden, index, pos, mask)
         gbps = moved / t_k / 1e9
         share = gbps / (peak * 1e3) if peak else None
-        print(f"{name:>24} {b:>3} {l:>6} {lk:>6} {rows:>4} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} | {moved / 1e6:9.2f} "
-              f"{gbps:8.1f} {f'{share:6.1%}' if share is not None else '    n/a'}" + ("" if ok else "  MISMATCH"))
-        results.append({"op": "compact", "case": name, "B": b, "L": l, "L_kept": lk, "rows": rows, "kernel_s": t_k,
-                        "reference_s": t_r, "bytes": moved, "GBps": gbps, "peak_share": share, "equal": ok})
+        print(
+            f"{name:>24} {b:>3} {l:>6} {lk:>6} {rows:>4} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} | {moved / 1e6:9.2f} "
+            f"{gbps:8.1f} {f'{share:6.1%}' if share is not None else '    n/a'}" + ("" if ok else "  MISMATCH")
+        )
+        results.append(
+            {
+                "op": "compact",
+                "case": name,
+                "B": b,
+                "L": l,
+                "L_kept": lk,
+                "rows": rows,
+                "kernel_s": t_k,
+                "reference_s": t_r,
+                "bytes": moved,
+                "GBps": gbps,
+                "peak_share": share,
+                "equal": ok,
+            }
+        )
 
 
 def bench_merge(timer: Timer, device: str, cases, d: int, results: list) -> None:
@@ -199,8 +252,15 @@ def bench_merge(timer: Timer, device: str, cases, d: int, results: list) -> None
         sizes = torch.rand(1, n, generator=gen).to(device) + 0.5
         t_k = timer(lambda: kernel(hidden, keep, target, sizes))
         t_r = timer(lambda: ops.merge_tokens_reference(hidden, keep, target, sizes))
-        diff = (kernel(hidden, keep, target, sizes)[0].float()
-                - ops.merge_tokens_reference(hidden, keep, target, sizes)[0].float()).abs().max().item()
+        diff = (
+            (
+                kernel(hidden, keep, target, sizes)[0].float()
+                - ops.merge_tokens_reference(hidden, keep, target, sizes)[0].float()
+            )
+            .abs()
+            .max()
+            .item()
+        )
         print(f"{n:>6} {k:>5} | {_fmt_ms(t_k)} {_fmt_ms(t_r)} | {diff:.2e}")
         results.append({"op": "merge", "N": n, "k": k, "kernel_s": t_k, "reference_s": t_r, "max_abs_diff": diff})
 
@@ -210,20 +270,27 @@ def _goals(results: list, peak: float | None) -> list[str]:
     sel = [r for r in results if r["op"] == "greedy" and r["rule"] == "divprune" and r["N"] == 2880 and r["k"] == 640]
     if sel:
         ratio = sel[0]["official_s"] / sel[0]["kernel_s"]
-        lines.append(f"selection N=2880 k=640: {ratio:.1f}x the official-style loop (goal >= {SELECTION_GOAL:.0f}x): "
-                     + ("PASS" if ratio >= SELECTION_GOAL else "MISS"))
+        lines.append(
+            f"selection N=2880 k=640: {ratio:.1f}x the official-style loop (goal >= {SELECTION_GOAL:.0f}x): "
+            + ("PASS" if ratio >= SELECTION_GOAL else "MISS")
+        )
     bw = [r for r in results if r["op"] == "compact" and r["case"] == "bandwidth"]
     if bw and peak:
         share = bw[0]["peak_share"]
-        lines.append(f"compaction bandwidth: {share:.1%} of {peak:.2f} TB/s (goal >= {BANDWIDTH_GOAL:.0%}): "
-                     + ("PASS" if share >= BANDWIDTH_GOAL else "MISS"))
+        lines.append(
+            f"compaction bandwidth: {share:.1%} of {peak:.2f} TB/s (goal >= {BANDWIDTH_GOAL:.0%}): "
+            + ("PASS" if share >= BANDWIDTH_GOAL else "MISS")
+        )
     return lines
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--interpret", action="store_true",
-                        help="run tiny shapes on CPU under Triton's interpreter (checks the script end to end)")
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run tiny shapes on CPU under Triton's interpreter (checks the script end to end)",
+    )
     parser.add_argument("--peak-tbps", type=float, default=None, help="device peak DRAM bandwidth in TB/s")
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions per measurement (at most)")
     parser.add_argument("--json", default=None, help="also write the results to this file")

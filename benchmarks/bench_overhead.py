@@ -10,6 +10,7 @@ median over rounds of (patched - unpatched - choosing), with its interquartile r
 
     python -m benchmarks.bench_overhead [--methods fastv,entropy] [--rounds 400] [--pixels] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,11 @@ def _inputs(model, processor, pixels: bool = False):
     if pixels:
         media = {"pixel_values": batch["pixel_values"]}
     else:
-        media = {"mm_encoder_outputs": {"image": model.model.get_image_features(pixel_values=batch["pixel_values"],
-                                                                              return_dict=True)}}
+        media = {
+            "mm_encoder_outputs": {
+                "image": model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+            }
+        }
     return dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **media)
 
 
@@ -67,19 +71,31 @@ def run(methods=("fastv", "entropy"), rounds: int = 400, layer: int = 2, pixels:
     for name in methods:
         over = sorted(p - u - c for p, u, c in zip(times[name], times["unpatched"], choosing[name]))
         q = len(over) // 4
-        rows.append({"method": name, "layer": layer, "unpatched_s": statistics.median(times["unpatched"]),
-                     "patched_s": statistics.median(times[name]), "choosing_s": statistics.median(choosing[name]),
-                     "overhead_s": statistics.median(over), "overhead_iqr_s": (over[q], over[-1 - q])})
+        rows.append(
+            {
+                "method": name,
+                "layer": layer,
+                "unpatched_s": statistics.median(times["unpatched"]),
+                "patched_s": statistics.median(times[name]),
+                "choosing_s": statistics.median(choosing[name]),
+                "overhead_s": statistics.median(over),
+                "overhead_iqr_s": (over[q], over[-1 - q]),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | layer | unpatched ms | patched (keep all) ms | choosing ms | overhead ms (IQR) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | layer | unpatched ms | patched (keep all) ms | choosing ms | overhead ms (IQR) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lo, hi = r["overhead_iqr_s"]
-        lines.append(f"| {r['method']} | {r['layer']} | {r['unpatched_s'] * 1e3:.2f} | {r['patched_s'] * 1e3:.2f} | "
-                     f"{r['choosing_s'] * 1e3:.2f} | {r['overhead_s'] * 1e3:.2f} ({lo * 1e3:.2f}–{hi * 1e3:.2f}) |")
+        lines.append(
+            f"| {r['method']} | {r['layer']} | {r['unpatched_s'] * 1e3:.2f} | {r['patched_s'] * 1e3:.2f} | "
+            f"{r['choosing_s'] * 1e3:.2f} | {r['overhead_s'] * 1e3:.2f} ({lo * 1e3:.2f}–{hi * 1e3:.2f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -94,8 +110,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     rows = run(args.methods.split(","), args.rounds, args.layer, args.pixels)
     image = "pixel_values" if args.pixels else "image pre-encoded"
-    print(f"Embedded LLaVA (llava-tiny-sortofclevr), batch 1, {image}, {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds")
+    print(
+        f"Embedded LLaVA (llava-tiny-sortofclevr), batch 1, {image}, {args.threads} thread(s), "
+        f"{args.rounds} interleaved rounds"
+    )
     print(table(rows))
 
 

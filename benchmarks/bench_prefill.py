@@ -17,6 +17,7 @@ repeats the whole measurement and prints each ratio's median and spread (min–m
 A method spec is a registered name (its default layer), ``name@layer``, or a schedule ``a@0:284+b@2:38`` (stages
 joined by ``+``, each ``method@layer:kept tokens``; a stage without ``:tokens`` keeps the row's budget).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,33 @@ BUDGETS = (192, 128, 64)
 def build(hidden: int, layers: int, seed: int = 0):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    vision = dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=336, patch_size=14, projection_dim=64)
-    text = dict(model_type="llama", vocab_size=1000, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                max_position_embeddings=2048)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-1,
-                      vision_feature_select_strategy="default")
+    vision = dict(
+        model_type="clip_vision_model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+        projection_dim=64,
+    )
+    text = dict(
+        model_type="llama",
+        vocab_size=1000,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=2048,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=999,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(cfg).eval()
@@ -88,17 +109,29 @@ class Bench:
         self.model = build(hidden, layers)
         self.n, self.before = 576, text_before
         image_token = self.model.config.image_token_id
-        self.ids = torch.cat([torch.randint(0, 900, (1, text_before)), torch.full((1, self.n), image_token),
-                              torch.randint(0, 900, (1, text_after))], dim=1)
+        self.ids = torch.cat(
+            [
+                torch.randint(0, 900, (1, text_before)),
+                torch.full((1, self.n), image_token),
+                torch.randint(0, 900, (1, text_after)),
+            ],
+            dim=1,
+        )
         self.pixels = torch.randn(1, 3, 336, 336)
-        self.features = self.model.model.get_image_features(pixel_values=self.pixels, vision_feature_layer=-1,
-                                                            vision_feature_select_strategy="default",
-                                                            return_dict=True)
+        self.features = self.model.model.get_image_features(
+            pixel_values=self.pixels,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            return_dict=True,
+        )
 
     def call(self, ids=None, features=None, pixels=False, **extra):
         ids = self.ids if ids is None else ids
-        media = dict(pixel_values=self.pixels) if pixels else dict(mm_encoder_outputs={
-            "image": self.features if features is None else features})
+        media = (
+            dict(pixel_values=self.pixels)
+            if pixels
+            else dict(mm_encoder_outputs={"image": self.features if features is None else features})
+        )
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **media, **extra)
 
     def flops(self, length: int) -> int:
@@ -132,19 +165,30 @@ class Bench:
         if layers == [0]:  # the oracle: only the kept tokens, at their original positions
             kept = stats[0]["kept_indices"][0]
             keep = torch.ones(self.ids.shape[1], dtype=torch.bool)
-            keep[self.before:self.before + self.n] = False
+            keep[self.before : self.before + self.n] = False
             keep[kept + self.before] = True
             feats = type(self.features)(pooler_output=[self.features.pooler_output[0][kept]])
             oracle = self.call(self.ids[:, keep], feats, position_ids=torch.arange(self.ids.shape[1])[keep][None])
             fns["oracle"] = (lambda: _unpatch(model), lambda: model(**oracle))
             if pixels:  # the pruned call ran the tower too: time it alongside and add it to the oracle
-                fns["tower"] = (lambda: _unpatch(model), lambda: model.model.get_image_features(
-                    pixel_values=self.pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"))
+                fns["tower"] = (
+                    lambda: _unpatch(model),
+                    lambda: model.model.get_image_features(
+                        pixel_values=self.pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"
+                    ),
+                )
         t = median_times(fns, repeats)
         _unpatch(model)
         oracle_s = t["oracle"] + t.get("tower", 0.0) if "oracle" in t else None
-        return {"method": spec, "kept": stats[-1]["tokens_after"][0], "full_s": t["full"], "pruned_s": t["pruned"],
-                "oracle_s": oracle_s, "select_s": statistics.median(select), "ideal_speedup": ideal}
+        return {
+            "method": spec,
+            "kept": stats[-1]["tokens_after"][0],
+            "full_s": t["full"],
+            "pruned_s": t["pruned"],
+            "oracle_s": oracle_s,
+            "select_s": statistics.median(select),
+            "ideal_speedup": ideal,
+        }
 
 
 def run(methods=("pool", "random"), hidden=1024, layers=4, repeats=7, runs=1, budgets=BUDGETS) -> list[dict]:
@@ -153,13 +197,15 @@ def run(methods=("pool", "random"), hidden=1024, layers=4, repeats=7, runs=1, bu
     plan = [(m, k) for m in methods for k in ((bench.n,) if "+" in m and ":" in m else budgets)]
     per_run = [[bench.measure(m, k, repeats) for m, k in plan] for _ in range(runs)]
     rows = []
-    for i, (m, _) in enumerate(plan):
+    for i in range(len(plan)):
         samples = [r[i] for r in per_run]
         row = dict(samples[0])
         for key in ("full_s", "pruned_s", "select_s"):
             row[key] = statistics.median(s[key] for s in samples)
-        ratios = {"speedup": [s["full_s"] / s["pruned_s"] for s in samples],
-                  "choosing": [s["select_s"] / s["pruned_s"] for s in samples]}
+        ratios = {
+            "speedup": [s["full_s"] / s["pruned_s"] for s in samples],
+            "choosing": [s["select_s"] / s["pruned_s"] for s in samples],
+        }
         if row["oracle_s"] is not None:
             row["oracle_s"] = statistics.median(s["oracle_s"] for s in samples)
             ratios["vs_oracle"] = [s["pruned_s"] / s["oracle_s"] for s in samples]
@@ -174,25 +220,36 @@ def _fmt(ratio, fmt, unit="") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | kept | full ms | pruned ms | oracle ms | speedup | ideal (FLOPs) | of ideal | pruned/oracle "
-             "| choosing / pruned |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | kept | full ms | pruned ms | oracle ms | speedup | ideal (FLOPs) | of ideal | pruned/oracle "
+        "| choosing / pruned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         q = r["ratios"]
         oracle = "—" if r["oracle_s"] is None else f"{r['oracle_s'] * 1e3:.1f}"
         vs = "—" if "vs_oracle" not in q else _fmt(q["vs_oracle"], ".3f")
         choosing = tuple(100 * x for x in q["choosing"])
-        lines.append(f"| {r['method']} | {r['kept']} | {r['full_s'] * 1e3:.1f} | {r['pruned_s'] * 1e3:.1f} | {oracle} | "
-                     f"{_fmt(q['speedup'], '.2f', 'x')} | {r['ideal_speedup']:.2f}x | "
-                     f"{q['speedup'][0] / r['ideal_speedup']:.2f} | {vs} | {_fmt(choosing, '.2f', ' %')} |")
+        lines.append(
+            f"| {r['method']} | {r['kept']} | {r['full_s'] * 1e3:.1f} | {r['pruned_s'] * 1e3:.1f} | {oracle} | "
+            f"{_fmt(q['speedup'], '.2f', 'x')} | {r['ideal_speedup']:.2f}x | "
+            f"{q['speedup'][0] / r['ideal_speedup']:.2f} | {vs} | {_fmt(choosing, '.2f', ' %')} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="pool,random",
-                    help="comma-separated method specs, or 'all' for every registered method (default: %(default)s)")
-    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
-                    help="visual tokens kept of 576, comma-separated (default: %(default)s)")
+    ap.add_argument(
+        "--methods",
+        default="pool,random",
+        help="comma-separated method specs, or 'all' for every registered method (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--budgets",
+        default=",".join(map(str, BUDGETS)),
+        help="visual tokens kept of 576, comma-separated (default: %(default)s)",
+    )
     ap.add_argument("--hidden", type=int, default=1024, help="decoder width (default: %(default)s)")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=7, help="interleaved rounds per measurement (default: %(default)s)")
@@ -205,9 +262,11 @@ def main(argv=None):
         parse_spec(spec, 1)  # refuse a bad spec before minutes of timing
     budgets = tuple(int(b) for b in args.budgets.split(","))
     rows = run(methods, args.hidden, args.layers, args.repeats, args.runs, budgets)
-    print(f"LLaVA-1.5-shaped LM prefill, hidden {args.hidden}, {args.layers} layers, 576 visual tokens, "
-          f"{args.threads} threads, medians of {args.repeats} interleaved rounds"
-          + (f", median (min–max) of {args.runs} runs" if args.runs > 1 else ""))
+    print(
+        f"LLaVA-1.5-shaped LM prefill, hidden {args.hidden}, {args.layers} layers, 576 visual tokens, "
+        f"{args.threads} threads, medians of {args.repeats} interleaved rounds"
+        + (f", median (min–max) of {args.runs} runs" if args.runs > 1 else "")
+    )
     print(table(rows))
 
 

@@ -7,14 +7,15 @@ Greedy, on random LLaVA-like tokens (a few background directions plus noise and 
 - reference: ``ops.greedy_maxmin_reference`` (matrix + running minimum, the specification);
 - matrix / rows: ``vtprune.greedy`` with the matrix, and without it (``max_matrix_bytes=0``).
 Times are medians of interleaved rounds in this process; peak memory is the growth of the peak RSS of a fresh
-process running one selection (Linux VmHWM after resetting it; tracemalloc does not see torch). Picks are checked against the
-reference. N = 50 000 runs the rows path only (the matrix would be 10 GB).
+process running one selection (Linux VmHWM after resetting it; tracemalloc does not see torch). Picks are checked
+against the reference. N = 50 000 runs the rows path only (the matrix would be 10 GB).
 
 ZOO sensitivity: the generic form (2 m N projector rows) against the MLP form, float32 and bfloat16 products, on
 projector shapes of real and bench models; FLOPs from ``zoo_scoring_flops``, accuracy against float64.
 
     python -m benchmarks.bench_select [--dim 1024] [--threads 1] [--rounds 5,3,1] [--video-keep 1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,8 @@ def official_style(x: torch.Tensor, k: int, weights: torch.Tensor | None = None)
 VARIANTS = {
     "official": official_style,
     "reference": ops.greedy_maxmin_reference,
-    "matrix": lambda x, k, w=None: greedy.greedy_maxmin(x, k, w, max_matrix_bytes=1 << 62),
-    "rows": lambda x, k, w=None: greedy.greedy_maxmin(x, k, w, max_matrix_bytes=0),
+    "matrix": lambda x, k, w=None: greedy.maxmin_torch(x, k, w, max_matrix_bytes=1 << 62),
+    "rows": lambda x, k, w=None: greedy.maxmin_torch(x, k, w, max_matrix_bytes=0),
 }
 
 
@@ -88,7 +89,7 @@ from benchmarks import bench_select as b
 name, n, d, k, weighted = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 x = b.tokens(n, d)
 w = torch.rand(1, n, generator=torch.Generator().manual_seed(1)) if weighted else None
-b.greedy.greedy_maxmin(b.tokens(8, d), 2, w if w is None else w[:, :8])  # load the BLAS, NumPy paths first
+b.greedy.maxmin_torch(b.tokens(8, d), 2, w if w is None else w[:, :8])  # load the BLAS, NumPy paths first
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak RSS (VmHWM) to the current RSS: imports no longer count
 before = b.rss_kib("VmRSS")
@@ -107,17 +108,24 @@ def rss_kib(field: str) -> int:
 
 def peak(name: str, n: int, d: int, k: int, weighted: bool) -> dict:
     """One selection in a fresh process: its time, peak RSS growth (bytes) and picks."""
-    res = subprocess.run([sys.executable, "-c", _PEAK, name, str(n), str(d), str(k), str(int(weighted))],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", _PEAK, name, str(n), str(d), str(k), str(int(weighted))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def greedy_table(dim: int, sizes: list[int], rounds: list[int], video_n: int, video_keep: int) -> list[str]:
-    lines = [f"Greedy max-min, D = {dim}, k = round(N * 64 / 576), medians of interleaved rounds; peak = growth of "
-             "peak RSS in a fresh process", "",
-             "| method | N | k | rounds | official ms | reference ms | matrix ms | rows ms | official / matrix | "
-             "reference / matrix | rows / matrix | peak MB official / reference / matrix / rows | same picks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Greedy max-min, D = {dim}, k = round(N * 64 / 576), medians of interleaved rounds; peak = growth of "
+        "peak RSS in a fresh process",
+        "",
+        "| method | N | k | rounds | official ms | reference ms | matrix ms | rows ms | official / matrix | "
+        "reference / matrix | rows / matrix | peak MB official / reference / matrix / rows | same picks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for n, r in zip(sizes, rounds):
         k = round(n * KEEP)
         x = tokens(n, dim)
@@ -125,18 +133,26 @@ def greedy_table(dim: int, sizes: list[int], rounds: list[int], video_n: int, vi
             want = ops.greedy_maxmin_reference(x, k, w)
             same = all(torch.equal(VARIANTS[v](x, k, w), want) for v in VARIANTS)
             t = interleaved({v: (lambda f=f: f(x, k, w)) for v, f in VARIANTS.items()}, r)
-            mem = [peak(v, n, dim, k, w is not None)["grown"] / 2 ** 20 for v in VARIANTS]
-            lines.append(f"| {method} | {n} | {k} | {r} | " + " | ".join(f"{t[v] * 1e3:.1f}" for v in VARIANTS)
-                         + f" | {t['official'] / t['matrix']:.2f}x | {t['reference'] / t['matrix']:.2f}x | "
-                         f"{t['rows'] / t['matrix']:.2f}x | " + " / ".join(f"{m:.0f}" for m in mem)
-                         + f" | {'yes' if same else 'NO'} |")
+            mem = [peak(v, n, dim, k, w is not None)["grown"] / 2**20 for v in VARIANTS]
+            lines.append(
+                f"| {method} | {n} | {k} | {r} | "
+                + " | ".join(f"{t[v] * 1e3:.1f}" for v in VARIANTS)
+                + f" | {t['official'] / t['matrix']:.2f}x | {t['reference'] / t['matrix']:.2f}x | "
+                f"{t['rows'] / t['matrix']:.2f}x | "
+                + " / ".join(f"{m:.0f}" for m in mem)
+                + f" | {'yes' if same else 'NO'} |"
+            )
     n = video_n
-    lines += ["", f"N = {n}, rows path only, one run in a fresh process; the matrix alone would be "
-              f"{4 * n * n / 2 ** 30:.1f} GiB", "",
-              "| method | N | k | D | seconds | peak MB |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"N = {n}, rows path only, one run in a fresh process; the matrix alone would be {4 * n * n / 2**30:.1f} GiB",
+        "",
+        "| method | N | k | D | seconds | peak MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, weighted in (("divprune", False), ("zoo", True)):
         p = peak("rows", n, dim, video_keep, weighted)
-        lines.append(f"| {method} | {n} | {video_keep} | {dim} | {p['s']:.1f} | {p['grown'] / 2 ** 20:.0f} |")
+        lines.append(f"| {method} | {n} | {video_keep} | {dim} | {p['s']:.1f} | {p['grown'] / 2**20:.0f} |")
     return lines
 
 
@@ -150,32 +166,45 @@ ZOO_SHAPES = {  # name -> (Din, H, D) of Linear -> GELU -> Linear
 
 
 def zoo_table(n_time: int, n_acc: int, m: int, rounds: int) -> list[str]:
-    lines = [f"ZOO sensitivity, m = {m}: time at N = {n_time} tokens (medians of {rounds} interleaved rounds), "
-             f"accuracy at N = {n_acc} against the float64 generic form (max relative error over tokens)", "",
-             "| projector (Din-H-D) | FLOPs generic / MLP (N = 576) | generic ms | MLP f32 ms | MLP bf16 ms | generic / MLP f32 | "
-             "generic / MLP bf16 | err generic | err MLP f32 | err MLP bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"ZOO sensitivity, m = {m}: time at N = {n_time} tokens (medians of {rounds} interleaved rounds), "
+        f"accuracy at N = {n_acc} against the float64 generic form (max relative error over tokens)",
+        "",
+        "| projector (Din-H-D) | FLOPs generic / MLP (N = 576) | generic ms | MLP f32 ms | MLP bf16 ms | "
+        "generic / MLP f32 | generic / MLP bf16 | err generic | err MLP f32 | err MLP bf16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, (din, hid, dout) in ZOO_SHAPES.items():
         torch.manual_seed(0)
         proj = torch.nn.Sequential(torch.nn.Linear(din, hid), torch.nn.GELU(), torch.nn.Linear(hid, dout))
         pre = torch.randn(1, n_time, din)
-        t = interleaved({f"{form}-{prec}": (lambda form=form, prec=prec: zoo.zoo_sensitivity(
-            pre, proj, m=m, form=form, precision=prec)) for form, prec in (
-            ("generic", "float32"), ("mlp", "float32"), ("mlp", "bfloat16"))}, rounds)
+        t = interleaved(
+            {
+                f"{form}-{prec}": (
+                    lambda form=form, prec=prec: zoo.zoo_sensitivity(pre, proj, m=m, form=form, precision=prec)
+                )
+                for form, prec in (("generic", "float32"), ("mlp", "float32"), ("mlp", "bfloat16"))
+            },
+            rounds,
+        )
         small = pre[:, :n_acc]
         u = zoo.random_directions(m, din, 0).double() * 0.01
         p64 = copy.deepcopy(proj).double()
         with torch.no_grad():
             ref = sum((p64(small.double() + u[j]) - p64(small.double() - u[j])).norm(dim=-1) for j in range(m))
         ref = ref / (2 * 0.01 * m)
-        err = {key: float(((zoo.zoo_sensitivity(small, proj, m=m, form=f, precision=p).double() - ref).abs()
-                           / ref).max()) for key, f, p in (("g", "generic", "float32"), ("m", "mlp", "float32"),
-                                                           ("b", "mlp", "bfloat16"))}
+        err = {
+            key: float(((zoo.zoo_sensitivity(small, proj, m=m, form=f, precision=p).double() - ref).abs() / ref).max())
+            for key, f, p in (("g", "generic", "float32"), ("m", "mlp", "float32"), ("b", "mlp", "bfloat16"))
+        }
         ratio = zoo.zoo_scoring_flops(576, m, (din, hid, dout), "generic") / zoo.zoo_scoring_flops(
-            576, m, (din, hid, dout))
+            576, m, (din, hid, dout)
+        )
         g, f, b = t["generic-float32"], t["mlp-float32"], t["mlp-bfloat16"]
-        lines.append(f"| {name} ({din}-{hid}-{dout}) | {ratio:.2f}x | {g * 1e3:.0f} | {f * 1e3:.0f} | {b * 1e3:.0f} | "
-                     f"{g / f:.2f}x | {g / b:.2f}x | {err['g']:.1e} | {err['m']:.1e} | {err['b']:.1e} |")
+        lines.append(
+            f"| {name} ({din}-{hid}-{dout}) | {ratio:.2f}x | {g * 1e3:.0f} | {f * 1e3:.0f} | {b * 1e3:.0f} | "
+            f"{g / f:.2f}x | {g / b:.2f}x | {err['g']:.1e} | {err['m']:.1e} | {err['b']:.1e} |"
+        )
     return lines
 
 
@@ -194,9 +223,19 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     if args.skip != "greedy":
-        print("\n".join(greedy_table(args.dim, [int(n) for n in args.sizes.split(",")], [int(r) for r in args.rounds.split(",")],
-                                   args.video_n, args.video_keep)), "\n",
-              flush=True)
+        print(
+            "\n".join(
+                greedy_table(
+                    args.dim,
+                    [int(n) for n in args.sizes.split(",")],
+                    [int(r) for r in args.rounds.split(",")],
+                    args.video_n,
+                    args.video_keep,
+                )
+            ),
+            "\n",
+            flush=True,
+        )
     if args.skip != "zoo":
         print("\n".join(zoo_table(args.zoo_tokens, 16, 64, args.zoo_rounds)))
 

@@ -6,8 +6,9 @@
   one program per sample, one launch.
 
 This file never imports Triton (``import vtprune.cuda`` works without it; ``triton_available()`` says whether the
-kernels can run); the kernel modules do, and ``vtprune.ops`` imports them only when it is about to use them. The kernels run compiled on CUDA tensors, or under Triton's interpreter
-(``TRITON_INTERPRET=1``) on any tensors, CPU included.
+kernels can run); the kernel modules do, and ``vtprune.ops`` imports them only when it is about to use them. The
+kernels run compiled on CUDA tensors, or under Triton's interpreter (``TRITON_INTERPRET=1``) on any tensors, CPU
+included.
 
 Triton decides between compiling and interpreting when ``@triton.jit`` is applied, reading ``TRITON_INTERPRET`` at
 that moment. So that the mode of our kernels does not depend on which module first imported a kernel file, they are
@@ -17,6 +18,7 @@ are decorated when ``triton`` is first imported, though, so the interpreter only
 ``TRITON_INTERPRET=1`` was set before that import (and compiled kernels only where it was not); ``lazy_jit`` raises a
 clear error on a mismatch instead of Triton's "Cannot call @triton.jit'd outside of the scope of a kernel".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +29,7 @@ import os
 __all__ = ["triton_available", "interpret_mode", "stdlib_interpreted", "lazy_jit", "check_device", "on_device"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works (it is not attempted until asked)."""
     try:
@@ -68,7 +70,8 @@ class lazy_jit:
                     f"TRITON_INTERPRET is {'set' if mode else 'unset'} now but was "
                     f"{'set' if not mode else 'unset'} when triton was first imported in this process; Triton's "
                     "own helpers (tl.max, tl.argmax, ...) follow the value at import time. Set TRITON_INTERPRET "
-                    "before anything imports triton (or run in a fresh process).")
+                    "before anything imports triton (or run in a fresh process)."
+                )
             kernel = self._compiled[mode] = triton.jit(self.fn)
         return kernel[grid]
 
@@ -90,7 +93,8 @@ def check_device(*tensors) -> None:
         if t is not None and not t.is_cuda:
             raise RuntimeError(
                 "vtprune Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 "
-                "(Triton's interpreter) or use vtprune.ops.set_backend('torch')")
+                "(Triton's interpreter) or use vtprune.ops.set_backend('torch')"
+            )
 
 
 def on_device(t):

@@ -19,6 +19,7 @@ Grid ``(B,)``, one program per sample, ``BLOCK_N = next_power_of_2(N)`` lanes (4
   registers too), taken lanes set to -inf, argmax, store the pick, load the picked token's distance row (the only
   memory traffic per step: ``4 N`` bytes) and fold it into ``nearest`` with ``minimum``. No host sync anywhere.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,11 +32,19 @@ MAX_N = 16384  # lanes kept in registers; beyond this the running minimum would 
 
 
 def _greedy_kernel(
-    dist_ptr, w_ptr, out_ptr,
-    N, K,
-    s_db, s_dr, s_dc,          # dist [B, N, N]
-    s_wb, s_wn,                # weights [B, N]
-    WEIGHTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    dist_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    K,
+    s_db,
+    s_dr,
+    s_dc,  # dist [B, N, N]
+    s_wb,
+    s_wn,  # weights [B, N]
+    WEIGHTED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -52,13 +61,16 @@ def _greedy_kernel(
         for r0 in range(0, N, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             r_ok = rows < N
-            d = tl.load(base + rows.to(tl.int64)[:, None] * s_dr + cols[None, :] * s_dc,
-                        mask=r_ok[:, None] & c_ok[None, :], other=float("inf")).to(tl.float32)
+            d = tl.load(
+                base + rows.to(tl.int64)[:, None] * s_dr + cols[None, :] * s_dc,
+                mask=r_ok[:, None] & c_ok[None, :],
+                other=float("inf"),
+            ).to(tl.float32)
             d = tl.where(rows[:, None] == cols[None, :], float("inf"), d)
             row_min = tl.where(r_ok, tl.min(d, axis=1), float("-inf"))
             blk_best = tl.max(row_min, axis=0)
             blk_arg = tl.argmax(row_min, axis=0) + r0
-            better = blk_best > best                     # strict: an earlier block wins ties
+            better = blk_best > best  # strict: an earlier block wins ties
             first = tl.where(better, blk_arg, first)
             best = tl.where(better, blk_best, best)
 
@@ -81,7 +93,7 @@ def _greedy_kernel(
 greedy_kernel = lazy_jit(_greedy_kernel)
 
 
-def greedy_maxmin(dist: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def maxmin_kernel(dist: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy max-min selection from a distance matrix, in pick order.
 
     dist: [B, N, N] (float32 as from ``ops.pairwise_cosine_distance``; half types are upcast on load);
@@ -102,12 +114,22 @@ def greedy_maxmin(dist: torch.Tensor, k: int, weights: torch.Tensor | None = Non
     block_n = triton.next_power_of_2(N)
     block_r = max(1, min(64, 16384 // block_n))
     num_warps = 4 if block_n <= 512 else (8 if block_n <= 2048 else 16)
-    w = weights if weights is not None else dist                 # placeholder when absent (never read)
+    w = weights if weights is not None else dist  # placeholder when absent (never read)
     with on_device(dist):
         greedy_kernel[(B,)](
-            dist, w, out, N, k,
-            dist.stride(0), dist.stride(1), dist.stride(2),
-            w.stride(0), w.stride(1),
-            WEIGHTED=weights is not None, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=num_warps,
+            dist,
+            w,
+            out,
+            N,
+            k,
+            dist.stride(0),
+            dist.stride(1),
+            dist.stride(2),
+            w.stride(0),
+            w.stride(1),
+            WEIGHTED=weights is not None,
+            BLOCK_N=block_n,
+            BLOCK_R=block_r,
+            num_warps=num_warps,
         )
     return out

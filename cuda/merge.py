@@ -15,6 +15,7 @@ Accumulation is in float32, as in the reference; only the summation order differ
 deterministic run to run). Blocks: ``BLOCK_D = 64``, halved (down to 16) until ``B * cdiv(D, BLOCK_D) >= 128``
 programs on a GPU (D = 4096, B = 1: 32 channels, 128 programs); ``BLOCK_N = BLOCK_K = min(128, 4096 // BLOCK_D)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,27 +26,45 @@ from . import check_device, interpret_mode, lazy_jit, on_device
 
 
 def _merge_kernel(
-    h_ptr, tgt_ptr, w_ptr, out_ptr, acc_ptr, tot_ptr,
-    N, K, D, B,
-    s_hb, s_hn, s_hd,       # hidden [B, N, D]
-    s_tb, s_tn,             # target [B, N]
-    s_wb, s_wn,             # sizes [B, N]
-    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    h_ptr,
+    tgt_ptr,
+    w_ptr,
+    out_ptr,
+    acc_ptr,
+    tot_ptr,
+    N,
+    K,
+    D,
+    B,
+    s_hb,
+    s_hn,
+    s_hd,  # hidden [B, N, D]
+    s_tb,
+    s_tn,  # target [B, N]
+    s_wb,
+    s_wn,  # sizes [B, N]
+    HAS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
-    acc_b = acc_ptr + b * K * D                        # workspace, contiguous [B, K, D] float32
-    tot_b = tot_ptr + (pid_d * B + b) * K              # this program's totals, contiguous [nD, B, K] float32
-    out_b = out_ptr + b * K * D                        # output, contiguous [B, K, D]
+    acc_b = acc_ptr + b * K * D  # workspace, contiguous [B, K, D] float32
+    tot_b = tot_ptr + (pid_d * B + b) * K  # this program's totals, contiguous [nD, B, K] float32
+    out_b = out_ptr + b * K * D  # output, contiguous [B, K, D]
 
     # 1. zero this program's part of the workspace
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
-        tl.store(acc_b + kk[:, None] * D + d[None, :], tl.zeros((BLOCK_K, BLOCK_D), tl.float32),
-                 mask=k_ok[:, None] & d_ok[None, :])
+        tl.store(
+            acc_b + kk[:, None] * D + d[None, :],
+            tl.zeros((BLOCK_K, BLOCK_D), tl.float32),
+            mask=k_ok[:, None] & d_ok[None, :],
+        )
         tl.store(tot_b + kk, tl.zeros((BLOCK_K,), tl.float32), mask=k_ok)
     tl.debug_barrier()
 
@@ -77,16 +96,19 @@ def _merge_kernel(
 merge_kernel = lazy_jit(_merge_kernel)
 
 
-def merge(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
-          sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor, sizes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of every token into its assigned kept slot (the contract of ``ops.merge_tokens``).
 
     hidden: [B, N, D]; keep: [B, k] (only its ``k`` is used); target: [B, N] int32/int64 in [0, k) (checked on CPU
     only); sizes: [B, N] or None (ones). Returns (merged [B, k, D] in hidden's dtype, merged sizes [B, k] float32).
     """
     if hidden.dim() != 3 or keep.dim() != 2 or tuple(target.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"expected hidden [B, N, D], keep [B, k], target [B, N]; got {tuple(hidden.shape)}, "
-                         f"{tuple(keep.shape)}, {tuple(target.shape)}")
+        raise ValueError(
+            f"expected hidden [B, N, D], keep [B, k], target [B, N]; got {tuple(hidden.shape)}, "
+            f"{tuple(keep.shape)}, {tuple(target.shape)}"
+        )
     if sizes is not None and tuple(sizes.shape) != tuple(hidden.shape[:2]):
         raise ValueError(f"sizes must be [B, N]; got {tuple(sizes.shape)}")
     check_device(hidden, target, sizes)
@@ -109,14 +131,30 @@ def merge(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
     n_d = triton.cdiv(D, block_d)
     acc = torch.empty(B, K, D, dtype=torch.float32, device=hidden.device)
     tot = torch.empty(n_d, B, K, dtype=torch.float32, device=hidden.device)
-    w = sizes if sizes is not None else target                   # placeholder when absent (never read)
+    w = sizes if sizes is not None else target  # placeholder when absent (never read)
     with on_device(hidden):
         merge_kernel[(n_d, B)](
-            hidden, target, w, out, acc, tot,
-            N, K, D, B,
-            hidden.stride(0), hidden.stride(1), hidden.stride(2),
-            target.stride(0), target.stride(1),
-            w.stride(0), w.stride(1),
-            HAS_W=sizes is not None, BLOCK_N=block_n, BLOCK_K=block_n, BLOCK_D=block_d, num_warps=4,
+            hidden,
+            target,
+            w,
+            out,
+            acc,
+            tot,
+            N,
+            K,
+            D,
+            B,
+            hidden.stride(0),
+            hidden.stride(1),
+            hidden.stride(2),
+            target.stride(0),
+            target.stride(1),
+            w.stride(0),
+            w.stride(1),
+            HAS_W=sizes is not None,
+            BLOCK_N=block_n,
+            BLOCK_K=block_n,
+            BLOCK_D=block_d,
+            num_warps=4,
         )
     return out, tot[0]

@@ -1,5 +1,6 @@
 """What ships in the package, known without importing torch: the embedded models, the lmms-eval task folder and
 the method names (so ``vtprune --help`` and ``vtprune models`` answer at once)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).parent / "models"
 TASKS_DIR = Path(__file__).parent / "lmms" / "tasks"  # lmms-eval's --include_path for the offline tasks
 EMBEDDED_MODELS = ["llava-tiny-sortofclevr", "qwen2_5_vl-tiny-sortofclevr"]  # the image benchmark's models
-VIDEO_MODELS = ["qwen2_5_vl-tiny-sortofclevr-video"]  # the video benchmark's (eval/video_data.py clips)
+VIDEO_MODELS = ["qwen2_5_vl-tiny-sortofclevr-video"]  # the video benchmark's (eval/data/video.py clips)
 TASKS = ("image", "video")  # `vtprune eval --tasks` without --model: the embedded benchmarks
 DEFAULT_BUDGETS = (100.0, 50.0, 25.0, 11.0, 5.5)  # percent of the visual tokens kept: `vtprune eval`'s grid
 
@@ -55,8 +56,16 @@ def describe() -> list[dict]:
         info = training_info(name)
         video = name in VIDEO_MODELS
         acc = info.get("test_accuracy") or {}
-        rows.append({"name": name, "task": "video" if video else "image", "class": info.get("model_class", "?"),
-                     "visual_tokens": info.get("visual_tokens_per_clip" if video else "visual_tokens_per_image"),
-                     "test_accuracy": acc.get("overall"), "multi_frame_accuracy": acc.get("multi_frame"),
-                     "available": is_available(name), "path": str(model_dir(name))})
+        rows.append(
+            {
+                "name": name,
+                "task": "video" if video else "image",
+                "class": info.get("model_class", "?"),
+                "visual_tokens": info.get("visual_tokens_per_clip" if video else "visual_tokens_per_image"),
+                "test_accuracy": acc.get("overall"),
+                "multi_frame_accuracy": acc.get("multi_frame"),
+                "available": is_available(name),
+                "path": str(model_dir(name)),
+            }
+        )
     return rows

@@ -1,5 +1,6 @@
 """One family per file (its ``Adapter``, ``Cost`` and ``Tiny``), registered here by ``config.model_type``. Adding a
 family is one file and one ``register_family`` line."""
+
 from __future__ import annotations
 
 from .base import Adapter, Compaction, Cost, Family, Tiny, Unit
@@ -48,10 +49,24 @@ def cost_model(config) -> type[Cost]:
 def get_adapter(model) -> Adapter:
     cls = adapter_class(getattr(model, "config", None))
     if not hasattr(model, "model") or not hasattr(model.model, "language_model"):
-        raise NotImplementedError(f"{type(model).__name__}: pass the *ForConditionalGeneration model "
-                                  "(with .model.language_model), as loaded by from_pretrained")
+        raise NotImplementedError(
+            f"{type(model).__name__}: pass the *ForConditionalGeneration model "
+            "(with .model.language_model), as loaded by from_pretrained"
+        )
     return cls(model)
 
 
-__all__ = ["FAMILIES", "Adapter", "Compaction", "Cost", "Family", "Tiny", "Unit", "adapter_class", "cost_model",
-           "family_of", "get_adapter", "register_family"]
+__all__ = [
+    "FAMILIES",
+    "Adapter",
+    "Compaction",
+    "Cost",
+    "Family",
+    "Tiny",
+    "Unit",
+    "adapter_class",
+    "cost_model",
+    "family_of",
+    "get_adapter",
+    "register_family",
+]

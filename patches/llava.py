@@ -1,4 +1,5 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): a fixed square grid of CLIP patches per image."""
+
 from __future__ import annotations
 
 import functools
@@ -72,12 +73,25 @@ class LlavaTiny(Tiny):
 
     @classmethod
     def config(cls, num_layers: int = 4):
-        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=28, patch_size=7, projection_dim=32)
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+            projection_dim=32,
+        )
         text = dict(model_type="llama", **tiny_text_config(num_hidden_layers=num_layers))
-        return cls._config_class()(vision_config=vision, text_config=text, image_token_id=TINY_IDS["<image>"],
-                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
-                                   **cls._extra())
+        return cls._config_class()(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=TINY_IDS["<image>"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            **cls._extra(),
+        )
 
     @classmethod
     def _extra(cls) -> dict:
@@ -87,11 +101,21 @@ class LlavaTiny(Tiny):
     def processor(cls, tokenizer):
         from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-        ip = LlavaImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
-                                    do_pad=True, do_center_crop=False, **_NORM)
-        return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=7,
-                              vision_feature_select_strategy="default", image_token="<image>",
-                              num_additional_image_tokens=1)
+        ip = LlavaImageProcessorPil(
+            size={"height": 28, "width": 28},
+            crop_size={"height": 28, "width": 28},
+            do_pad=True,
+            do_center_crop=False,
+            **_NORM,
+        )
+        return LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tokenizer,
+            patch_size=7,
+            vision_feature_select_strategy="default",
+            image_token="<image>",
+            num_additional_image_tokens=1,
+        )
 
 
 class LlavaAdapter(Adapter):
@@ -106,18 +130,22 @@ class LlavaAdapter(Adapter):
 
     def units(self, call, vis):
         """Every image is side² tokens in a side × side grid (several images may sit back to back)."""
-        per = self.side ** 2
+        per = self.side**2
         out = []
         for n in vis.sum(1).tolist():
-            out.append([Unit("image", per, (1, self.side, self.side))] * (n // per) if n % per == 0 else
-                       [Unit("image", n)])
+            out.append(
+                [Unit("image", per, (1, self.side, self.side))] * (n // per) if n % per == 0 else [Unit("image", n)]
+            )
         return out
 
     def encoded_rows(self, kwargs):
         encoded = kwargs.get("mm_encoder_outputs") or {}
         image = encoded.get("image")
-        if image is None or kwargs.get("pixel_values") is not None or any(
-                v is not None for k, v in encoded.items() if k != "image"):
+        if (
+            image is None
+            or kwargs.get("pixel_values") is not None
+            or any(v is not None for k, v in encoded.items() if k != "image")
+        ):
             return None
         feats = image.pooler_output
         if torch.is_tensor(feats):
@@ -142,7 +170,7 @@ class LlavaAdapter(Adapter):
         image content and is kept. Needs one image per visual span of side² tokens.
         """
         pixels = call.get("pixel_values")
-        if pixels is None or pixels.dim() != 4 or int(vis.sum()) != pixels.shape[0] * self.side ** 2:
+        if pixels is None or pixels.dim() != 4 or int(vis.sum()) != pixels.shape[0] * self.side**2:
             return None
         is_pad = (pixels.abs() < _PAD_TOLERANCE).all(dim=1)  # [n_img, H, W]
         rows, cols = _symmetric_bands(is_pad.all(dim=2)), _symmetric_bands(is_pad.all(dim=1))  # [n, H], [n, W]

@@ -1,5 +1,6 @@
 """LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops unpadded and packed with newline tokens,
 so rows of a batch can hold different numbers of visual tokens. The span has no single raster grid."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,10 @@ class LlavaNextCost(ClipCost):
         shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else tuple(pixel_values)
         if image_sizes is None:
             return shape[0] * shape[1], shape[-2], shape[-1]
-        n = sum(image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
-                for s in as_rows(image_sizes))
+        n = sum(
+            image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
+            for s in as_rows(image_sizes)
+        )
         return n, shape[-2], shape[-1]
 
 
@@ -47,11 +50,21 @@ class LlavaNextTiny(LlavaTiny):
     def processor(cls, tokenizer):
         from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
-        ip = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                        image_grid_pinpoints=_PINPOINTS, do_center_crop=False, **_NORM)
-        return LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=7,
-                                  vision_feature_select_strategy="default", image_token="<image>",
-                                  num_additional_image_tokens=1)
+        ip = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 28},
+            crop_size={"height": 28, "width": 28},
+            image_grid_pinpoints=_PINPOINTS,
+            do_center_crop=False,
+            **_NORM,
+        )
+        return LlavaNextProcessor(
+            image_processor=ip,
+            tokenizer=tokenizer,
+            patch_size=7,
+            vision_feature_select_strategy="default",
+            image_token="<image>",
+            num_additional_image_tokens=1,
+        )
 
 
 class LlavaNextAdapter(Adapter):
@@ -68,12 +81,17 @@ class LlavaNextAdapter(Adapter):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         cfg = self.model.config
-        crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                           patch_size=cfg.vision_config.image_size) for s in as_rows(sizes)]
+        crops = [
+            image_size_to_num_patches(
+                image_size=s, grid_pinpoints=cfg.image_grid_pinpoints, patch_size=cfg.vision_config.image_size
+            )
+            for s in as_rows(sizes)
+        ]
         idx = torch.arange(sum(crops) * patches, dtype=torch.float64).view(sum(crops), patches, 1)
         line = torch.full((1,), -1.0, dtype=torch.float64) if newline else None
-        packed, _ = self.body.pack_image_features(list(torch.split(idx, crops, dim=0)), sizes,
-                                                  cfg.vision_feature_select_strategy, image_newline=line)
+        packed, _ = self.body.pack_image_features(
+            list(torch.split(idx, crops, dim=0)), sizes, cfg.vision_feature_select_strategy, image_newline=line
+        )
         return packed
 
     def units(self, call, vis):

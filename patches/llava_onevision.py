@@ -3,6 +3,7 @@ tokens, with a SigLIP tower (no CLS token, select strategy "full"), a Qwen2 deco
 (unpadded features bilinearly downscaled when an image has more than ~N crops' worth) and a video path (frames
 pooled 2x per side, one newline after the whole video). A sample with several images runs each as its base crop
 only (``batch_num_images``)."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ def crop_counts(config, image_sizes, batch_num_images=None) -> list[int]:
     if batch_num_images is not None:
         per_sample = torch.as_tensor(batch_num_images).flatten().tolist()
         single = [n == 1 for n in per_sample for _ in range(n)]
-    return [image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size)
-            if one else 1 for s, one in zip(sizes, single)]
+    return [
+        image_size_to_num_patches(list(s), config.image_grid_pinpoints, config.vision_config.image_size) if one else 1
+        for s, one in zip(sizes, single)
+    ]
 
 
 class LlavaOnevisionCost(LlavaNextCost):
@@ -42,8 +45,9 @@ class LlavaOnevisionCost(LlavaNextCost):
             n = shape[0] * shape[1] if image_sizes is None else sum(crop_counts(config, image_sizes, batch_num_images))
             height, width = shape[-2:]
         if pixel_values_videos is not None:  # [videos, frames, 3, H, W]
-            shape = tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else \
-                tuple(pixel_values_videos)
+            shape = (
+                tuple(pixel_values_videos.shape) if torch.is_tensor(pixel_values_videos) else tuple(pixel_values_videos)
+            )
             n, height, width = n + shape[0] * shape[1], shape[-2], shape[-1]
         return n, height, width
 
@@ -76,12 +80,26 @@ class LlavaOnevisionTiny(Tiny):
     def config(cls, num_layers: int = 4, **over):
         from transformers import LlavaOnevisionConfig
 
-        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=28, patch_size=7, vision_use_head=False)
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=28,
+            patch_size=7,
+            vision_use_head=False,
+        )
         text = dict(model_type="qwen2", **tiny_text_config(num_hidden_layers=num_layers))
-        settings = dict(vision_config=vision, text_config=text, image_token_id=TINY_IDS["<image>"],
-                        video_token_id=TINY_IDS["<video>"], image_grid_pinpoints=_PINPOINTS, vision_feature_layer=-1,
-                        vision_feature_select_strategy="full")
+        settings = dict(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=TINY_IDS["<image>"],
+            video_token_id=TINY_IDS["<video>"],
+            image_grid_pinpoints=_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
         return LlavaOnevisionConfig(**{**settings, **over})
 
     @classmethod
@@ -90,11 +108,16 @@ class LlavaOnevisionTiny(Tiny):
 
         ip = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, image_grid_pinpoints=_PINPOINTS, **_NORM)
         vp = LlavaOnevisionVideoProcessor(size={"height": 28, "width": 28}, **_NORM)
-        return LlavaOnevisionProcessor(image_processor=ip, video_processor=vp, tokenizer=tokenizer,
-                                       num_image_tokens=16, vision_feature_select_strategy="full",
-                                       image_token="<image>", video_token="<video>",
-                                       vision_aspect_ratio=vision_aspect_ratio)
-
+        return LlavaOnevisionProcessor(
+            image_processor=ip,
+            video_processor=vp,
+            tokenizer=tokenizer,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+            image_token="<image>",
+            video_token="<video>",
+            vision_aspect_ratio=vision_aspect_ratio,
+        )
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -106,24 +129,29 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         crops = crop_counts(cfg, sizes, call.get("batch_num_images"))
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         shapes = [torch.zeros(c, side * side, 1) for c in crops]  # only the packed shapes are wanted
-        packed, lengths = self.body.pack_image_features(shapes, sizes, image_newline=torch.zeros(1),
-                                                        vision_aspect_ratio=cfg.vision_aspect_ratio)
+        packed, lengths = self.body.pack_image_features(
+            shapes, sizes, image_newline=torch.zeros(1), vision_aspect_ratio=cfg.vision_aspect_ratio
+        )
         return lengths.tolist()
 
     def _video_units(self, call) -> list:
         """Each video: a grid of frames x the pooled side x side tokens, then one newline."""
         videos = call["pixel_values_videos"]
         side = math.ceil(self.model.config.vision_config.image_size // self.model.config.vision_config.patch_size / 2)
-        return [Unit("video", videos.shape[1] * side * side + 1, (videos.shape[1], side, side), tail=1)] * \
-            videos.shape[0]
+        return [Unit("video", videos.shape[1] * side * side + 1, (videos.shape[1], side, side), tail=1)] * videos.shape[
+            0
+        ]
 
     def units(self, call, vis):
         """One unit per image and per video, in sequence order. Adjacent placeholders of one kind (two images in a
         row) are split by the lengths the model packs them to. Images have newline tokens, so no grid; a video is
         its frames' pooled grid followed by one newline (the unit's tail)."""
-        queues = {"image": [Unit("image", n) for n in self._image_lengths(call)]
-                  if call.get("image_sizes") is not None else [],
-                  "video": self._video_units(call) if call.get("pixel_values_videos") is not None else []}
+        queues = {
+            "image": [Unit("image", n) for n in self._image_lengths(call)]
+            if call.get("image_sizes") is not None
+            else [],
+            "video": self._video_units(call) if call.get("pixel_values_videos") is not None else [],
+        }
         out = []
         for row in Adapter.units(self, call, vis):  # runs of one kind (not NeXT's packing), maybe several images
             units = []
@@ -145,8 +173,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if call.get("pixel_values") is not None and call.get("image_sizes") is not None:
             rows = runs.pop(0)
             crops = crop_counts(cfg, call["image_sizes"], call.get("batch_num_images"))
-            packed, _ = self.body.pack_image_features(list(torch.split(rows, crops, dim=0)), call["image_sizes"],
-                                                      image_newline=None, vision_aspect_ratio=cfg.vision_aspect_ratio)
+            packed, _ = self.body.pack_image_features(
+                list(torch.split(rows, crops, dim=0)),
+                call["image_sizes"],
+                image_newline=None,
+                vision_aspect_ratio=cfg.vision_aspect_ratio,
+            )
             out["image"] = torch.cat(packed).float()
         if call.get("pixel_values_videos") is not None and runs:
             pooled = self.body.apply_pooling(runs.pop(0))  # [videos * frames, pooled grid, Din]
@@ -154,5 +186,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
 
-LLAVA_ONEVISION = Family("llava_onevision", ("llava_onevision",), LlavaOnevisionAdapter, LlavaOnevisionCost,
-                         LlavaOnevisionTiny)
+LLAVA_ONEVISION = Family(
+    "llava_onevision", ("llava_onevision",), LlavaOnevisionAdapter, LlavaOnevisionCost, LlavaOnevisionTiny
+)

@@ -1,4 +1,5 @@
 """Qwen2-VL and Qwen2.5-VL: native-resolution images merged 2x2 by the patch merger, M-RoPE positions."""
+
 from __future__ import annotations
 
 import torch
@@ -46,13 +47,15 @@ class Qwen2VLAdapter(Adapter):
         with the kinds in that order, each checked by its patch count."""
         merger = self.body.visual.merger
         kinds = [(k, call[f"{k}_grid_thw"]) for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
-        captured = captured[-len(kinds):] if kinds else []
+        captured = captured[-len(kinds) :] if kinds else []
         out = {}
         for (kind, thw), rows in zip(kinds, captured):
             patches = int(torch.as_tensor(thw).prod(-1).sum())
             if rows.shape[0] != patches:
-                raise RuntimeError(f"vtprune: the projector inputs captured for the {kind}s hold {rows.shape[0]} "
-                                   f"patches, but {kind}_grid_thw describes {patches}")
+                raise RuntimeError(
+                    f"vtprune: the projector inputs captured for the {kind}s hold {rows.shape[0]} "
+                    f"patches, but {kind}_grid_thw describes {patches}"
+                )
             rows = merger.ln_q(rows).view(-1, merger.hidden_size).float()
             out[kind] = rows[self._merged_order(thw, rows.device)]
         return out
@@ -77,8 +80,9 @@ class Qwen2VLCost(Cost):
         return 2 * 2 * n * e * int(e * vc.mlp_ratio)  # fc1, fc2
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None,
-                     **_) -> int:
+    def vision_flops(
+        cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None, **_
+    ) -> int:
         """Conv3d patch embed, then per block q/k/v/o, attention within each frame (or window) and the MLP;
         image_grid_thw / video_grid_thw [n, 3] give the patches in t, h, w (the tower runs on both)."""
         vc = config.vision_config
@@ -86,21 +90,22 @@ class Qwen2VLCost(Cost):
         total = 0
         for t, h, w in _thw_rows(image_grid_thw, video_grid_thw):
             n = t * h * w
-            total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * e
+            total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * e
             total += sum(2 * n * e * 4 * e + cls._mlp(vc, n, e) + attn for attn in cls._attention(vc, t, h, w))
         return total
 
     @classmethod
     def projector_dims(cls, config) -> tuple:
         e, d_out = cls._dims(config.vision_config)
-        q = e * config.vision_config.spatial_merge_size ** 2
+        q = e * config.vision_config.spatial_merge_size**2
         return q, q, d_out
 
     @classmethod
-    def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None,
-                           video_grid_thw=None, **_) -> int:
+    def projector_rows_run(
+        cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None, **_
+    ) -> int:
         patches = sum(t * h * w for t, h, w in _thw_rows(image_grid_thw, video_grid_thw))
-        return patches // config.vision_config.spatial_merge_size ** 2
+        return patches // config.vision_config.spatial_merge_size**2
 
 
 class Qwen2VLTiny(Tiny):
@@ -115,17 +120,34 @@ class Qwen2VLTiny(Tiny):
 
     @classmethod
     def _tiny_vision(cls) -> dict:
-        return dict(depth=2, hidden_size=32, embed_dim=32, num_heads=4, intermediate_size=64, patch_size=7,
-                    temporal_patch_size=1, spatial_merge_size=2, in_channels=3, out_hidden_size=32, hidden_act="silu")
+        return dict(
+            depth=2,
+            hidden_size=32,
+            embed_dim=32,
+            num_heads=4,
+            intermediate_size=64,
+            patch_size=7,
+            temporal_patch_size=1,
+            spatial_merge_size=2,
+            in_channels=3,
+            out_hidden_size=32,
+            hidden_act="silu",
+        )
 
     @classmethod
     def config(cls, num_layers: int = 4):
-        text = tiny_text_config(num_hidden_layers=num_layers, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+        text = tiny_text_config(
+            num_hidden_layers=num_layers,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        )
         return cls.model_class().config_class(
-            vision_config=cls._tiny_vision(), text_config=text, image_token_id=TINY_IDS["<|image_pad|>"],
-            video_token_id=TINY_IDS["<|video_pad|>"], vision_start_token_id=TINY_IDS["<|vision_start|>"],
-            vision_end_token_id=TINY_IDS["<|vision_end|>"])
+            vision_config=cls._tiny_vision(),
+            text_config=text,
+            image_token_id=TINY_IDS["<|image_pad|>"],
+            video_token_id=TINY_IDS["<|video_pad|>"],
+            vision_start_token_id=TINY_IDS["<|vision_start|>"],
+            vision_end_token_id=TINY_IDS["<|vision_end|>"],
+        )
 
     @classmethod
     def _processor_class(cls):
@@ -137,8 +159,15 @@ class Qwen2VLTiny(Tiny):
     def processor(cls, tokenizer):
         from transformers import Qwen2VLImageProcessorPil, Qwen2VLVideoProcessor  # the video one needs torchvision
 
-        pixels = dict(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14, max_pixels=56 * 56,
-                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        pixels = dict(
+            patch_size=7,
+            merge_size=2,
+            temporal_patch_size=1,
+            min_pixels=14 * 14,
+            max_pixels=56 * 56,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
         ip = Qwen2VLImageProcessorPil(**pixels)
         vp = Qwen2VLVideoProcessor(**pixels, do_sample_frames=False, cap_pixels_per_frame=True)
         tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -153,9 +182,13 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         from transformers.vision_utils import get_vision_window_index
 
         visual = self.body.visual
-        window_index, _ = get_vision_window_index(thw, spatial_merge_size=visual.spatial_merge_size,
-                                                  window_size=visual.window_size, patch_size=visual.patch_size,
-                                                  kwargs={})
+        window_index, _ = get_vision_window_index(
+            thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
+            patch_size=visual.patch_size,
+            kwargs={},
+        )
         return torch.argsort(window_index.to(device))
 
 

@@ -6,6 +6,7 @@ per DeepStack layer, rows in the mask's row-major order). A stage must shrink bo
 the language model's kwargs are rewritten; an in-LLM stage cannot reach them (the language model's loop passes its
 own unpruned mask), so ``_deepstack_process`` is wrapped on the patched instance and gathers at each call.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ from .base import TINY_IDS, Adapter, Compaction, Family, Unit, tiny_text_config
 from .qwen2_vl import Qwen2VLAdapter, Qwen2VLCost, Qwen2VLTiny
 
 
-def gather_visual_rows(embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor,
-                       kept: torch.Tensor) -> torch.Tensor:
+def gather_visual_rows(
+    embeds: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
     """Rows of ``embeds`` [n_visual, D] (placed at ``mask`` [B, L]) at the tokens a stage kept: ``index`` [B, L']
     gathers the sequence, ``kept`` [B, L'] marks its visual tokens. Returns [kept.sum(), D] in placement order."""
     full = embeds.new_zeros(*mask.shape, embeds.shape[-1])
@@ -57,8 +59,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             if mask is None or embeds is None:
                 return {}
             kept = mask.gather(1, index) & compaction.kept
-            return {"visual_pos_masks": kept,
-                    "deepstack_visual_embeds": [gather_visual_rows(e, mask, index, kept) for e in embeds]}
+            return {
+                "visual_pos_masks": kept,
+                "deepstack_visual_embeds": [gather_visual_rows(e, mask, index, kept) for e in embeds],
+            }
         # In-LLM: compose with earlier in-LLM stages, as an index into the language model's input sequence.
         prev = extra.get("deepstack_index")
         extra["deepstack_index"] = index if prev is None else prev.gather(1, index)
@@ -87,10 +91,11 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         merger = self.body.visual.merger
         kinds = [k for k in ("image", "video") if call.get(f"{k}_grid_thw") is not None]
         out = {}
-        for kind, rows in zip(kinds, captured[-len(kinds):] if kinds else []):
+        for kind, rows in zip(kinds, captured[-len(kinds) :] if kinds else []):
             if rows.shape[0] != int(torch.as_tensor(call[f"{kind}_grid_thw"]).prod(-1).sum()):
-                raise RuntimeError(f"vtprune: the projector inputs captured for the {kind}s do not match "
-                                   f"{kind}_grid_thw")
+                raise RuntimeError(
+                    f"vtprune: the projector inputs captured for the {kind}s do not match {kind}_grid_thw"
+                )
             out[kind] = merger.norm(rows).view(-1, merger.hidden_size).float()
         return out
 
@@ -110,8 +115,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 size = 0 if grid is None else grid[0] * grid[1] * grid[2]
                 row.append(Unit(run.kind, run.length, grid))
                 missing = size - run.length if run.kind == "video" else 0
-            out.append([u if u.grid is not None and u.grid[0] * u.grid[1] * u.grid[2] == u.length
-                        else Unit(u.kind, u.length) for u in row])
+            out.append(
+                [
+                    u
+                    if u.grid is not None and u.grid[0] * u.grid[1] * u.grid[2] == u.length
+                    else Unit(u.kind, u.length)
+                    for u in row
+                ]
+            )
         return out
 
 
@@ -129,8 +140,9 @@ class Qwen3VLCost(Qwen2VLCost):
         return [4 * vc.hidden_size * t * (h * w) ** 2] * vc.depth  # within each frame
 
     @classmethod
-    def vision_flops(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None,
-                     **_) -> int:
+    def vision_flops(
+        cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, video_grid_thw=None, **_
+    ) -> int:
         """Qwen2-VL's tower count plus the DeepStack mergers, each the main merger's shape on the same rows."""
         grids = dict(image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw)
         d_in, d_mid, d_out = cls.projector_dims(config)
@@ -148,30 +160,66 @@ class Qwen3VLTiny(Qwen2VLTiny):
 
     @classmethod
     def _tiny_vision(cls) -> dict:
-        return dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=64, patch_size=7, temporal_patch_size=1,
-                    spatial_merge_size=2, in_channels=3, out_hidden_size=32, num_position_embeddings=16,
-                    deepstack_visual_indexes=[0, 1])
+        return dict(
+            depth=2,
+            hidden_size=32,
+            num_heads=4,
+            intermediate_size=64,
+            patch_size=7,
+            temporal_patch_size=1,
+            spatial_merge_size=2,
+            in_channels=3,
+            out_hidden_size=32,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+        )
 
     @classmethod
     def _tiny_text(cls, num_layers: int) -> dict:
-        return tiny_text_config(num_hidden_layers=num_layers, head_dim=8, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+        return tiny_text_config(
+            num_hidden_layers=num_layers,
+            head_dim=8,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+            },
+        )
 
     @classmethod
     def config(cls, num_layers: int = 4):
         return cls.model_class().config_class(
-            vision_config=cls._tiny_vision(), text_config=cls._tiny_text(num_layers),
-            image_token_id=TINY_IDS["<|image_pad|>"], video_token_id=TINY_IDS["<|video_pad|>"],
-            vision_start_token_id=TINY_IDS["<|vision_start|>"], vision_end_token_id=TINY_IDS["<|vision_end|>"])
+            vision_config=cls._tiny_vision(),
+            text_config=cls._tiny_text(num_layers),
+            image_token_id=TINY_IDS["<|image_pad|>"],
+            video_token_id=TINY_IDS["<|video_pad|>"],
+            vision_start_token_id=TINY_IDS["<|vision_start|>"],
+            vision_end_token_id=TINY_IDS["<|vision_end|>"],
+        )
 
     @classmethod
     def processor(cls, tokenizer):
         from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-        ip = Qwen2VLImageProcessorPil(patch_size=7, merge_size=2, temporal_patch_size=1, min_pixels=14 * 14,
-                                      max_pixels=56 * 56, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        vp = Qwen3VLVideoProcessor(patch_size=7, merge_size=2, temporal_patch_size=1, do_sample_frames=False, size={
-            "shortest_edge": 14 * 14, "longest_edge": 56 * 56 * 4}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        ip = Qwen2VLImageProcessorPil(
+            patch_size=7,
+            merge_size=2,
+            temporal_patch_size=1,
+            min_pixels=14 * 14,
+            max_pixels=56 * 56,
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        vp = Qwen3VLVideoProcessor(
+            patch_size=7,
+            merge_size=2,
+            temporal_patch_size=1,
+            do_sample_frames=False,
+            size={"shortest_edge": 14 * 14, "longest_edge": 56 * 56 * 4},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
         tokenizer.image_token, tokenizer.video_token = "<|image_pad|>", "<|video_pad|>"
         return Qwen3VLProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp)
 
@@ -192,8 +240,14 @@ class Qwen3VLMoeTiny(Qwen3VLTiny):
     @classmethod
     def _tiny_text(cls, num_layers: int) -> dict:
         # Layer 1 dense (mlp_only_layers), so the FLOPs count sees both kinds of layer.
-        return dict(super()._tiny_text(num_layers), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                    decoder_sparse_step=1, mlp_only_layers=[1])
+        return dict(
+            super()._tiny_text(num_layers),
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        )
 
 
 QWEN3_VL = Family("qwen3_vl", ("qwen3_vl",), Qwen3VLAdapter, Qwen3VLCost, Qwen3VLTiny)

@@ -1,4 +1,5 @@
 """Fixtures shared by every test folder (helpers.py holds the functions)."""
+
 import os
 
 import torch
@@ -12,6 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 
+import vtprune  # noqa: E402
 from helpers import cached_model, require  # noqa: E402
 from vtprune.testing import FAMILIES  # noqa: E402
 
@@ -38,7 +40,21 @@ def model(family, attn):
     m = cached_model(family, attn)
     yield m
     # A failed test must not leave a patch behind for the next one.
-    if hasattr(m, "_vtprune_pruner"):
-        import vtprune
+    if vtprune.is_patched(m):
+        vtprune.remove_pruner(m)
 
+
+@pytest.fixture
+def patched():
+    """Yields a function patching a model; removes the patch afterwards even when the test fails."""
+    models = []
+
+    def apply(model, schedule):
+        if schedule is not None:
+            vtprune.apply_pruner(model, schedule=schedule)
+            models.append(model)
+        return model
+
+    yield apply
+    for m in models:
         vtprune.remove_pruner(m)

@@ -1,24 +1,34 @@
 """What the tests share: cached tiny models and processors, batches, single rows of a batch, packed rows and the
 inputs that continue a generation. Import it as ``helpers`` (pytest puts tests/ on the path, pyproject.toml)."""
+
 import functools
 import os
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import vtprune
+from vtprune import flops
 from vtprune.testing import tiny_batch, tiny_images, tiny_model, tiny_processor
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images", "pixel_values_videos",
-              "video_grid_thw")
+MEDIA_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "image_sizes",
+    "batch_num_images",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_model(family, attn="sdpa"):
     """One tiny model per (family, attention) for the whole run; tests that patch it must unpatch it."""
     return tiny_model(family, attn)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_processor(family):
     return tiny_processor(family)
 
@@ -49,8 +59,13 @@ def make_video_batch(family, n, seed=0, frames=3):
 
     questions = ["what moved ?", "is the red circle left of the blue square ?"]
     text = [video_prompt(family, questions[i % 2], images=1) for i in range(n)]
-    return cached_processor(family)(images=tiny_images(n, seed=seed), videos=tiny_videos(n, frames, seed=seed),
-                              text=text, return_tensors="pt", padding=True)
+    return cached_processor(family)(
+        images=tiny_images(n, seed=seed),
+        videos=tiny_videos(n, frames, seed=seed),
+        text=text,
+        return_tensors="pt",
+        padding=True,
+    )
 
 
 def row(batch, i):
@@ -91,8 +106,12 @@ def packed(model, samples: list) -> dict:
             out[key] = torch.cat([s[key] for s in samples])
     text = torch.cat([torch.arange(s["input_ids"].shape[1]) for s in samples])[None]
     if "image_grid_thw" in samples[0]:
-        rope = [model.model.get_rope_index(s["input_ids"], image_grid_thw=s["image_grid_thw"],
-                                           mm_token_type_ids=s["mm_token_type_ids"])[0] for s in samples]
+        rope = [
+            model.model.get_rope_index(
+                s["input_ids"], image_grid_thw=s["image_grid_thw"], mm_token_type_ids=s["mm_token_type_ids"]
+            )[0]
+            for s in samples
+        ]
         out["position_ids"] = torch.cat([text[None], torch.cat(rope, -1)])
     else:
         out["position_ids"] = text
@@ -110,9 +129,84 @@ def continuation(batch: dict, sequences: torch.Tensor) -> dict:
     far, the mask grown over them, no images."""
     extra = sequences.shape[1] - batch["input_ids"].shape[1]
     b = sequences.shape[0]
-    out = {"input_ids": sequences,
-           "attention_mask": torch.cat([batch["attention_mask"], torch.ones(b, extra, dtype=torch.long)], 1)}
+    out = {
+        "input_ids": sequences,
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones(b, extra, dtype=torch.long)], 1),
+    }
     if "mm_token_type_ids" in batch:
         types = batch["mm_token_type_ids"]
         out["mm_token_type_ids"] = torch.cat([types, torch.zeros(b, extra, dtype=types.dtype)], 1)
     return out
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+# vtprune.flops against torch's FlopCounterMode, which counts matmuls and convolutions as vtprune.flops does. On CPU,
+# SDPA runs as aten._scaled_dot_product_flash_attention_for_cpu, which FlopCounterMode has no formula for and
+# silently counts as 0: the formula of the GPU flash op is registered for it. Mixture-of-experts layers run
+# aten._grouped_mm, also uncounted: its formula is registered too.
+TOL = 0.02
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    b, h, lq, d = query_shape
+    return 2 * b * h * lq * key_shape[-2] * (d + value_shape[-1])
+
+
+def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    # Mixture-of-experts layers (experts_implementation "grouped_mm"): token rows [T, K] grouped against the
+    # experts' [G, K, N] weights; FlopCounterMode has no formula and would count 0.
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+CUSTOM = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    torch.ops.aten._grouped_mm: _grouped_mm,
+}
+
+
+# Pruning setups: name -> apply_pruner schedule (None: unpatched).
+def measure(model, **inputs):
+    """Run ``model(**inputs)`` under FlopCounterMode; returns (output, {module path: FLOPs})."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM) as fc:
+        out = model(**inputs)
+    return out, {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+
+
+def part(counts, suffix):
+    return sum(v for k, v in counts.items() if k.endswith(suffix))
+
+
+def measured_parts(counts):
+    """Measured FLOPs split like count_prefill: vision tower, projector/merger, decoder, LM head, total."""
+    projector = part(counts, ".model.multi_modal_projector") + part(counts, ".model.visual.merger")
+    vision = part(counts, ".model.vision_tower") + part(counts, ".model.visual") - part(counts, ".visual.merger")
+    return {
+        "vision": vision,
+        "projector": projector,
+        "language_model": part(counts, ".model.language_model"),
+        "lm_head": part(counts, ".lm_head"),
+        "total": counts["Global"],
+    }
+
+
+def assert_close(got, want, what):
+    assert abs(got - want) <= TOL * max(want, 1), (
+        f"{what}: analytic {got} vs FlopCounterMode {want} ({100 * (got - want) / max(want, 1):+.2f} %)"
+    )
+
+
+def check_prefill(model, batch, schedule, patched):
+    model = patched(model, schedule)
+    out, counts = measure(model, **batch)
+    stats = vtprune.get_stats(model) if schedule is not None else None
+    if schedule is not None:
+        assert [s["layer"] for s in stats] == [s["layer"] for s in schedule]
+    res = flops.count_prefill(model, batch, stats)
+    got = measured_parts(counts)
+    assert res["tokens_per_stage"][-1]["seq_len"] == out.logits.shape[1]  # pruned length as the model ran it
+    for key in ("vision", "projector", "lm_head", "total"):
+        assert_close(res[key], got[key], key)
+    # Every stage's scoring runs inside the language model's scope: layer-0 stages in its forward pre-hook,
+    # in-LLM stages in the decoder layers' hooks and the attention capture.
+    assert_close(res["llm"] + res["scoring"], got["language_model"], "language_model")
+    return res, got

@@ -14,7 +14,7 @@ Recipe (see the shared note on training such a model on a CPU):
   object's tokens, and each question the same "find the token by one attribute, read another" lookup for the LLM.
   An RMS penalty keeps the visual vectors at unit scale (the scale of the text embeddings, initialised with unit
   variance).
-* Stage B -- visual side frozen; the LLM learns from sequences ``image, Q1 A1, Q2 A2, ..., "describe the scene" caption``
+* Stage B -- visual side frozen; the LLM learns from ``image, Q1 A1, Q2 A2, ..., "describe the scene" caption``
   (12 question turns drawn in shuffled rounds of ``DEFAULT_QA_TYPES``, caption last; every answer and caption token
   supervised).  The first turn of every sequence is exactly the evaluation prompt.  Captions list the objects left to
   right with side, top/bottom and nearest neighbour, then the count of each shape.  Options: blank-canvas sequences
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from vtprune.eval.catalog import model_dir
 from vtprune.eval.data.image import (
     CAPTION_QUESTION,
     COLOUR_NAMES,
@@ -56,7 +57,6 @@ from vtprune.eval.data.image import (
     render,
     turn_text,
 )
-from vtprune.eval.catalog import model_dir
 from vtprune.eval.harness.predict import evaluate_accuracy
 from vtprune.eval.models import build_prompt
 
@@ -76,8 +76,10 @@ IMAGE_TEXT = {"llava": "<image>", "qwen": "<|vision_start|><|image_pad|><|vision
 
 
 def word_list() -> list[str]:
-    words = set("what shape is the object ? colour how many are there nearest to on left or right question answer : "
-                "describe scene . , near top bottom".split())
+    words = set(
+        "what shape is the object ? colour how many are there nearest to on left or right question answer : "
+        "describe scene . , near top bottom".split()
+    )
     words |= set(COLOUR_NAMES) | set(SHAPES) | {plural(s) for s in SHAPES} | {str(i) for i in range(10)}
     return sorted(words)
 
@@ -96,11 +98,22 @@ def build_tokenizer(kind: str, extra_words=()):
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     extra = {"image_token": SPECIALS[kind][0]}
     if kind == "qwen":
-        extra.update({"vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
-                      "video_token": "<|video_pad|>"})
+        extra.update(
+            {
+                "vision_start_token": "<|vision_start|>",
+                "vision_end_token": "<|vision_end|>",
+                "video_token": "<|video_pad|>",
+            }
+        )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens=extra, padding_side="left", model_max_length=512,
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=extra,
+        padding_side="left",
+        model_max_length=512,
     )
     return tok
 
@@ -131,23 +144,35 @@ def build_processor(kind: str, extra_words=(), video: bool = False):
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
         ip = LlavaImageProcessorPil(
-            do_pad=True, size={"shortest_edge": LLAVA_IMAGE}, crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE},
+            do_pad=True,
+            size={"shortest_edge": LLAVA_IMAGE},
+            crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE},
         )
-        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=LLAVA_PATCH,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                              chat_template=chat_template(kind))
+        return LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=LLAVA_PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=chat_template(kind),
+        )
     from transformers import Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     npix = WIDTH * HEIGHT
-    ip = Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
-                                  size={"shortest_edge": npix, "longest_edge": npix})
+    ip = Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH,
+        merge_size=QWEN_MERGE,
+        temporal_patch_size=2,
+        size={"shortest_edge": npix, "longest_edge": npix},
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     vsize = {"size": {"shortest_edge": npix, "longest_edge": npix}} if video else {}
     vp = Qwen2VLVideoProcessor(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2, **vsize)
-    return Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
-                               chat_template=chat_template(kind, video))
+    return Qwen2_5_VLProcessor(
+        image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=chat_template(kind, video)
+    )
 
 
 def build_model(kind: str, tok, seed: int):
@@ -157,32 +182,74 @@ def build_model(kind: str, tok, seed: int):
     if kind == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        vc = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=LLAVA_IMAGE, patch_size=LLAVA_PATCH, projection_dim=128)
-        tc = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         tie_word_embeddings=False, **ids)
-        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                          vision_feature_layer=-1, vision_feature_select_strategy="default",
-                          projector_hidden_act="gelu", image_seq_length=(LLAVA_IMAGE // LLAVA_PATCH) ** 2,
-                          tie_word_embeddings=False)
+        vc = CLIPVisionConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=LLAVA_IMAGE,
+            patch_size=LLAVA_PATCH,
+            projection_dim=128,
+        )
+        tc = LlamaConfig(
+            vocab_size=V,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **ids,
+        )
+        cfg = LlavaConfig(
+            vision_config=vc,
+            text_config=tc,
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            image_seq_length=(LLAVA_IMAGE // LLAVA_PATCH) ** 2,
+            tie_word_embeddings=False,
+        )
         model = LlavaForConditionalGeneration(cfg)
     else:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        tc = dict(vocab_size=V, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=1024,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}, **ids)
+        tc = dict(
+            vocab_size=V,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+            **ids,
+        )
         # 600 patches per image: keep the tower narrow, windowed (4x4 merged tokens) except the last block
-        vc = dict(depth=3, hidden_size=64, intermediate_size=192, num_heads=4, patch_size=QWEN_PATCH,
-                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[2],
-                  out_hidden_size=128, in_channels=3)
-        cfg = Qwen2_5_VLConfig(text_config=tc, vision_config=vc,
-                               image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-                               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-                               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-                               vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-                               tie_word_embeddings=False)
+        vc = dict(
+            depth=3,
+            hidden_size=64,
+            intermediate_size=192,
+            num_heads=4,
+            patch_size=QWEN_PATCH,
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=2,
+            window_size=32,
+            fullatt_block_indexes=[2],
+            out_hidden_size=128,
+            in_channels=3,
+        )
+        cfg = Qwen2_5_VLConfig(
+            text_config=tc,
+            vision_config=vc,
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+            tie_word_embeddings=False,
+        )
         model = Qwen2_5_VLForConditionalGeneration(cfg)
     # unit-variance text embeddings: the same scale as the (RMS-normalised) visual tokens
     with torch.no_grad():
@@ -268,8 +335,12 @@ def dense_targets(scene, kind):
     anchor = np.zeros((R, C), dtype=np.float32)
     thr = max(1, cell * cell // 6)
     per_object = [
-        (COLOUR_NAMES.index(o.colour), SHAPES.index(o.shape), int(o.side == "right"),
-         COLOUR_NAMES.index(scene.nearest(o.colour).colour))
+        (
+            COLOUR_NAMES.index(o.colour),
+            SHAPES.index(o.shape),
+            int(o.side == "right"),
+            COLOUR_NAMES.index(scene.nearest(o.colour).colour),
+        )
         for o in scene.objects
     ]
     for r in range(R):
@@ -352,7 +423,9 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
     torch.manual_seed(seed + 1)
     head = DenseHead(D)
     opt = torch.optim.AdamW(params + list(head.parameters()), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
     for m in parts:
         m.train()
     t0 = time.time()
@@ -368,8 +441,11 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"[A {step:5d}] loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in accs.items())
-                + f" {time.time() - t0:.0f}s")
+            log(
+                f"[A {step:5d}] loss {loss.item():.3f} "
+                + " ".join(f"{k} {v:.3f}" for k, v in accs.items())
+                + f" {time.time() - t0:.0f}s"
+            )
     return time.time() - t0
 
 
@@ -377,9 +453,18 @@ def stage_a(model, kind, processor, seed, steps, batch, lr, log):
 # Stage B: question answering + captions with the visual side frozen
 
 
-def sequence_text(processor, scene, rng, qa_turns: int = len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
-                  with_caption: bool = True, ask_fn=ask, prompt_fn=build_prompt, caption_fn=caption,
-                  caption_question: str = CAPTION_QUESTION) -> str:
+def sequence_text(
+    processor,
+    scene,
+    rng,
+    qa_turns: int = len(QUESTION_TYPES),
+    qa_types=QUESTION_TYPES,
+    with_caption: bool = True,
+    ask_fn=ask,
+    prompt_fn=build_prompt,
+    caption_fn=caption,
+    caption_question: str = CAPTION_QUESTION,
+) -> str:
     """``qa_turns`` question turns (rounds of ``qa_types`` -- every question type once by default -- shuffled
     within the round, no question repeated), then the caption turn.  ``ask_fn`` / ``prompt_fn`` / ``caption_fn`` /
     ``caption_question`` swap in another benchmark's questions, first-turn prompt and caption (the video clips of
@@ -425,14 +510,14 @@ def supervise_mask(ids: torch.Tensor, tok) -> torch.Tensor:
     return m
 
 
-def make_batch(processor, seed, step, batch, stream=2, qa_turns=len(QUESTION_TYPES), qa_types=QUESTION_TYPES,
-               blank_every: int = 0):
+def make_batch(processor, seed, step, batch, stream=2, qa_turns=None, qa_types=QUESTION_TYPES, blank_every: int = 0):
     """One stage-B batch.  With ``blank_every = n``, every n-th sequence shows a blank canvas instead of its scene
     and has no caption: its answers, those of the unseen scene, follow the answer distribution given the question,
     so the model learns to fall back on that prior when the image shows nothing (instead of leaving the answer
     format, which a blank or heavily pruned image otherwise provokes)."""
     sc = scenes_for_step(seed, step, batch, stream)
     blank = [blank_every > 0 and (step * batch + j) % blank_every == 0 for j in range(batch)]
+    qa_turns = len(QUESTION_TYPES) if qa_turns is None else qa_turns
     texts = [sequence_text(processor, s, rng, qa_turns, qa_types, with_caption=not b) for (s, rng), b in zip(sc, blank)]
     images = [render(None) if b else render(s) for (s, _), b in zip(sc, blank)]
     return supervised_inputs(processor, texts, images=images)
@@ -470,17 +555,39 @@ def projector(model, kind):
     return model.model.multi_modal_projector if kind == "llava" else model.model.visual.merger
 
 
-def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every, out_dir, qa_turns, stream=2,
-            qa_types=QUESTION_TYPES, projector_lr_scale=0.0, blank_every=0, batch_fn=None, eval_fn=None,
-            loss_fn=None, extra_params=()):
+def stage_b(
+    model,
+    kind,
+    processor,
+    seed,
+    steps,
+    batch,
+    lr,
+    log,
+    val,
+    eval_every,
+    out_dir,
+    qa_turns,
+    stream=2,
+    qa_types=QUESTION_TYPES,
+    projector_lr_scale=0.0,
+    blank_every=0,
+    batch_fn=None,
+    eval_fn=None,
+    loss_fn=None,
+    extra_params=(),
+):
     """Question answering + captions.  The vision tower stays frozen; the projector trains at
     ``projector_lr_scale * lr`` (0: frozen), as in LLaVA's own second stage, which lets the answers' loss amplify
     the feature directions the questions key on.  ``batch_fn(step)`` / ``eval_fn(model)`` replace the image
     benchmark's batches and validation, ``loss_fn(inputs)`` the LM loss (``extra_params``: its own trainable heads;
     the video recipe uses this loop unchanged otherwise)."""
     loss_fn = loss_fn or (lambda inputs: model(**inputs).loss)
-    batch_fn = batch_fn or (lambda step: make_batch(processor, seed, step, batch, stream=stream, qa_turns=qa_turns,
-                                                    qa_types=qa_types, blank_every=blank_every))
+    batch_fn = batch_fn or (
+        lambda step: make_batch(
+            processor, seed, step, batch, stream=stream, qa_turns=qa_turns, qa_types=qa_types, blank_every=blank_every
+        )
+    )
     eval_fn = eval_fn or (lambda m: quick_eval(m, processor, val, kind))
     if steps <= 0:
         return 0.0, None
@@ -502,7 +609,8 @@ def stage_b(model, kind, processor, seed, steps, batch, lr, log, val, eval_every
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     warm = 100
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
     model.model.language_model.train()
     t0 = time.time()
     torch.manual_seed(seed + 2)
@@ -534,9 +642,17 @@ def save(model, processor, out_dir: Path):
 
 def results_record(threads, n_test, previous, full, blank, blank_key, prior, val_res) -> dict:
     """The part of a run's training.json shared by the image and video recipes."""
-    return {"threads": threads, "test_split": {"name": "test", "seed": 0, "n": n_test}, "previous_run": previous,
-            "test_accuracy": full, blank_key: blank, "answer_prior": prior, "last_validation": val_res,
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    return {
+        "threads": threads,
+        "test_split": {"name": "test", "seed": 0, "n": n_test},
+        "previous_run": previous,
+        "test_accuracy": full,
+        blank_key: blank,
+        "answer_prior": prior,
+        "last_validation": val_res,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
 
 
 def _previous_time(previous) -> float:
@@ -549,14 +665,22 @@ def _previous_time(previous) -> float:
 # (``--init-from``).  ``--recipe`` replays them.  The second LLaVA run re-weights the question mix towards colour and
 # side questions, which the first had not yet learned; Qwen's short second run adds blank-canvas sequences
 # (``--b-blank-every``) so that on an image showing nothing it answers from the prior instead of leaving the format.
-_FIRST = ("--a-steps 1500 --a-batch 32 --b-steps 2500 --b-batch 16 --qa-turns 12 "
-          "--qa-types shape,colour,side,count,nearest,colour,nearest,count --eval-every 250")
+_FIRST = (
+    "--a-steps 1500 --a-batch 32 --b-steps 2500 --b-batch 16 --qa-turns 12 "
+    "--qa-types shape,colour,side,count,nearest,colour,nearest,count --eval-every 250"
+)
 RECIPES = {
-    "llava": [_FIRST, "--a-steps 0 --b-steps 2500 --b-batch 16 --qa-turns 12 "
-                      "--qa-types shape,colour,side,count,nearest,colour,side,nearest,colour,side --b-stream 3 "
-                      "--eval-every 250"],
-    "qwen": [_FIRST, "--a-steps 0 --b-steps 600 --b-batch 16 --b-lr 5e-4 --qa-turns 12 --b-blank-every 8 "
-                     "--b-stream 3 --eval-every 200"],
+    "llava": [
+        _FIRST,
+        "--a-steps 0 --b-steps 2500 --b-batch 16 --qa-turns 12 "
+        "--qa-types shape,colour,side,count,nearest,colour,side,nearest,colour,side --b-stream 3 "
+        "--eval-every 250",
+    ],
+    "qwen": [
+        _FIRST,
+        "--a-steps 0 --b-steps 600 --b-batch 16 --b-lr 5e-4 --qa-turns 12 --b-blank-every 8 "
+        "--b-stream 3 --eval-every 200",
+    ],
 }
 
 
@@ -587,21 +711,39 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--b-batch", type=int, default=16)
     ap.add_argument("--b-lr", type=float, default=1.5e-3)
     ap.add_argument("--qa-turns", type=int, default=12, help="question turns per training sequence")
-    ap.add_argument("--qa-types", default=DEFAULT_QA_TYPES,
-                    help="comma list of question types making one round of turns (repeats weight a type)")
-    ap.add_argument("--b-projector-lr-scale", type=float, default=0.0,
-                    help="stage-B learning rate of the projector / patch merger relative to the LLM's (0: frozen)")
-    ap.add_argument("--b-blank-every", type=int, default=0,
-                    help="every n-th stage-B sequence shows a blank canvas, answers kept, no caption (0: never)")
+    ap.add_argument(
+        "--qa-types",
+        default=DEFAULT_QA_TYPES,
+        help="comma list of question types making one round of turns (repeats weight a type)",
+    )
+    ap.add_argument(
+        "--b-projector-lr-scale",
+        type=float,
+        default=0.0,
+        help="stage-B learning rate of the projector / patch merger relative to the LLM's (0: frozen)",
+    )
+    ap.add_argument(
+        "--b-blank-every",
+        type=int,
+        default=0,
+        help="every n-th stage-B sequence shows a blank canvas, answers kept, no caption (0: never)",
+    )
     ap.add_argument("--b-stream", type=int, default=2, help="seed stream of the stage-B scenes")
-    ap.add_argument("--init-from", type=Path, default=None,
-                    help="start from a saved model folder (use with --a-steps 0 to continue stage B)")
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a saved model folder (use with --a-steps 0 to continue stage B)",
+    )
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--val-size", type=int, default=250)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    ap.add_argument("--recipe", action="store_true",
-                    help="replay the runs that produced the shipped model (RECIPES); other stage flags are ignored")
+    ap.add_argument(
+        "--recipe",
+        action="store_true",
+        help="replay the runs that produced the shipped model (RECIPES); other stage flags are ignored",
+    )
     return ap
 
 
@@ -623,8 +765,7 @@ def main(argv=None):
     if args.init_from is not None:  # continue a saved run (its visual side is the stage-A result of that run)
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(args.init_from, local_files_only=True,
-                                                            dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(args.init_from, local_files_only=True, dtype=torch.float32)
         pj = args.init_from / "training.json"
         previous = json.loads(pj.read_text()) if pj.exists() else None
         log(f"initialised from {args.init_from}")
@@ -638,9 +779,24 @@ def main(argv=None):
     qa_types = tuple(args.qa_types.split(",")) if args.qa_types else QUESTION_TYPES
     assert all(t in QUESTION_TYPES for t in qa_types), qa_types
     val = make_split("validation", args.val_size, seed=args.seed)
-    t_b, val_res = stage_b(model, args.model, processor, args.seed, args.b_steps, args.b_batch, args.b_lr, log,
-                           val, args.eval_every, out_dir, args.qa_turns, args.b_stream, qa_types,
-                           args.b_projector_lr_scale, args.b_blank_every)
+    t_b, val_res = stage_b(
+        model,
+        args.model,
+        processor,
+        args.seed,
+        args.b_steps,
+        args.b_batch,
+        args.b_lr,
+        log,
+        val,
+        args.eval_every,
+        out_dir,
+        args.qa_turns,
+        args.b_stream,
+        qa_types,
+        args.b_projector_lr_scale,
+        args.b_blank_every,
+    )
     log(f"stage B done in {t_b:.0f}s")
     train_time = time.time() - t_start
 
@@ -659,8 +815,10 @@ def main(argv=None):
     log(f"test accuracy (full images):  {json.dumps({k: round(v, 4) for k, v in full.items()})}")
     log(f"test accuracy (blank images): {json.dumps({k: round(v, 4) for k, v in blank.items()})}")
     log(f"answer prior (majority per type): {json.dumps({k: round(v, 4) for k, v in prior.items()})}")
-    log(f"training time {train_time:.0f}s (stage A {t_a:.0f}s, stage B {t_b:.0f}s), eval {t_eval:.0f}s, "
-        f"saved {size / 1e6:.2f} MB to {out_dir}")
+    log(
+        f"training time {train_time:.0f}s (stage A {t_a:.0f}s, stage B {t_b:.0f}s), eval {t_eval:.0f}s, "
+        f"saved {size / 1e6:.2f} MB to {out_dir}"
+    )
     info = {
         "name": name,
         "model_class": type(model).__name__,
@@ -671,10 +829,13 @@ def main(argv=None):
         "size_bytes": size,
         "dtype": args.dtype,
         "visual_tokens_per_image": int(token_grid(args.model)[0] * token_grid(args.model)[1]),
-        "time_s": {"stage_a": round(t_a, 1), "stage_b": round(t_b, 1), "train_total": round(train_time, 1),
-                   "eval": round(t_eval, 1)},
-        "train_time_s_including_previous_runs": round(
-            train_time + _previous_time(previous), 1),
+        "time_s": {
+            "stage_a": round(t_a, 1),
+            "stage_b": round(t_b, 1),
+            "train_total": round(train_time, 1),
+            "eval": round(t_eval, 1),
+        },
+        "train_time_s_including_previous_runs": round(train_time + _previous_time(previous), 1),
         "init_from": str(args.init_from) if args.init_from else None,
         **results_record(args.threads, len(test), previous, full, blank, "blank_image_accuracy", prior, val_res),
     }

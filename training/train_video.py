@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vtprune.eval.catalog import model_dir
+from vtprune.eval.catalog import VIDEO_MODELS, model_dir
 from vtprune.eval.data.image import COLOUR_NAMES
 from vtprune.eval.data.video import (
     CLIP_CAPTION_QUESTION,
@@ -49,7 +49,6 @@ from vtprune.eval.data.video import (
     video_answer_prior,
     video_seed,
 )
-from vtprune.eval.catalog import VIDEO_MODELS
 from vtprune.eval.harness.predict import evaluate_video
 from vtprune.eval.models import build_video_prompt
 
@@ -63,12 +62,14 @@ TOKENS_PER_SECOND = 24
 # run 1: question answering only; run 2 continues it with the per-token probes on new clips (61 % multi-frame);
 # run 3 continues run 2 with class-balanced probes, the right-side share and frame count read one layer earlier as
 # stepping stones, and the multi-frame question types drawn twice as often (89 % multi-frame)
-RECIPES = ["--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100",
-           "--steps 600 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --probe-weight 1 --probe-layer 2 "
-           "--stream 5 --eval-every 100",
-           "--steps 1200 --batch 8 --lr 1e-3 --qa-turns 12 --qa-types moved,moved,frames,frames,appeared,appeared,"
-           "ended,shape,side --blank-every 8 --probe-weight 1 --probe-balance --probe-layer 2 "
-           "--aux-probes side_frac,frames --aux-layer 1 --stream 8 --eval-every 100"]
+RECIPES = [
+    "--steps 700 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --eval-every 100",
+    "--steps 600 --batch 8 --lr 1e-3 --qa-turns 12 --blank-every 8 --probe-weight 1 --probe-layer 2 "
+    "--stream 5 --eval-every 100",
+    "--steps 1200 --batch 8 --lr 1e-3 --qa-turns 12 --qa-types moved,moved,frames,frames,appeared,appeared,"
+    "ended,shape,side --blank-every 8 --probe-weight 1 --probe-balance --probe-layer 2 "
+    "--aux-probes side_frac,frames --aux-layer 1 --stream 8 --eval-every 100",
+]
 
 
 # Per-token probes on the LLM's hidden states at the video tokens (``--probe-layer``): every object token is taught
@@ -90,8 +91,17 @@ def _side_frac(clip, colour: str) -> int:
 def probe_targets(clip) -> torch.Tensor:
     """[states * tokens per state, len(PROBES)] targets of the clip's video tokens (-100 off objects)."""
     last, movers = clip.appeared_last(), clip.movers()
-    facts = {c: [int(c in movers), clip.frames_showing(c) // 2 - 1, clip.first_state(c), int(c == last),
-                 int(clip.end_side(c) == "right"), _side_frac(clip, c)] for c in clip.colours()}
+    facts = {
+        c: [
+            int(c in movers),
+            clip.frames_showing(c) // 2 - 1,
+            clip.first_state(c),
+            int(c == last),
+            int(clip.end_side(c) == "right"),
+            _side_frac(clip, c),
+        ]
+        for c in clip.colours()
+    }
     out = []
     for state in clip.states:
         colour = T.dense_targets(state, "qwen")[1][:, 0]  # colour index of the object a token covers, -100 off
@@ -106,7 +116,9 @@ def _balanced_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with each class present weighted by the inverse of its share of ``target``: a rare class (the one
     mover among several still objects) counts as much as the common one, so its probe cannot sit at the base rate."""
     counts = torch.bincount(target, minlength=logits.shape[-1]).float()
-    weight = torch.where(counts > 0, counts.sum() / (counts * (counts > 0).sum()).clamp(min=1), torch.zeros_like(counts))
+    weight = torch.where(
+        counts > 0, counts.sum() / (counts * (counts > 0).sum()).clamp(min=1), torch.zeros_like(counts)
+    )
     return F.cross_entropy(logits, target, weight=weight)
 
 
@@ -115,8 +127,18 @@ def _balanced_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
     return sum(recalls) / len(recalls)
 
 
-def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int = 25, balance: bool = False,
-                  names=tuple(PROBES), aux_layer: int | None = None, aux_names=()):
+def probe_loss_fn(
+    model,
+    heads,
+    layer: int,
+    weight: float,
+    log=None,
+    every: int = 25,
+    balance: bool = False,
+    names=tuple(PROBES),
+    aux_layer: int | None = None,
+    aux_names=(),
+):
     """LM loss plus ``weight`` x the probes' cross-entropy on the video tokens: ``names`` at decoder layer
     ``layer``'s output, ``aux_names`` at ``aux_layer``'s (their accuracies logged every ``every`` calls, balanced
     ones with ``balance``, which also weights each probe's classes to equal shares). ``heads``: one per name, in
@@ -146,8 +168,9 @@ def probe_loss_fn(model, heads, layer: int, weight: float, log=None, every: int 
     return loss_fn
 
 
-def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, qa_types, blank_every, caption,
-                     probes: bool = False):
+def make_video_batch(
+    processor, seed, step, batch, stream, n_frames, qa_turns, qa_types, blank_every, caption, probes: bool = False
+):
     """One batch of training clips (a seed stream of the train split) with their question turns, and with
     ``caption`` a last turn describing the clip state by state (not on blank clips)."""
     videos, texts, targets = [], [], []
@@ -156,9 +179,20 @@ def make_video_batch(processor, seed, step, batch, stream, n_frames, qa_turns, q
         rng = random.Random(video_seed("train", seed, (stream << 40) + i))
         clip = random_clip(rng, n_frames)
         blank = blank_every > 0 and i % blank_every == 0
-        texts.append(T.sequence_text(processor, clip, rng, qa_turns, qa_types, with_caption=caption and not blank,
-                                     ask_fn=ask_video, prompt_fn=build_video_prompt, caption_fn=clip_caption,
-                                     caption_question=CLIP_CAPTION_QUESTION))
+        texts.append(
+            T.sequence_text(
+                processor,
+                clip,
+                rng,
+                qa_turns,
+                qa_types,
+                with_caption=caption and not blank,
+                ask_fn=ask_video,
+                prompt_fn=build_video_prompt,
+                caption_fn=clip_caption,
+                caption_question=CLIP_CAPTION_QUESTION,
+            )
+        )
         videos.append(clip.blank_frames() if blank else clip.frames())
         if probes:  # a blank clip has no object tokens
             targets.append(torch.full_like(probe_targets(clip), -100) if blank else probe_targets(clip))
@@ -229,18 +263,26 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--qa-turns", type=int, default=12)
-    ap.add_argument("--qa-types", default=",".join(VIDEO_QUESTION_TYPES),
-                    help="comma list of question types making one round of turns (repeats weight a type)")
+    ap.add_argument(
+        "--qa-types",
+        default=",".join(VIDEO_QUESTION_TYPES),
+        help="comma list of question types making one round of turns (repeats weight a type)",
+    )
     ap.add_argument("--projector-lr-scale", type=float, default=0.0)
     ap.add_argument("--blank-every", type=int, default=8)
     ap.add_argument("--probe-weight", type=float, default=0.0, help="weight of the per-token probes (0: none)")
     ap.add_argument("--probe-layer", type=int, default=2, help="decoder layer whose output the probes read")
     ap.add_argument("--probe-balance", action="store_true", help="weight each probe's classes to equal shares")
-    ap.add_argument("--probes", default="moved,frames,first_state,appeared_last,ends_right",
-                    help="comma list of the probes read at --probe-layer")
+    ap.add_argument(
+        "--probes",
+        default="moved,frames,first_state,appeared_last,ends_right",
+        help="comma list of the probes read at --probe-layer",
+    )
     ap.add_argument("--aux-probes", default="", help="comma list of probes read at --aux-layer (stepping stones)")
     ap.add_argument("--aux-layer", type=int, default=1, help="decoder layer whose output the aux probes read")
-    ap.add_argument("--insert-layers", type=int, default=0, help="grow the LLM by this many identity-initialised layers")
+    ap.add_argument(
+        "--insert-layers", type=int, default=0, help="grow the LLM by this many identity-initialised layers"
+    )
     ap.add_argument("--insert-at", type=int, default=2, help="decoder index the new layers are inserted before")
     ap.add_argument("--caption", type=int, default=0, help="1: end each sequence with the state-by-state caption")
     ap.add_argument("--stream", type=int, default=4, help="seed stream of the training clips")
@@ -286,8 +328,19 @@ def main(argv=None):
     val = make_video_split("validation", args.val_size, args.seed, args.frames)
 
     def batch_fn(step):
-        return make_video_batch(processor, args.seed, step, args.batch, args.stream, args.frames, args.qa_turns,
-                                qa_types, args.blank_every, bool(args.caption), args.probe_weight > 0)
+        return make_video_batch(
+            processor,
+            args.seed,
+            step,
+            args.batch,
+            args.stream,
+            args.frames,
+            args.qa_turns,
+            qa_types,
+            args.blank_every,
+            bool(args.caption),
+            args.probe_weight > 0,
+        )
 
     loss_fn, heads = None, torch.nn.ModuleList()
     if args.probe_weight > 0:
@@ -297,10 +350,20 @@ def main(argv=None):
         bad = [n for n in names + aux_names if n not in PROBES]
         if bad:
             raise SystemExit(f"unknown probe(s) {bad}; allowed: {', '.join(PROBES)}")
-        heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, PROBES[n])
-                                    for n in names + aux_names)
-        loss_fn = probe_loss_fn(model, heads, args.probe_layer, args.probe_weight, log, balance=args.probe_balance,
-                                names=names, aux_layer=args.aux_layer, aux_names=aux_names)
+        heads = torch.nn.ModuleList(
+            torch.nn.Linear(model.config.text_config.hidden_size, PROBES[n]) for n in names + aux_names
+        )
+        loss_fn = probe_loss_fn(
+            model,
+            heads,
+            args.probe_layer,
+            args.probe_weight,
+            log,
+            balance=args.probe_balance,
+            names=names,
+            aux_layer=args.aux_layer,
+            aux_names=aux_names,
+        )
 
     def eval_fn(m):
         m.eval()
@@ -308,9 +371,25 @@ def main(argv=None):
         m.train()
         return res
 
-    t_b, val_res = T.stage_b(model, "qwen", processor, args.seed, args.steps, args.batch, args.lr, log, None,
-                             args.eval_every, out_dir, args.qa_turns, projector_lr_scale=args.projector_lr_scale,
-                             batch_fn=batch_fn, eval_fn=eval_fn, loss_fn=loss_fn, extra_params=heads.parameters())
+    t_b, val_res = T.stage_b(
+        model,
+        "qwen",
+        processor,
+        args.seed,
+        args.steps,
+        args.batch,
+        args.lr,
+        log,
+        None,
+        args.eval_every,
+        out_dir,
+        args.qa_turns,
+        projector_lr_scale=args.projector_lr_scale,
+        batch_fn=batch_fn,
+        eval_fn=eval_fn,
+        loss_fn=loss_fn,
+        extra_params=heads.parameters(),
+    )
     train_time = time.time() - t_start
     model.eval()
     pin_processor(processor, model)
@@ -322,8 +401,12 @@ def main(argv=None):
     prior = {k: round(v, 4) for k, v in video_answer_prior(test).items()}
     t_eval = time.time() - t0
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
-    tokens = int(processor(videos=[test[0].frames], text=[build_video_prompt(processor, test[0].question)],
-                           return_tensors="pt")["video_grid_thw"].prod() // 4)
+    tokens = int(
+        processor(videos=[test[0].frames], text=[build_video_prompt(processor, test[0].question)], return_tensors="pt")[
+            "video_grid_thw"
+        ].prod()
+        // 4
+    )
     log(f"test (full clips):  {json.dumps(full)}")
     log(f"test (blank clips): {json.dumps(blank)}")
     log(f"answer prior: {json.dumps(prior)}")

@@ -1,17 +1,30 @@
 """vtprune: training-free visual token pruning and merging for Hugging Face vision-language models.
 
-    import vtprune
-    vtprune.apply_pruner(model, method="divprune", keep_ratio=0.25)
-    ...
-    vtprune.remove_pruner(model)
+import vtprune
+vtprune.apply_pruner(model, method="divprune", keep_ratio=0.25)
+...
+vtprune.remove_pruner(model)
 """
-from ._version import __version__
+
+from ._version import __version__ as __version__
 
 # The public names load on first use (PEP 562): importing torch costs seconds, which `vtprune --help` should not pay.
-_LAZY = {"apply_pruner": "api", "get_config": "api", "get_pruner": "api", "get_stats": "api", "is_patched": "api",
-         "paused": "api", "remove_pruner": "api", "PrunerConfig": "config", "StageConfig": "config",
-         "StageStats": "stats", "UnitStats": "stats", "list_methods": "strategies", "register": "strategies",
-         "unregister": "strategies"}
+_LAZY = {
+    "apply_pruner": "api",
+    "get_config": "api",
+    "get_pruner": "api",
+    "get_stats": "api",
+    "is_patched": "api",
+    "paused": "api",
+    "remove_pruner": "api",
+    "PrunerConfig": "config",
+    "StageConfig": "config",
+    "StageStats": "stats",
+    "UnitStats": "stats",
+    "list_methods": "strategies",
+    "register": "strategies",
+    "unregister": "strategies",
+}
 
 __all__ = sorted([*_LAZY, "__version__"])
 

@@ -1,4 +1,5 @@
 """The transformers versions vtprune's hooks were written and tested against."""
+
 from __future__ import annotations
 
 SUPPORTED = ((5, 20), (6, 0))  # [5.20, 6.0): mm_encoder_outputs, layer keyword `cache`, M-RoPE in the rotary
@@ -16,5 +17,7 @@ def check_transformers(version: str | None = None) -> None:
         version = transformers.__version__
     lo, hi = SUPPORTED
     if not lo <= _parse(version) < hi:
-        raise ImportError(f"vtprune supports transformers >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
-                          f"Install a supported release: pip install 'transformers>={lo[0]}.{lo[1]},<{hi[0]}'")
+        raise ImportError(
+            f"vtprune supports transformers >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; found {version}. "
+            f"Install a supported release: pip install 'transformers>={lo[0]}.{lo[1]},<{hi[0]}'"
+        )

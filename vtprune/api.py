@@ -1,9 +1,9 @@
 """The public entry points: apply_pruner, remove_pruner, get_stats."""
+
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Optional
 
 import torch
 
@@ -22,11 +22,21 @@ _REFUSED_GENERATE = {
 _REFUSED_CACHES = ("static", "offloaded_static", "sliding_window", "hybrid", "mamba", "quantized")
 
 
-def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float] = None,
-                 keep_tokens: Optional[int] = None, layer: Optional[int] = None, schedule: Optional[list] = None,
-                 positions: str = "original", *, video_keep_ratio: Optional[float] = None,
-                 video_keep_tokens: Optional[int] = None, config: Optional[PrunerConfig] = None,
-                 replace: bool = False, **options):
+def apply_pruner(
+    model,
+    method: str | None = None,
+    keep_ratio: float | None = None,
+    keep_tokens: int | None = None,
+    layer: int | None = None,
+    schedule: list | None = None,
+    positions: str = "original",
+    *,
+    video_keep_ratio: float | None = None,
+    video_keep_tokens: int | None = None,
+    config: PrunerConfig | None = None,
+    replace: bool = False,
+    **options,
+):
     """Patch this model instance so prefill and ``generate()`` run on the kept visual tokens. Returns ``model``.
 
     ``method``: a registered method name (default ``"divprune"``; ``vtprune.list_methods()``).
@@ -35,8 +45,8 @@ def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float
     its images and videos in proportion to their sizes. ``video_keep_ratio`` / ``video_keep_tokens``: the same for
     videos alone (default: the image setting). ``layer``: 0 prunes before the language model,
     K >= 1 inside it from decoder layer K on; None (default) is the method's own (0 for input-stage methods,
-    2 for fastv, the family's entropy-collapse layer for entropy). ``schedule``: a list of stages (dicts with method, layer,
-    keep_ratio/keep_tokens, options) for multi-stage pruning. ``positions``: "original" keeps each kept token's
+    2 for fastv, the family's entropy-collapse layer for entropy). ``schedule``: a list of stages (dicts with method,
+    layer, keep_ratio/keep_tokens, options) for multi-stage pruning. ``positions``: "original" keeps each kept token's
     position ids, "renumber" makes them contiguous (LLaVA family). ``options`` go to the method.
     ``config``: a PrunerConfig instead of the keyword arguments. ``replace=True`` swaps an existing pruner.
     """
@@ -45,34 +55,54 @@ def apply_pruner(model, method: Optional[str] = None, keep_ratio: Optional[float
     _compat.check_transformers()
     _check_model(model)
     if config is None:
-        config = PrunerConfig(method=method, keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
-                              schedule=schedule, positions=positions, options=dict(options),
-                              video_keep_ratio=video_keep_ratio, video_keep_tokens=video_keep_tokens)
-    elif (options or method is not None or keep_ratio is not None or keep_tokens is not None or layer is not None
-          or schedule is not None or positions != "original" or video_keep_ratio is not None
-          or video_keep_tokens is not None):
+        config = PrunerConfig(
+            method=method,
+            keep_ratio=keep_ratio,
+            keep_tokens=keep_tokens,
+            layer=layer,
+            schedule=schedule,
+            positions=positions,
+            options=dict(options),
+            video_keep_ratio=video_keep_ratio,
+            video_keep_tokens=video_keep_tokens,
+        )
+    elif (
+        options
+        or method is not None
+        or keep_ratio is not None
+        or keep_tokens is not None
+        or layer is not None
+        or schedule is not None
+        or positions != "original"
+        or video_keep_ratio is not None
+        or video_keep_tokens is not None
+    ):
         raise ValueError("pass either config=PrunerConfig(...) or keyword settings, not both")
     if not isinstance(config, PrunerConfig):
         raise ValueError(f"config must be a vtprune.PrunerConfig, got {type(config).__name__}")
     config = copy.deepcopy(config)  # the caller's object stays theirs: editing it later changes nothing here
     existing = get_pruner(model)
     if existing is not None and not replace:
-        raise ValueError("this model is already patched by vtprune; call vtprune.remove_pruner(model) first or "
-                         "pass replace=True")
+        raise ValueError(
+            "this model is already patched by vtprune; call vtprune.remove_pruner(model) first or pass replace=True"
+        )
     return _install(model, config, existing)
 
 
 def _check_model(model) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError("apply_pruner needs a Hugging Face vision-language model (a torch.nn.Module with a .config, "
-                        f"as from_pretrained returns it), got {type(model).__name__}")
+        raise TypeError(
+            "apply_pruner needs a Hugging Face vision-language model (a torch.nn.Module with a .config, "
+            f"as from_pretrained returns it), got {type(model).__name__}"
+        )
     offloaded = next((name for name, p in model.named_parameters() if p.device.type == "meta"), None)
     if offloaded is not None:
         raise NotImplementedError(
             f"this model's weights are on the meta device ({offloaded}, ...): it is offloaded (accelerate's "
             "cpu_offload / disk_offload, or a device_map with 'cpu'/'disk' offload), and vtprune reads the weights "
             "a method scores with directly. Load it on real devices (device_map='auto' onto GPUs, or the CPU) "
-            "before apply_pruner")
+            "before apply_pruner"
+        )
 
 
 def _install(model, config, existing):
@@ -101,13 +131,16 @@ class _GuardedGenerate:
         model = self.model
         for key, what in _REFUSED_GENERATE.items():
             if kwargs.get(key) is not None:
-                raise NotImplementedError(f"vtprune does not support {what} ({key}=...): pruned caches no longer "
-                                          "match the input length; remove_pruner(model) first")
+                raise NotImplementedError(
+                    f"vtprune does not support {what} ({key}=...): pruned caches no longer "
+                    "match the input length; remove_pruner(model) first"
+                )
         gen_cfg = kwargs.get("generation_config") or model.generation_config
         impl = kwargs.get("cache_implementation", getattr(gen_cfg, "cache_implementation", None))
         if impl in _REFUSED_CACHES:
-            raise NotImplementedError(f"vtprune does not support cache_implementation={impl!r}; "
-                                      "use the default dynamic cache")
+            raise NotImplementedError(
+                f"vtprune does not support cache_implementation={impl!r}; use the default dynamic cache"
+            )
         for key in ("prompt_lookup_num_tokens", "prefill_chunk_size"):
             if getattr(gen_cfg, key, None) is not None:
                 raise NotImplementedError(f"vtprune does not support generation_config.{key}")
@@ -165,5 +198,3 @@ def _require(model):
     if pruner is None:
         raise ValueError("this model is not patched by vtprune")
     return pruner
-
-

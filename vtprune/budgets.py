@@ -5,11 +5,12 @@ applies to each unit; ``keep_tokens`` is the sample's total, split across its un
 the largest-remainder rule (ties to the earlier unit). Videos use ``video_keep_ratio`` / ``video_keep_tokens`` when
 given, else the image setting (then ``keep_tokens`` is split over all the sample's units).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,7 +36,7 @@ class Item:
     start: int
     n: int
     k: int
-    grid: Optional[tuple] = None
+    grid: tuple | None = None
     frames: int = 1
 
 
@@ -67,8 +68,11 @@ def unit_budgets(stage, kinds: list[str], sizes: list[int]) -> list[int]:
         groups.setdefault(kind if separate and kind == "video" else "all", []).append(i)
     out = [0] * len(sizes)
     for group, members in groups.items():
-        ratio, tokens = ((stage.video_keep_ratio, stage.video_keep_tokens) if group == "video"
-                         else (stage.keep_ratio, stage.keep_tokens))
+        ratio, tokens = (
+            (stage.video_keep_ratio, stage.video_keep_tokens)
+            if group == "video"
+            else (stage.keep_ratio, stage.keep_tokens)
+        )
         if tokens is not None:
             parts = largest_remainder(tokens, [sizes[i] for i in members])
         else:
@@ -85,19 +89,22 @@ def layer_average_keep(num_layers: int, layer: int, n_visual: int, target_avg: f
     k = floor((L*T - K*N) / (L - K)), clamped to [1, N]. E.g. L=32, K=2, N=576, T=128 -> 98.
     """
     if num_layers < 1 or not 0 <= layer < num_layers:
-        raise ValueError(f"need num_layers >= 1 and 0 <= layer < num_layers; got num_layers={num_layers}, "
-                         f"layer={layer}")
+        raise ValueError(
+            f"need num_layers >= 1 and 0 <= layer < num_layers; got num_layers={num_layers}, layer={layer}"
+        )
     if n_visual < 1 or not 0 < target_avg <= n_visual:
-        raise ValueError(f"need n_visual >= 1 and 0 < target_avg <= n_visual; got n_visual={n_visual}, "
-                         f"target_avg={target_avg}")
+        raise ValueError(
+            f"need n_visual >= 1 and 0 < target_avg <= n_visual; got n_visual={n_visual}, target_avg={target_avg}"
+        )
     num = num_layers * target_avg - layer * n_visual
     den = num_layers - layer
     keep = num // den if isinstance(num, int) else math.floor(num / den)  # exact for integers
     return int(min(max(keep, 1), n_visual))
 
 
-def plan_items(stage: StageConfig, method: Method, flags: TokenFlags, units: list, num_layers: int,
-               counts: Optional[list] = None) -> list[Item]:
+def plan_items(
+    stage: StageConfig, method: Method, flags: TokenFlags, units: list, num_layers: int, counts: list | None = None
+) -> list[Item]:
     """The selection items of this stage: one per unit (or per frame, or per row), each with its budget.
 
     units: per row, the ``Unit``s of its prefill (``flags.unit`` maps the current tokens to them); counts: each
@@ -121,8 +128,10 @@ def plan_items(stage: StageConfig, method: Method, flags: TokenFlags, units: lis
         starts = [sum(sizes[:u]) for u in range(len(sizes))]
         if method.budget_cap is not None:
             pad = None if flags.pad is None else flags.pad[r][vis]
-            ks = [k if n == 0 else method.budget_cap(k, None if pad is None else pad[s:s + n], **options)
-                  for s, n, k in zip(starts, sizes, ks)]
+            ks = [
+                k if n == 0 else method.budget_cap(k, None if pad is None else pad[s : s + n], **options)
+                for s, n, k in zip(starts, sizes, ks)
+            ]
         if stage.options["units"] == "joint":
             kinds = {u.kind for u in row_units}
             items.append(Item(r, -1, kinds.pop() if len(kinds) == 1 else "mixed", 0, sum(sizes), sum(ks)))

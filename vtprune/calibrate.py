@@ -1,9 +1,9 @@
 """Find EntropyPrune's pruning layer (the "entropy collapse layer") from a few calibration batches."""
+
 from __future__ import annotations
 
-from typing import Iterable
-
 import contextlib
+from collections.abc import Iterable
 
 import torch
 

@@ -1,10 +1,10 @@
 """Per-call state: one ``CallState`` per forward / ``generate()`` call, created at its prefill and read by its decode
 steps, and the per-thread slots that find the current one. Concurrent calls on one model never share either."""
+
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -20,7 +20,7 @@ class StageOutput:
 
     layer: int
     kept_mask: torch.Tensor  # [B, L_out] long: the 2D mask after this stage (0 on dummy/pad slots)
-    shift: Optional[torch.Tensor] = None  # [B] renumbering offset (positions="renumber")
+    shift: torch.Tensor | None = None  # [B] renumbering offset (positions="renumber")
     overrides: dict = field(default_factory=dict)  # keywords every layer from this stage on receives
 
 
@@ -35,15 +35,15 @@ class CallState:
     outputs: dict = field(default_factory=dict)  # layer -> StageOutput
     stats: list = field(default_factory=list)  # StageStats, one per stage that ran
     captured: Captured = field(default_factory=Captured)
-    flags: Optional[TokenFlags] = None
+    flags: TokenFlags | None = None
     units: list = field(default_factory=list)  # per row, its images and videos (patches.base.Unit)
     prompt_len: int = 0
     fed: int = 0  # tokens fed after the prefill
-    next_pos: Optional[torch.Tensor] = None  # [B] next original position id
-    new_cols: Optional[torch.Tensor] = None  # [B, fed + q] mask columns of tokens after the prompt
+    next_pos: torch.Tensor | None = None  # [B] next original position id
+    new_cols: torch.Tensor | None = None  # [B, fed + q] mask columns of tokens after the prompt
     extra: dict = field(default_factory=dict)  # the adapter's own per-call scratch (Adapter.after_compact)
     dropped: int = 0  # tokens the layer-0 stage removed: a cache filled by this call is that much shorter
-    encoded: Optional[dict] = None  # the call's own mm_encoder_outputs, put back into the body's output
+    encoded: dict | None = None  # the call's own mm_encoder_outputs, put back into the body's output
 
     @property
     def pruned(self) -> bool:
@@ -55,7 +55,7 @@ class ThreadState(threading.local):
     """Per-thread slots: the current call, what a generate() wrapper saw, the captured projector inputs."""
 
     def __init__(self):
-        self.state: Optional[CallState] = None
+        self.state: CallState | None = None
         self.generate_call: dict = {}
         self.pre_projector: list = []  # projector inputs of this call, one per projector run, in run order
         self.call_projector: list = []  # the projector inputs a generate() call's later prefills score with

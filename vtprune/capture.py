@@ -4,6 +4,7 @@ The last query's attention row is computed in O(H·L·d) inside a registered att
 the real implementation (sdpa, eager or flash), so outputs are unchanged. Only the one attention module at layer
 K-1 is pointed at it, through a copied config on that module instance.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,12 +20,14 @@ CAPTURE_IMPL = "vtprune_capture"
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   **kwargs)
+    return eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
 
 
-def last_query_attention(query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
-                         segments: torch.Tensor | None = None) -> torch.Tensor:
+def last_query_attention(
+    query: torch.Tensor, key: torch.Tensor, mask, scaling: float, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """Softmax attention of the last query over all keys, mean over heads.
 
     query: [B, H, Lq, d]; key: [B, Hkv, Lk, d] (grouped heads repeated); mask: None, a 4D bool/additive
@@ -64,8 +67,9 @@ def _capture_forward(module, query, key, value, attention_mask, **kwargs):
     sink = getattr(module, "_vtprune_sink", None)
     if sink is not None and sink.wants_attention():
         t0 = time.perf_counter()
-        probs = last_query_attention(query, key, attention_mask, kwargs.get("scaling") or module.scaling,
-                                     sink.attention_segments())
+        probs = last_query_attention(
+            query, key, attention_mask, kwargs.get("scaling") or module.scaling, sink.attention_segments()
+        )
         sink.record_attention(probs, time.perf_counter() - t0)
     inner = module._vtprune_inner_impl
     fn = _eager if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
@@ -80,8 +84,9 @@ def attach(attn_module, sink):
     original = attn_module.config
     impl = original._attn_implementation or "eager"
     if impl not in ("eager", "sdpa") and not impl.startswith("flash_attention"):
-        raise NotImplementedError(f"attention-scored stages support eager, sdpa and flash attention, "
-                                  f"got attn_implementation={impl!r}")
+        raise NotImplementedError(
+            f"attention-scored stages support eager, sdpa and flash attention, got attn_implementation={impl!r}"
+        )
     cfg = copy.copy(original)
     cfg._attn_implementation_internal = CAPTURE_IMPL
     attn_module.config = cfg

@@ -1,8 +1,9 @@
 """The one typed configuration: a pruner is a list of stages, each a method at a decoder layer with a budget."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Any
 
 from .strategies.base import BUDGETS, ENGINE_OPTIONS, get_method, plain
 
@@ -24,12 +25,12 @@ class StageConfig:
     """
 
     method: str = DEFAULT_METHOD
-    layer: Optional[int] = None  # None: the method's default (0 for input-stage methods)
-    keep_ratio: Optional[float] = None
-    keep_tokens: Optional[int] = None
+    layer: int | None = None  # None: the method's default (0 for input-stage methods)
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
     options: dict = field(default_factory=dict)
-    video_keep_ratio: Optional[float] = None
-    video_keep_tokens: Optional[int] = None
+    video_keep_ratio: float | None = None
+    video_keep_tokens: int | None = None
 
 
 @dataclass
@@ -38,15 +39,15 @@ class PrunerConfig:
     StageConfig) replaces the single-stage fields ``method``/``layer``/``keep_ratio``/``keep_tokens``/``options``,
     which must then be left unset."""
 
-    method: Optional[str] = None  # None: divprune
-    keep_ratio: Optional[float] = None
-    keep_tokens: Optional[int] = None
-    layer: Optional[int] = None
-    schedule: Optional[list] = None
+    method: str | None = None  # None: divprune
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    layer: int | None = None
+    schedule: list | None = None
     positions: str = "original"
     options: dict = field(default_factory=dict)
-    video_keep_ratio: Optional[float] = None
-    video_keep_tokens: Optional[int] = None
+    video_keep_ratio: float | None = None
+    video_keep_tokens: int | None = None
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -54,22 +55,41 @@ class PrunerConfig:
         if not isinstance(self.options, dict):
             raise ValueError(f"options must be a dict, got {self.options!r}")
         if self.schedule is not None:
-            given = {k: v for k, v in (("method", self.method), ("keep_ratio", self.keep_ratio),
-                                       ("keep_tokens", self.keep_tokens), ("layer", self.layer),
-                                       ("video_keep_ratio", self.video_keep_ratio),
-                                       ("video_keep_tokens", self.video_keep_tokens)) if v is not None}
+            given = {
+                k: v
+                for k, v in (
+                    ("method", self.method),
+                    ("keep_ratio", self.keep_ratio),
+                    ("keep_tokens", self.keep_tokens),
+                    ("layer", self.layer),
+                    ("video_keep_ratio", self.video_keep_ratio),
+                    ("video_keep_tokens", self.video_keep_tokens),
+                )
+                if v is not None
+            }
             if given or self.options:
-                raise ValueError(f"schedule= replaces method/keep_ratio/keep_tokens/layer/options; got both "
-                                 f"schedule and {sorted(given) + (['options'] if self.options else [])}: put them "
-                                 "into the schedule's stages")
+                raise ValueError(
+                    f"schedule= replaces method/keep_ratio/keep_tokens/layer/options; got both "
+                    f"schedule and {sorted(given) + (['options'] if self.options else [])}: put them "
+                    "into the schedule's stages"
+                )
         self.stages()  # every stage and option checked now, not at the first forward
 
     def stages(self, adapter=None) -> list[StageConfig]:
         """Validated stages; with ``adapter``, options the user left out take the model family's defaults."""
         if self.schedule is None:
             method = DEFAULT_METHOD if self.method is None else self.method  # "" is a name, and not one of ours
-            raw = [StageConfig(method, self.layer, self.keep_ratio, self.keep_tokens,
-                               dict(self.options), self.video_keep_ratio, self.video_keep_tokens)]
+            raw = [
+                StageConfig(
+                    method,
+                    self.layer,
+                    self.keep_ratio,
+                    self.keep_tokens,
+                    dict(self.options),
+                    self.video_keep_ratio,
+                    self.video_keep_tokens,
+                )
+            ]
         else:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
@@ -78,8 +98,10 @@ class PrunerConfig:
 
     def resolved_stages(self, adapter) -> list[StageConfig]:
         """Stages with default layers filled in, validated against the model behind ``adapter``."""
-        stages = [s if s.layer is not None else replace(s, layer=get_method(s.method).default_layer(adapter))
-                  for s in self.stages(adapter)]
+        stages = [
+            s if s.layer is not None else replace(s, layer=get_method(s.method).default_layer(adapter))
+            for s in self.stages(adapter)
+        ]
         validate_against_model(self, stages, adapter)
         return stages
 
@@ -113,27 +135,32 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
     if not isinstance(stage.options, dict):
         raise ValueError(f"a stage's options must be a dict, got {stage.options!r}")
     if stage.keep_ratio is not None and stage.keep_tokens is not None:
-        raise ValueError(f"give keep_ratio or keep_tokens, not both (got keep_ratio={stage.keep_ratio}, "
-                         f"keep_tokens={stage.keep_tokens})")
+        raise ValueError(
+            f"give keep_ratio or keep_tokens, not both (got keep_ratio={stage.keep_ratio}, "
+            f"keep_tokens={stage.keep_tokens})"
+        )
     if stage.keep_ratio is None and stage.keep_tokens is None:
         stage = replace(stage, keep_ratio=DEFAULT_KEEP_RATIO)
     if stage.video_keep_ratio is not None and stage.video_keep_tokens is not None:
-        raise ValueError(f"give video_keep_ratio or video_keep_tokens, not both (got video_keep_ratio="
-                         f"{stage.video_keep_ratio}, video_keep_tokens={stage.video_keep_tokens})")
+        raise ValueError(
+            f"give video_keep_ratio or video_keep_tokens, not both (got video_keep_ratio="
+            f"{stage.video_keep_ratio}, video_keep_tokens={stage.video_keep_tokens})"
+        )
     for prefix in ("", "video_"):
         ratio, tokens = getattr(stage, prefix + "keep_ratio"), getattr(stage, prefix + "keep_tokens")
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
-                                  or not 0.0 < ratio <= 1.0):
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0
+        ):
             raise ValueError(f"{prefix}keep_ratio must be a number in (0, 1], got {ratio!r}")
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"{prefix}keep_tokens must be an integer >= 1, got {tokens!r}")
-    if stage.layer is not None and (isinstance(stage.layer, bool) or not isinstance(stage.layer, int)
-                                    or stage.layer < 0):
+    if stage.layer is not None and (
+        isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer < 0
+    ):
         raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
     engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip"}
     engine.update({k: plain(stage.options[k]) for k in stage.options if k in ENGINE_OPTIONS})
-    rest = {**method.defaults_for(adapter),
-            **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
+    rest = {**method.defaults_for(adapter), **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
     options = {**engine, **method.check(rest)}
     if not isinstance(options["merge"], bool):
         raise ValueError(f"merge must be True or False, got {options['merge']!r}")
@@ -147,25 +174,35 @@ def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter
     """Checks that need the model: layer range, stage order, position mode."""
     num_layers = len(adapter.layers)
     if "video" not in adapter.visual_token_ids(adapter.model.config):
-        asked = [key for s in stages for key in ("video_keep_ratio", "video_keep_tokens") if getattr(s, key) is not None]
+        asked = [
+            key for s in stages for key in ("video_keep_ratio", "video_keep_tokens") if getattr(s, key) is not None
+        ]
         if asked:
-            raise ValueError(f"{asked[0]} was given, but {type(adapter.model).__name__} takes no videos; use "
-                             "keep_ratio / keep_tokens")
+            raise ValueError(
+                f"{asked[0]} was given, but {type(adapter.model).__name__} takes no videos; use "
+                "keep_ratio / keep_tokens"
+            )
     if cfg.positions == "renumber" and adapter.position_kind != "1d":
-        raise ValueError(f"positions='renumber' is defined for 1-D RoPE models (LLaVA family); "
-                         f"{type(adapter.model).__name__} gives visual tokens {adapter.position_kind} positions, "
-                         "so use positions='original'")
+        raise ValueError(
+            f"positions='renumber' is defined for 1-D RoPE models (LLaVA family); "
+            f"{type(adapter.model).__name__} gives visual tokens {adapter.position_kind} positions, "
+            "so use positions='original'"
+        )
     for s in stages:
         min_layer = get_method(s.method).min_layer
         if s.layer < min_layer:
-            raise ValueError(f"method {s.method!r} scores tokens with layer K-1 and needs layer >= {min_layer}, "
-                             f"got layer={s.layer}")
+            raise ValueError(
+                f"method {s.method!r} scores tokens with layer K-1 and needs layer >= {min_layer}, got layer={s.layer}"
+            )
         if "projector" in get_method(s.method).needs and s.layer != 0:
-            raise ValueError(f"method {s.method!r} scores tokens through the projector and runs at layer 0 only, "
-                             f"got layer={s.layer}")
+            raise ValueError(
+                f"method {s.method!r} scores tokens through the projector and runs at layer 0 only, got layer={s.layer}"
+            )
         if s.layer >= num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder "
-                             f"layers), got layer={s.layer}")
+            raise ValueError(
+                f"layer must be in [0, {num_layers - 1}] for this model ({num_layers} decoder "
+                f"layers), got layer={s.layer}"
+            )
     layers = [s.layer for s in stages]
     if layers != sorted(set(layers)):
         raise ValueError(f"schedule stages must be at strictly increasing layers, got {layers}")

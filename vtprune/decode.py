@@ -1,5 +1,6 @@
 """The decode side of the engine: every step after a pruned prefill gets the mask of the kept prompt plus the new
 tokens, positions in the original numbering, and (continuing a returned cache) only the tokens it has not seen."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,13 @@ class DecodeSteps:
         if new < 1 or tokens.shape[1] - new != state.dropped:
             return kwargs
         cut = {key: kwargs[key][:, -new:] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None}
-        cut.update({key: kwargs[key][..., -new:] for key in ("position_ids", "mm_token_type_ids", "token_type_ids")
-                    if torch.is_tensor(kwargs.get(key))})
+        cut.update(
+            {
+                key: kwargs[key][..., -new:]
+                for key in ("position_ids", "mm_token_type_ids", "token_type_ids")
+                if torch.is_tensor(kwargs.get(key))
+            }
+        )
         return dict(kwargs, **cut)
 
     def _decode(self, state: CallState, kwargs, embeds):
@@ -38,10 +44,12 @@ class DecodeSteps:
                 raise NotImplementedError("vtprune needs a 2D attention mask on decode steps")
             expected = state.prompt_len + state.fed + q
             if mask.shape[1] != expected:
-                raise ValueError(f"attention_mask has {mask.shape[1]} columns; after the pruned prompt of "
-                                 f"{state.prompt_len} tokens and {state.fed} fed since, {expected}"
-                                 " were expected (reuse of a cache across prompts is not supported)")
-            state.new_cols = mask[:, state.prompt_len:].long()
+                raise ValueError(
+                    f"attention_mask has {mask.shape[1]} columns; after the pruned prompt of "
+                    f"{state.prompt_len} tokens and {state.fed} fed since, {expected}"
+                    " were expected (reuse of a cache across prompts is not supported)"
+                )
+            state.new_cols = mask[:, state.prompt_len :].long()
         else:
             state.new_cols = torch.ones(b, state.fed + q, dtype=torch.long, device=embeds.device)
         state.fed += q
@@ -61,8 +69,9 @@ class DecodeSteps:
         if output is None:
             return
         mask2d = torch.cat([output.kept_mask, state.new_cols], dim=1)
-        output.overrides = {"attention_mask": layer_mask(self.adapter.text_config, output.layer, hidden, mask2d,
-                                                         kwargs)}
+        output.overrides = {
+            "attention_mask": layer_mask(self.adapter.text_config, output.layer, hidden, mask2d, kwargs)
+        }
         if output.shift is not None:
             pos = kwargs.get("position_ids")
             if pos is None:

@@ -6,6 +6,7 @@
 ``compare`` does the work and needs no Gradio; ``build_app`` wraps it in a ``gradio.Blocks`` page
 (``pip install "vtprune[demo]"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,6 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from PIL import Image, ImageDraw
@@ -39,7 +39,7 @@ class Comparison:
     pruned: Answer
     method: str
     stats: list = field(default_factory=list)  # vtprune.get_stats of the pruned prefill
-    overlay: Optional[Image.Image] = None  # the (first) image with dropped tokens greyed out (single-grid models)
+    overlay: Image.Image | None = None  # the (first) image with dropped tokens greyed out (single-grid models)
     note: str = ""  # what the overlay cannot show (several crops) or how it was drawn (an image under one px a token)
     overlays: list = field(default_factory=list)  # one per image of the prompt, where its tokens form one grid
 
@@ -49,10 +49,12 @@ class Comparison:
 
     def summary(self) -> str:
         o, p = self.original, self.pruned
-        return (f"{self.method}: {p.visual_tokens} of {o.visual_tokens} visual tokens kept; prefill FLOPs "
-                f"{p.prefill_flops / 1e9:.3g} G vs {o.prefill_flops / 1e9:.3g} G (x{self.flops_ratio:.2f}); "
-                f"latency {p.latency_s * 1e3:.0f} ms vs {o.latency_s * 1e3:.0f} ms"
-                + (f"\n\n{self.note}" if self.note else ""))
+        return (
+            f"{self.method}: {p.visual_tokens} of {o.visual_tokens} visual tokens kept; prefill FLOPs "
+            f"{p.prefill_flops / 1e9:.3g} G vs {o.prefill_flops / 1e9:.3g} G (x{self.flops_ratio:.2f}); "
+            f"latency {p.latency_s * 1e3:.0f} ms vs {o.latency_s * 1e3:.0f} ms"
+            + (f"\n\n{self.note}" if self.note else "")
+        )
 
 
 def kept_visual_tokens(stats: list, n_visual: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def readable(picture: Image.Image, grid: tuple[int, int], min_side: int = OVERLA
     return picture.convert("RGB").resize((cols * cell, rows * cell), Image.NEAREST)
 
 
-def _token_image(processor, image: Image.Image, batch: dict, index: int = 0) -> Optional[Image.Image]:
+def _token_image(processor, image: Image.Image, batch: dict, index: int = 0) -> Image.Image | None:
     """The picture image ``index``'s token grid covers: LLaVA's padded, resized crop (from pixel_values); Qwen's
     resized image."""
     pv = batch.get("pixel_values")
@@ -134,8 +136,10 @@ def as_image(image) -> Image.Image:
         if np.issubdtype(pixels.dtype, np.floating):
             pixels = (np.clip(pixels, 0, 1) * 255).round()
         return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
-    raise ValueError(f"cannot read an image from a {type(image).__name__}; give a PIL image, a file path, bytes, "
-                     "or an array / tensor of pixels")
+    raise ValueError(
+        f"cannot read an image from a {type(image).__name__}; give a PIL image, a file path, bytes, "
+        "or an array / tensor of pixels"
+    )
 
 
 def read_clip(video, max_frames: int = 16):
@@ -174,14 +178,19 @@ def _unit_kept(stats: list, units: list) -> list:
 def _run(model, batch, max_new_tokens, tok) -> tuple[str, float]:
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     elapsed = time.perf_counter() - t0
-    text = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return text, elapsed
 
 
-_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -192,9 +201,20 @@ def _model_lock(model) -> threading.Lock:
         return _LOCKS.setdefault(model, threading.Lock())
 
 
-def compare(model, processor, image, question: str, method: str = "divprune",
-            keep_ratio: Optional[float] = None, keep_tokens: Optional[int] = None, layer: Optional[int] = None,
-            max_new_tokens: int = 32, prompt: Optional[str] = None, video=None, **options) -> Comparison:
+def compare(
+    model,
+    processor,
+    image,
+    question: str,
+    method: str = "divprune",
+    keep_ratio: float | None = None,
+    keep_tokens: int | None = None,
+    layer: int | None = None,
+    max_new_tokens: int = 32,
+    prompt: str | None = None,
+    video=None,
+    **options,
+) -> Comparison:
     """Answer ``question`` about ``image`` (a PIL image, a list of them, or None) and ``video`` (a clip: array
     [frames, H, W, 3], list of frames or a file path; families that take videos) with ``model`` as it is, then
     pruned by ``method`` (patched for this call only and restored afterwards). ``options`` go to
@@ -202,12 +222,25 @@ def compare(model, processor, image, question: str, method: str = "divprune",
     ``prompt`` overrides the text given to the processor (default: the processor's chat template with the images,
     the video and the question). Safe to call from several threads on one model: the comparisons take turns."""
     with _model_lock(model):
-        return _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens,
-                        prompt, video, options)
+        return _compare(
+            model,
+            processor,
+            image,
+            question,
+            method,
+            keep_ratio,
+            keep_tokens,
+            layer,
+            max_new_tokens,
+            prompt,
+            video,
+            options,
+        )
 
 
-def _compare(model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt,
-             video, options) -> Comparison:
+def _compare(
+    model, processor, image, question, method, keep_ratio, keep_tokens, layer, max_new_tokens, prompt, video, options
+) -> Comparison:
     from .eval.models import build_prompt, count_visual_tokens
     from .patches import get_adapter
 
@@ -222,16 +255,19 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
     clip = None if video is None else read_clip(video)
     if not images and clip is None:
         raise ValueError("give an image, several images or a video to ask about")
-    prompt = prompt if prompt is not None else build_prompt(processor, question.strip(), len(images),
-                                                            int(clip is not None))
+    prompt = (
+        prompt if prompt is not None else build_prompt(processor, question.strip(), len(images), int(clip is not None))
+    )
     media = dict(images=images or None, videos=None if clip is None else [clip])
     try:
         batch = processor(text=[prompt], return_tensors="pt", **media)
     except ValueError as exc:  # e.g. Qwen's resizing refuses aspect ratios over 200
         sizes = ", ".join(f"{im.width}x{im.height}" for im in images) or "video"
         raise ValueError(f"the processor cannot encode this input ({sizes} px): {exc}") from exc
-    batch = {k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
-             for k, v in batch.items()}
+    batch = {
+        k: (v.to(model.device, model.dtype) if torch.is_floating_point(v) else v.to(model.device))
+        for k, v in batch.items()
+    }
     tok = processor.tokenizer
     n_visual = count_visual_tokens(model, batch["input_ids"])[0]
 
@@ -259,8 +295,10 @@ def _compare(model, processor, image, question, method, keep_ratio, keep_tokens,
             notes.append("No overlay: this model encodes the image as several crops, not one token grid.")
             continue
         if img.width < grid[1] or img.height < grid[0]:
-            notes.append(f"The image ({img.width}x{img.height} px) has fewer pixels than the {grid[0]}x{grid[1]} "
-                         "token grid: the processor enlarged it, and the overlay shows that enlarged picture.")
+            notes.append(
+                f"The image ({img.width}x{img.height} px) has fewer pixels than the {grid[0]}x{grid[1]} "
+                "token grid: the processor enlarged it, and the overlay shows that enlarged picture."
+            )
         overlays.append(overlay(readable(picture, grid), grid, unit_kept))
     if clip is not None:
         video_units = [(u, k) for u, k in zip(units, kept_per_unit) if u.kind == "video"]
@@ -290,7 +328,7 @@ def example_scenes(n: int = 4) -> list[list]:
     return [[e.image, e.question] for e in make_split("test", n, seed=0)]
 
 
-def build_app(model, processor, examples: Optional[list] = None, max_new_tokens: int = 32):
+def build_app(model, processor, examples: list | None = None, max_new_tokens: int = 32):
     """A ``gradio.Blocks`` page: one or two images (and a video, for families that take videos) and a question in;
     both answers, the kept-token overlays and the cost out."""
     try:
@@ -303,9 +341,17 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
         if image is None and image2 is None and video is None:
             raise gr.Error("upload an image (or a video) first")
         try:
-            c = compare(model, processor, [im for im in (image, image2) if im is not None], question, method=method,
-                        keep_ratio=float(percent) / 100, layer=None if layer in (None, "", -1) else int(layer),
-                        max_new_tokens=max_new_tokens, video=video)
+            c = compare(
+                model,
+                processor,
+                [im for im in (image, image2) if im is not None],
+                question,
+                method=method,
+                keep_ratio=float(percent) / 100,
+                layer=None if layer in (None, "", -1) else int(layer),
+                max_new_tokens=max_new_tokens,
+                video=video,
+            )
         except (ValueError, NotImplementedError) as exc:
             raise gr.Error(str(exc)) from exc
         second = c.overlays[1] if len(c.overlays) > 1 else None
@@ -315,10 +361,16 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
         gr.Markdown("## vtprune: the same question to the original and the pruned model")
         with gr.Row():
             # png: Gradio would store examples and uploads as lossy WebP, and the model would see another picture
-            image = _refuse_non_images(gr.Image(type="pil", label="image", elem_id="vt-image", format="png",
-                                                height=OVERLAY_MIN_SIDE + 40), gr)
-            shown = gr.Image(type="pil", label="visual tokens kept (dropped ones greyed)", elem_id="vt-overlay",
-                             format="png", height=OVERLAY_MIN_SIDE + 40)
+            image = _refuse_non_images(
+                gr.Image(type="pil", label="image", elem_id="vt-image", format="png", height=OVERLAY_MIN_SIDE + 40), gr
+            )
+            shown = gr.Image(
+                type="pil",
+                label="visual tokens kept (dropped ones greyed)",
+                elem_id="vt-overlay",
+                format="png",
+                height=OVERLAY_MIN_SIDE + 40,
+            )
         with gr.Row():
             image2 = gr.Image(type="pil", label="second image (optional)", elem_id="vt-image-2", format="png")
             shown2 = gr.Image(type="pil", label="second image: tokens kept", elem_id="vt-overlay-2", format="png")
@@ -334,8 +386,9 @@ def build_app(model, processor, examples: Optional[list] = None, max_new_tokens:
             original = gr.Textbox(label="original model", elem_id="vt-original")
             pruned = gr.Textbox(label="pruned model", elem_id="vt-pruned")
         summary = gr.Markdown(elem_id="vt-summary")
-        go.click(run, [image, question, method, percent, layer, image2, video],
-                 [original, pruned, shown, shown2, summary])
+        go.click(
+            run, [image, question, method, percent, layer, image2, video], [original, pruned, shown, shown2, summary]
+        )
         if examples:
             gr.Examples(examples, [image, question], elem_id="vt-examples")
     app.vtprune_run = run  # the click handler, for tests and scripting
@@ -355,8 +408,10 @@ def _refuse_non_images(component, gr):
             return preprocess(payload)
         except (UnidentifiedImageError, OSError) as exc:
             name = getattr(payload, "orig_name", None) or "the uploaded file"
-            raise gr.Error(f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
-                           "JPEG, WebP, GIF or BMP picture") from exc
+            raise gr.Error(
+                f"{name} is not an image this demo can read ({type(exc).__name__}); upload a PNG, "
+                "JPEG, WebP, GIF or BMP picture"
+            ) from exc
 
     component.preprocess = checked
     return component

@@ -12,12 +12,12 @@ tokens), and positions continue in the original numbering.
 Everything the pruner changes on the model is declared in ``_declared`` and installed and removed in one place
 (``hooks``).
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
-from typing import Optional
 
 import torch
 from transformers.cache_utils import Cache
@@ -58,17 +58,22 @@ class Pruner(PrefillSteps, DecodeSteps):
         return new
 
     def __reduce_ex__(self, protocol):
-        raise TypeError("a model patched by vtprune cannot be pickled (torch.save / pickle): its hooks are bound "
-                        "to this process. Call vtprune.remove_pruner(model) before saving, and apply_pruner again "
-                        "after loading (or save model.state_dict(), which is unaffected)")
+        raise TypeError(
+            "a model patched by vtprune cannot be pickled (torch.save / pickle): its hooks are bound "
+            "to this process. Call vtprune.remove_pruner(model) before saving, and apply_pruner again "
+            "after loading (or save model.state_dict(), which is unaffected)"
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def _declared(self) -> list:
         """Every change this pruner makes to the model, in installation order."""
         a = self.adapter
-        items = [Hook(self.model, "pre", self._top_hook), Hook(a.body, "pre", self._body_hook),
-                 Hook(a.language_model, "pre", self._lm_hook), Hook(a.language_model, "post", self._lm_output_hook,
-                                                                     with_kwargs=False)]
+        items = [
+            Hook(self.model, "pre", self._top_hook),
+            Hook(a.body, "pre", self._body_hook),
+            Hook(a.language_model, "pre", self._lm_hook),
+            Hook(a.language_model, "post", self._lm_output_hook, with_kwargs=False),
+        ]
         if self.stages[0].layer == 0:  # only a layer-0 stage can run in the body hook (_early_prefill)
             items.append(Hook(a.body, "post", self._body_output_hook, with_kwargs=False))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
@@ -81,8 +86,14 @@ class Pruner(PrefillSteps, DecodeSteps):
                 items.append(Patch(functools.partial(capture.attach, a.attention(stage.layer - 1), self)))
             if "queries" in method.needs:
                 heads = a.text_config.num_attention_heads
-                items.append(Hook(a.query_projection(stage.layer - 1), "post",
-                                  functools.partial(self._queries_hook, heads), with_kwargs=False))
+                items.append(
+                    Hook(
+                        a.query_projection(stage.layer - 1),
+                        "post",
+                        functools.partial(self._queries_hook, heads),
+                        with_kwargs=False,
+                    )
+                )
         if "projector" in self._needs:
             items.append(Hook(a.projector_module(), "pre", self._projector_hook, with_kwargs=False))
         items.append(Patch(self._install_adapter))
@@ -101,7 +112,7 @@ class Pruner(PrefillSteps, DecodeSteps):
 
     # ---------------------------------------------------------------- per-call state
     @property
-    def state(self) -> Optional[CallState]:
+    def state(self) -> CallState | None:
         """The calling thread's current call (None before its first prefill)."""
         return self._local.state
 
@@ -124,10 +135,10 @@ class Pruner(PrefillSteps, DecodeSteps):
         finally:
             self._local.paused -= 1
 
-    def _live(self) -> Optional[CallState]:
+    def _live(self) -> CallState | None:
         return None if self._local.paused else self._local.state
 
-    def current_extra(self) -> Optional[dict]:
+    def current_extra(self) -> dict | None:
         """The adapter's scratch of the prefill running in this thread, or None (``Adapter.install``)."""
         state = self._live()
         return state.extra if state is not None and state.phase == "prefill" else None
@@ -147,7 +158,7 @@ class Pruner(PrefillSteps, DecodeSteps):
         state = self._live()
         return state is not None and state.phase == "prefill"
 
-    def attention_segments(self) -> Optional[torch.Tensor]:
+    def attention_segments(self) -> torch.Tensor | None:
         """[B, L] packed-sample ids of the sequence whose attention is being captured (None: one sample per row)."""
         return self._local.state.flags.segment
 
@@ -167,11 +178,14 @@ class Pruner(PrefillSteps, DecodeSteps):
 
     # ---------------------------------------------------------------- hooks
     def _top_hook(self, module, args, kwargs):
-        if kwargs.get("labels") is not None and (kwargs.get("pixel_values") is not None
-                                                 or kwargs.get("mm_encoder_outputs")):
-            raise NotImplementedError("vtprune: labels (a loss) with pruning are not supported: logits cover text + "
-                                      "kept tokens only and no longer line up with labels; remove_pruner(model) "
-                                      "for training or scoring with labels")
+        if kwargs.get("labels") is not None and (
+            kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")
+        ):
+            raise NotImplementedError(
+                "vtprune: labels (a loss) with pruning are not supported: logits cover text + "
+                "kept tokens only and no longer line up with labels; remove_pruner(model) "
+                "for training or scoring with labels"
+            )
         return None
 
     def _body_hook(self, module, args, kwargs):
@@ -190,10 +204,16 @@ class Pruner(PrefillSteps, DecodeSteps):
                 return None
             return self._early_prefill(self._local.state, args, kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}
-        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None \
-                or encoded.get("image") or encoded.get("video"):
-            raise NotImplementedError("vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
-                                      "reuse) are not supported; start a new cache for each prompt")
+        if (
+            kwargs.get("pixel_values") is not None
+            or kwargs.get("pixel_values_videos") is not None
+            or encoded.get("image")
+            or encoded.get("video")
+        ):
+            raise NotImplementedError(
+                "vtprune: images on top of a non-empty cache (multi-turn or prefix cache "
+                "reuse) are not supported; start a new cache for each prompt"
+            )
         # The decode steps of the call whose prefill filled this cache (a cache no pruned prefill filled is the
         # stock model's business), whichever call or thread continues it.
         state = getattr(cache, CALL_ATTR, None)
@@ -220,8 +240,10 @@ class Pruner(PrefillSteps, DecodeSteps):
     def _lm_hook(self, module, args, kwargs):
         cache = cache_of(kwargs)
         if getattr(cache, "is_compileable", False):
-            raise NotImplementedError("vtprune does not support static/compilable caches (cache_implementation="
-                                      "'static'); use the default dynamic cache")
+            raise NotImplementedError(
+                "vtprune does not support static/compilable caches (cache_implementation="
+                "'static'); use the default dynamic cache"
+            )
         embeds = kwargs.get("inputs_embeds")
         prefill = cache is None or cache.get_seq_length() == 0
         self._local.lm_prefill = prefill
@@ -252,7 +274,7 @@ class Pruner(PrefillSteps, DecodeSteps):
         # A partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy's Pruner.
         return functools.partial(self._layer_hook, layer_idx, stage_i)
 
-    def _layer_hook(self, layer_idx: int, stage_i: Optional[int], module, args, kwargs):
+    def _layer_hook(self, layer_idx: int, stage_i: int | None, module, args, kwargs):
         state = self._live()
         if state is None or not state.pruned:
             return None
@@ -274,7 +296,7 @@ class Pruner(PrefillSteps, DecodeSteps):
         return (hidden,), kwargs
 
 
-def _output_before(state: CallState, layer_idx: int) -> Optional[StageOutput]:
+def _output_before(state: CallState, layer_idx: int) -> StageOutput | None:
     """The in-LLM stage whose tensors layer ``layer_idx`` receives: the latest at or before it."""
     layers = [layer for layer in state.outputs if 0 < layer <= layer_idx]
     return state.outputs[max(layers)] if layers else None

@@ -25,9 +25,8 @@ earlier one) over patches + CLS, once per image or LLaVA-NeXT crop; Qwen2/2.5-VL
 frame, Qwen2.5-VL's window blocks within each window; videos (Qwen video_grid_thw) as t-frame grids. Each
 family's ``Cost`` (``vtprune.patches``) knows its tower's and projector's shapes; this module asks it.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 
 def _cost(config):
@@ -49,8 +48,9 @@ def vision_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=Non
     (crops counted per image as HF unpads them); Qwen2/2.5-VL: image_grid_thw [n, 3] (patches in t, h, w), and
     ``video_grid_thw`` for videos. Tensors or plain shapes/lists are accepted. The family's adapter counts.
     """
-    return _cost(config).vision_flops(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                         image_sizes=image_sizes, **videos)
+    return _cost(config).vision_flops(
+        config, pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_sizes=image_sizes, **videos
+    )
 
 
 def projector_row_flops(config) -> int:
@@ -62,8 +62,9 @@ def projector_row_flops(config) -> int:
 def projector_flops(config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
     """FLOPs of the multi-modal projector (LLaVA: every crop's patch tokens, before LLaVA-NeXT unpads) or the Qwen
     patch merger (one row per spatial_merge_size² patches)."""
-    rows = _cost(config).projector_rows_run(config, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                              image_sizes=image_sizes, **videos)
+    rows = _cost(config).projector_rows_run(
+        config, pixel_values=pixel_values, image_grid_thw=image_grid_thw, image_sizes=image_sizes, **videos
+    )
     return rows * projector_row_flops(config)
 
 
@@ -80,8 +81,11 @@ def _layer_linear(tc, tokens: int, layer: int = 0) -> tuple[int, int]:
     d, inter, heads, kv, hd = _llm_dims(tc)
     proj = 2 * tokens * d * (heads + 2 * kv) * hd + 2 * tokens * heads * hd * d
     experts = getattr(tc, "num_experts", 0) or 0
-    if experts and layer not in (getattr(tc, "mlp_only_layers", None) or ()) \
-            and (layer + 1) % getattr(tc, "decoder_sparse_step", 1) == 0:
+    if (
+        experts
+        and layer not in (getattr(tc, "mlp_only_layers", None) or ())
+        and (layer + 1) % getattr(tc, "decoder_sparse_step", 1) == 0
+    ):
         return proj, 2 * tokens * d * experts + tc.num_experts_per_tok * 3 * 2 * tokens * d * tc.moe_intermediate_size
     return proj, 3 * 2 * tokens * d * inter
 
@@ -146,9 +150,20 @@ def decode_step_flops(text_config, cache_len_per_layer, batch: int = 1) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def scoring_flops(method: str, n: int, k: int, d: int, *, heads: int = 0, head_dim: int = 0, seq_len: int = 0,
-                  projector_row: int = 0, projector_dims: Optional[tuple] = None, row_n: Optional[int] = None,
-                  **options) -> int:
+def scoring_flops(
+    method: str,
+    n: int,
+    k: int,
+    d: int,
+    *,
+    heads: int = 0,
+    head_dim: int = 0,
+    seq_len: int = 0,
+    projector_row: int = 0,
+    projector_dims: tuple | None = None,
+    row_n: int | None = None,
+    **options,
+) -> int:
     """A method's own selection cost for one row: ``n`` visual tokens in, ``k`` kept, feature width ``d``, as the
     method declared it (``register(..., flops=...)``; 0 when it declared none). ``options`` are the method's
     (e.g. zoo's ``m``); missing ones take the method's defaults."""
@@ -210,17 +225,41 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
         calls = st["selections"] if "selections" in st.keys() else [[(n, k)] for n, k in zip(before, after)]
         for row, row_n in zip(calls, before):
             for n, k in row:
-                scoring += scoring_flops(st["method"], n, k, tc.hidden_size, heads=heads, head_dim=hd, seq_len=cur,
-                                         row_n=row_n, **proj, **opts)
+                scoring += scoring_flops(
+                    st["method"],
+                    n,
+                    k,
+                    tc.hidden_size,
+                    heads=heads,
+                    head_dim=hd,
+                    seq_len=cur,
+                    row_n=row_n,
+                    **proj,
+                    **opts,
+                )
         # Each row keeps its non-visual slots (text, padding, earlier dummies) and its kept visual tokens;
         # rows are then right-aligned to the longest one.
         cur = max(cur - n + k for n, k in zip(before, after))
         seq_lens[st["layer"]] = cur
-        tokens.append({"layer": st["layer"], "method": st["method"], "seq_len": cur, "tokens_before": before,
-                       "tokens_after": after})
+        tokens.append(
+            {
+                "layer": st["layer"],
+                "method": st["method"],
+                "seq_len": cur,
+                "tokens_before": before,
+                "tokens_after": after,
+            }
+        )
     llm = llm_prefill_flops(tc, seq_lens, batch=b, logits_to_keep=logits_to_keep)
     total = vision + projector + llm["layers"] + llm["lm_head"] + scoring
-    return {"vision": vision, "projector": projector, "llm": llm["layers"], "lm_head": llm["lm_head"],
-            "scoring": scoring, "total": total,
-            "attention_causal_saving": llm["attention"] - llm["attention_causal"],
-            "cache_len_per_layer": lengths_per_layer(tc.num_hidden_layers, seq_lens), "tokens_per_stage": tokens}
+    return {
+        "vision": vision,
+        "projector": projector,
+        "llm": llm["layers"],
+        "lm_head": llm["lm_head"],
+        "scoring": scoring,
+        "total": total,
+        "attention_causal_saving": llm["attention"] - llm["attention_causal"],
+        "cache_len_per_layer": lengths_per_layer(tc.num_hidden_layers, seq_lens),
+        "tokens_per_stage": tokens,
+    }

@@ -1,7 +1,8 @@
 """Greedy max-min selection (DivPrune; ZOO-Prune's weighted form) at any N, with the picks of the reference.
 
-The specification is ``vtprune.ops.greedy_maxmin_reference``; ``vtprune.ops.greedy_maxmin`` dispatches here. Two
-paths, chosen per call by the size of the float32 distance matrix (``4 * N * N`` bytes for one sample):
+The specification is ``vtprune.ops.greedy_maxmin_reference``; ``vtprune.ops.greedy_maxmin`` dispatches here
+(``maxmin_torch``). Two paths, chosen per call by the size of the float32 distance matrix (``4 * N * N`` bytes for
+one sample):
 
 - ``matrix`` (it fits ``max_matrix_bytes``; the faster path, since every later pick reads one row of it): the
   reference's own matrix (``ops.pairwise_cosine_distance``), one sample at a time, so the picks are bit-identical.
@@ -20,6 +21,7 @@ computes the same dot products as the reference's matrix, but in other BLAS call
 which may round the last bit differently; then two candidates whose scores are within about 1e-7 of each other
 can swap. Exact duplicates of a token still tie exactly (their dot products are the same computation).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +31,13 @@ DEFAULT_MATRIX_BYTES = 1 << 30  # 1 GiB of float32 distances: the matrix path up
 DEFAULT_BLOCK_BYTES = 64 << 20  # distances held at once by the rows path's first pick
 
 
-def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None,
-                  max_matrix_bytes: int | None = None, block_bytes: int | None = None) -> torch.Tensor:
+def maxmin_torch(
+    features: torch.Tensor,
+    k: int,
+    weights: torch.Tensor | None = None,
+    max_matrix_bytes: int | None = None,
+    block_bytes: int | None = None,
+) -> torch.Tensor:
     """Greedy max-min selection, in pick order; same contract and picks as ``ops.greedy_maxmin_reference``.
 
     features: [B, N, D]; weights: [B, N] or None. Returns [B, k] long on ``features.device``.
@@ -48,18 +55,20 @@ def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None =
         if use_matrix:
             from .ops import pairwise_cosine_distance
 
-            dist = pairwise_cosine_distance(features[r:r + 1])[0]
+            dist = pairwise_cosine_distance(features[r : r + 1])[0]
             source = _MatrixRows(dist)
         else:
-            source = _FeatureRows(torch.nn.functional.normalize(features[r].float(), dim=-1),
-                                  DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes)
+            source = _FeatureRows(
+                torch.nn.functional.normalize(features[r].float(), dim=-1),
+                DEFAULT_BLOCK_BYTES if block_bytes is None else block_bytes,
+            )
         first = int(w.argmax()) if w is not None else source.first_pick()
-        picks[r] = _select(source, first, k, w)
+        picks[r] = _pick_all(source, first, k, w)
     return picks
 
 
 def choose_path(n: int, max_matrix_bytes: int | None = None) -> str:
-    """``"matrix"`` or ``"rows"``: the path ``greedy_maxmin`` takes for N tokens per sample."""
+    """``"matrix"`` or ``"rows"``: the path ``maxmin_torch`` takes for N tokens per sample."""
     limit = DEFAULT_MATRIX_BYTES if max_matrix_bytes is None else max_matrix_bytes
     return "matrix" if 4 * n * n <= limit else "rows"
 
@@ -94,10 +103,10 @@ class _FeatureRows:
     def first_pick(self) -> int:
         nearest = torch.empty(self.n, dtype=torch.float32, device=self.device)
         for r0 in range(0, self.n, self.block):
-            blk = self.xn[r0:r0 + self.block] @ self.xn.T       # [rows, N]
-            blk.neg_().add_(1.0)                                 # 1 - s in place: -s + 1 rounds to the same float
-            blk.diagonal(offset=r0).fill_(float("inf"))          # row j of the block is token r0 + j
-            torch.amin(blk, dim=-1, out=nearest[r0:r0 + blk.shape[0]])
+            blk = self.xn[r0 : r0 + self.block] @ self.xn.T  # [rows, N]
+            blk.neg_().add_(1.0)  # 1 - s in place: -s + 1 rounds to the same float
+            blk.diagonal(offset=r0).fill_(float("inf"))  # row j of the block is token r0 + j
+            torch.amin(blk, dim=-1, out=nearest[r0 : r0 + blk.shape[0]])
         return int(nearest.argmax())
 
     def row(self, i, out: torch.Tensor) -> torch.Tensor:
@@ -106,7 +115,7 @@ class _FeatureRows:
         return out.neg_().add_(1.0)
 
 
-def _select(source, first: int, k: int, weights: torch.Tensor | None) -> torch.Tensor:
+def _pick_all(source, first: int, k: int, weights: torch.Tensor | None) -> torch.Tensor:
     """The greedy loop from ``first``: returns [k] long (CPU: NumPy views; other devices: sync-free tensor ops)."""
     buf = torch.empty(source.n, dtype=torch.float32, device=source.device)  # the rows path writes each row here
     nearest = source.row(first, buf).clone()
@@ -116,14 +125,14 @@ def _select(source, first: int, k: int, weights: torch.Tensor | None) -> torch.T
         w = weights.to(source.device, torch.float32, copy=True)
         w[first] = float("inf")  # inf * -inf = -inf: a picked token never scores again, whatever its weight
     if source.device.type == "cpu" and not _FORCE_TORCH_LOOP:
-        return torch.from_numpy(_select_numpy(source, first, k, nearest, w, buf))
-    return _select_torch(source, first, k, nearest, w, buf)
+        return torch.from_numpy(_pick_all_numpy(source, first, k, nearest, w, buf))
+    return _pick_all_tensors(source, first, k, nearest, w, buf)
 
 
 _FORCE_TORCH_LOOP = False  # tests set it to run the tensor loop on CPU
 
 
-def _select_numpy(source, first, k, nearest, w, buf) -> np.ndarray:
+def _pick_all_numpy(source, first, k, nearest, w, buf) -> np.ndarray:
     picks = np.empty(k, dtype=np.int64)
     picks[0] = first
     near, wn = nearest.numpy(), None if w is None else w.numpy()
@@ -141,7 +150,7 @@ def _select_numpy(source, first, k, nearest, w, buf) -> np.ndarray:
     return picks
 
 
-def _select_torch(source, first, k, nearest, w, buf) -> torch.Tensor:
+def _pick_all_tensors(source, first, k, nearest, w, buf) -> torch.Tensor:
     picks = torch.empty(k, dtype=torch.long, device=source.device)
     picks[0] = first
     score = torch.empty_like(nearest)
@@ -152,7 +161,7 @@ def _select_torch(source, first, k, nearest, w, buf) -> torch.Tensor:
             torch.mul(w, nearest, out=score)
             nxt = score.argmax().view(1)
             w.index_fill_(0, nxt, float("inf"))
-        picks[step:step + 1] = nxt
+        picks[step : step + 1] = nxt
         nearest.index_fill_(0, nxt, float("-inf"))
         torch.minimum(nearest, source.row(nxt, buf), out=nearest)
     return picks

@@ -4,10 +4,11 @@ Each item's ``install()`` changes the model and returns the callable that undoes
 keeps those callables and runs them in reverse order on ``remove_pruner``. Nothing else in vtprune touches the
 model's modules.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

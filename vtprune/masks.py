@@ -1,8 +1,7 @@
 """The attention masks a pruned sequence is given: transformers' own mask functions, over the kept tokens' 2D mask
 (and, for packed samples, over which sample each token belongs to)."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from transformers.masking_utils import (
@@ -17,7 +16,7 @@ def cache_of(kwargs: dict):
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
-def causal_mask(text_config, kind: str, hidden, mask2d, cache, segment=None, layer: Optional[int] = None):
+def causal_mask(text_config, kind: str, hidden, mask2d, cache, segment=None, layer: int | None = None):
     """transformers' own mask for a layer of ``kind`` ("full_attention" / "sliding_attention") over ``mask2d``;
     packed samples (``segment`` [B, L]) see only their own tokens, as transformers' packed mask has them."""
     fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
@@ -25,8 +24,15 @@ def causal_mask(text_config, kind: str, hidden, mask2d, cache, segment=None, lay
     if segment is not None and not (text_config._attn_implementation or "").startswith("flash"):
         # (flash attention splits packed samples from the position ids, which restart at each sample)
         extra["and_mask_function"] = packed_sequence_mask_function(segment)
-    return fn(config=text_config, inputs_embeds=hidden, attention_mask=mask2d, cache=cache, position_ids=None,
-              layer_idx=layer, **extra)
+    return fn(
+        config=text_config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        cache=cache,
+        position_ids=None,
+        layer_idx=layer,
+        **extra,
+    )
 
 
 def language_model_mask(text_config, embeds, mask2d, segment):
@@ -52,11 +58,15 @@ def layer_mask(text_config, layer: int, hidden, mask2d, kwargs, segment=None):
     return causal_mask(text_config, kind, hidden, mask2d, cache_of(kwargs), segment, layer)
 
 
-def packed_segments(text_positions, kwargs: dict, batch: int) -> Optional[torch.Tensor]:
+def packed_segments(text_positions, kwargs: dict, batch: int) -> torch.Tensor | None:
     """[B, L] long, the packed sample each token belongs to, when transformers would treat this prefill as packed
     samples (no attention mask, no cache given or to be made, and text position ids that restart); else None.
     ``text_positions``: the position ids [B, L] the model reads that from (``Adapter.mask_positions``)."""
-    if text_positions is None or kwargs.get("attention_mask") is not None or cache_of(kwargs) is not None \
-            or kwargs.get("use_cache"):
+    if (
+        text_positions is None
+        or kwargs.get("attention_mask") is not None
+        or cache_of(kwargs) is not None
+        or kwargs.get("use_cache")
+    ):
         return None
     return find_packed_sequence_indices(text_positions.expand(batch, -1))

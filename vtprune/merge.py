@@ -1,5 +1,6 @@
 """Merging, an engine operation any stage can ask for (``merge=True``): every pruned token is averaged into its most
 similar kept token, weighted by how many original tokens each stands for (ToMe's size-weighted averages)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ def assign_to_kept(features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return target.scatter(1, keep, slots)
 
 
-def merge_pruned(features: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None, *,
-                 with_backend: bool = False):
+def merge_pruned(
+    features: torch.Tensor, keep: torch.Tensor, sizes: torch.Tensor | None = None, *, with_backend: bool = False
+):
     """Size-weighted average of every token into its most similar kept token.
 
     features: [batch, N, D]; keep: [batch, k] sorted ascending (slot s of the output is token keep[:, s]);

@@ -16,6 +16,7 @@ are used for CUDA tensors when Triton is importable, unless ``set_backend("torch
 ``greedy_maxmin``'s ``torch`` path is ``vtprune/greedy.py`` (same picks as the reference, without the N x N matrix
 when it does not fit a memory limit, and a cheaper loop).
 """
+
 from __future__ import annotations
 
 import torch
@@ -78,8 +79,14 @@ def gather_last(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, -1, index.expand(*t.shape[:-2], *index.shape))
 
 
-def compact(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None, *, with_backend: bool = False):
+def compact(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    with_backend: bool = False,
+):
     """Keep tokens of the hidden states and, with them, of the position ids and attention mask (one launch).
 
     hidden: [B, L, D]; index: [B, L'] (into L); position_ids: [B, L] or [R, B, L] (Qwen's M-RoPE: R = 3, or 4 with
@@ -93,8 +100,12 @@ def compact(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tenso
     return _out(compact_reference(hidden, index, position_ids, attention_mask), "torch", with_backend)
 
 
-def compact_reference(hidden: torch.Tensor, index: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      attention_mask: torch.Tensor | None = None):
+def compact_reference(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+):
     """``compact`` in PyTorch: ``gather_tokens`` on the hidden states, ``gather_last`` on the others."""
     pos = None if position_ids is None else gather_last(position_ids, index)
     mask = None if attention_mask is None else gather_last(attention_mask, index)
@@ -108,8 +119,14 @@ def pairwise_cosine_distance(x: torch.Tensor) -> torch.Tensor:
     return (x @ x.transpose(1, 2)).neg_().add_(1.0)
 
 
-def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None = None,
-                  max_matrix_bytes: int | None = None, *, with_backend: bool = False):
+def greedy_maxmin(
+    features: torch.Tensor,
+    k: int,
+    weights: torch.Tensor | None = None,
+    max_matrix_bytes: int | None = None,
+    *,
+    with_backend: bool = False,
+):
     """Greedy max-min diversity selection on cosine distance, in pick order.
 
     features: [B, N, D]; weights: [B, N] or None. Returns [B, k] (long), the order tokens were picked.
@@ -121,25 +138,26 @@ def greedy_maxmin(features: torch.Tensor, k: int, weights: torch.Tensor | None =
     ``vtprune.greedy.DEFAULT_MATRIX_BYTES``, 1 GiB). Larger N never builds it: the ``torch`` path then computes the
     nearest-neighbour distances block by block and one distance row per pick, O(N * D) memory (``vtprune.greedy``).
     The kernel path (CUDA, N <= ``cuda.greedy.MAX_N``, matrix within the limit) takes the same float32 distance
-    matrix and returns the same picks; the ``torch`` path is ``vtprune.greedy.greedy_maxmin``, checked against
+    matrix and returns the same picks; the ``torch`` path is ``vtprune.greedy.maxmin_torch``, checked against
     ``greedy_maxmin_reference`` (bit-identical picks on the matrix path; see that module for the rows path's ties).
     """
     from vtprune import greedy
 
     if _use_kernel(features) and greedy.choose_path(features.shape[1], max_matrix_bytes) == "matrix":
-        from vtprune.cuda.greedy import MAX_N, greedy_maxmin as _kernel
+        from vtprune.cuda.greedy import MAX_N
+        from vtprune.cuda.greedy import maxmin_kernel as _kernel
 
         if features.shape[1] <= MAX_N:
             return _out(_kernel(pairwise_cosine_distance(features), k, weights), "triton", with_backend)
-    return _out(greedy.greedy_maxmin(features, k, weights, max_matrix_bytes=max_matrix_bytes), "torch", with_backend)
+    return _out(greedy.maxmin_torch(features, k, weights, max_matrix_bytes=max_matrix_bytes), "torch", with_backend)
 
 
 def greedy_maxmin_reference(features: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``greedy_maxmin`` in PyTorch."""
-    return greedy_maxmin_from_distance(pairwise_cosine_distance(features), k, weights)
+    return maxmin_on_distances(pairwise_cosine_distance(features), k, weights)
 
 
-def greedy_maxmin_from_distance(dist: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+def maxmin_on_distances(dist: torch.Tensor, k: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The selection loop of ``greedy_maxmin_reference`` on a given distance matrix [B, N, N]."""
     b, n, _ = dist.shape
     rows = torch.arange(b, device=dist.device)
@@ -163,8 +181,14 @@ def greedy_maxmin_from_distance(dist: torch.Tensor, k: int, weights: torch.Tenso
     return picks
 
 
-def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
-                 sizes: torch.Tensor | None = None, *, with_backend: bool = False):
+def merge_tokens(
+    hidden: torch.Tensor,
+    keep: torch.Tensor,
+    target: torch.Tensor,
+    sizes: torch.Tensor | None = None,
+    *,
+    with_backend: bool = False,
+):
     """Size-weighted average of every token into its assigned kept token.
 
     hidden: [B, N, D]; keep: [B, k] indices of kept tokens; target: [B, N] in [0, k), the kept slot each token
@@ -178,8 +202,9 @@ def merge_tokens(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
     return _out(merge_tokens_reference(hidden, keep, target, sizes), "torch", with_backend)
 
 
-def merge_tokens_reference(hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor,
-                           sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_tokens_reference(
+    hidden: torch.Tensor, keep: torch.Tensor, target: torch.Tensor, sizes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_tokens`` in PyTorch."""
     b, n, d = hidden.shape
     if sizes is None:

@@ -1,5 +1,6 @@
 """The prefill side of the engine: the per-token flags of a new call, the layer-0 stage (on the merged embeddings, or
 earlier on pre-encoded features), the projector rows a sensitivity method reads, and in-LLM stages."""
+
 from __future__ import annotations
 
 import warnings
@@ -44,8 +45,13 @@ class PrefillSteps:
         encoded = dict(kwargs["mm_encoder_outputs"])
         state.encoded, state.phase = kwargs["mm_encoder_outputs"], "early"
         encoded.update(self.adapter.with_encoded_rows(encoded, rows[rank[vis.gather(1, index)]]))
-        return (), dict(kwargs, input_ids=input_ids.gather(1, index), attention_mask=state.flags.mask,
-                        position_ids=new_pos, mm_encoder_outputs=encoded)
+        return (), dict(
+            kwargs,
+            input_ids=input_ids.gather(1, index),
+            attention_mask=state.flags.mask,
+            position_ids=new_pos,
+            mm_encoder_outputs=encoded,
+        )
 
     def _prefill(self, state: CallState, kwargs, embeds):
         if state.phase == "early":  # the body hook pruned already; the language model runs on the short sequence
@@ -57,9 +63,12 @@ class PrefillSteps:
         if input_ids is None or input_ids.shape[:2] != embeds.shape[:2]:
             if not self._warned_embeds:
                 self._warned_embeds = True
-                warnings.warn("vtprune: this prefill was given inputs_embeds without input_ids, so the visual tokens "
-                              "cannot be located and nothing was pruned; pass input_ids (as the processor "
-                              "returns them)", stacklevel=4)
+                warnings.warn(
+                    "vtprune: this prefill was given inputs_embeds without input_ids, so the visual tokens "
+                    "cannot be located and nothing was pruned; pass input_ids (as the processor "
+                    "returns them)",
+                    stacklevel=4,
+                )
             return None
         vis = self.adapter.visual_mask(input_ids)
         if not bool(vis.any()):
@@ -74,8 +83,9 @@ class PrefillSteps:
         result = self._layer0(state, input_ids, vis, newline, embeds)
         new_embeds, new_pos, _, backend = ops.compact(result.hidden, result.index, pos, with_backend=True)
         new_pos = self._record_layer0(state, result.stats, backend, new_pos)
-        kwargs = dict(kwargs, inputs_embeds=new_embeds, attention_mask=self._lm_mask(state, new_embeds),
-                      position_ids=new_pos)
+        kwargs = dict(
+            kwargs, inputs_embeds=new_embeds, attention_mask=self._lm_mask(state, new_embeds), position_ids=new_pos
+        )
         kwargs.update(self.adapter.after_compact(self._compaction(state, 0, result.index, kwargs)))
         return (), kwargs
 
@@ -90,8 +100,10 @@ class PrefillSteps:
         """The prefill's token flags, units and next position; returns its position ids [B, L] (or [3, B, L])."""
         mask = kwargs.get("attention_mask")
         if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
-            raise NotImplementedError("vtprune needs a 2D attention mask (or none) on prefill, got "
-                                      f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}")
+            raise NotImplementedError(
+                "vtprune needs a 2D attention mask (or none) on prefill, got "
+                f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}"
+            )
         b, length = vis.shape
         state.phase, state.prompt_len = "prefill", length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=device)
@@ -99,9 +111,14 @@ class PrefillSteps:
         state.units = self._units(state.call, vis)
         pos = kwargs.get("position_ids")
         segment = None if pos is None else packed_segments(self.adapter.mask_positions(pos), kwargs, b)
-        state.flags = TokenFlags(vis=vis, mask=mask, newline=newline if "newline_mask" in needs else None,
-                                 pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
-                                 unit=_unit_ids(vis, state.units), segment=segment)
+        state.flags = TokenFlags(
+            vis=vis,
+            mask=mask,
+            newline=newline if "newline_mask" in needs else None,
+            pad=self.adapter.pad_mask(state.call, vis) if "pad_mask" in needs else None,
+            unit=_unit_ids(vis, state.units),
+            segment=segment,
+        )
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, device)
         state.next_pos = max_position(pos) + 1
@@ -111,8 +128,10 @@ class PrefillSteps:
         """The adapter's units per row; a row whose units do not add up to its visual tokens is one image."""
         units = self.adapter.units(call, vis)
         counts = vis.sum(1).tolist()
-        return [row if sum(u.length for u in row) == n else ([Unit("image", n)] if n else [])
-                for row, n in zip(units, counts)]
+        return [
+            row if sum(u.length for u in row) == n else ([Unit("image", n)] if n else [])
+            for row, n in zip(units, counts)
+        ]
 
     def _layer0(self, state: CallState, input_ids, vis, newline, hidden, visual=None):
         """The layer-0 stage, on the full sequence's ``hidden`` or on the ``visual`` rows alone (``stage.prune``),
@@ -147,8 +166,10 @@ class PrefillSteps:
                 mine &= ~newline
             flat = mine.flatten()
             if int(flat.sum()) != kind_rows.shape[0]:
-                raise RuntimeError(f"vtprune: {kind_rows.shape[0]} projector rows were captured for the {kind}s but "
-                                   f"the prompt holds {int(flat.sum())} of their tokens")
+                raise RuntimeError(
+                    f"vtprune: {kind_rows.shape[0]} projector rows were captured for the {kind}s but "
+                    f"the prompt holds {int(flat.sum())} of their tokens"
+                )
             index.view(-1)[flat] = offset + torch.arange(kind_rows.shape[0], device=input_ids.device)
             table.append(kind_rows)
             offset += kind_rows.shape[0]
@@ -161,8 +182,16 @@ class PrefillSteps:
         stage = self.stages[i]
         self._local.selecting = True
         try:
-            result = prune(stage, self.methods[i], hidden, state.flags, state.captured, state.units,
-                           len(self.adapter.layers), visual)
+            result = prune(
+                stage,
+                self.methods[i],
+                hidden,
+                state.flags,
+                state.captured,
+                state.units,
+                len(self.adapter.layers),
+                visual,
+            )
         finally:
             self._local.selecting = False
         state.flags = result.flags
@@ -175,8 +204,9 @@ class PrefillSteps:
         from K on a mask for its own shorter cache."""
         result = self._choose(state, i, hidden)
         output = state.outputs[self.stages[i].layer]
-        new_hidden, new_pos, _, backend = ops.compact(result.hidden, result.index, kwargs.get("position_ids"),
-                                                      with_backend=True)
+        new_hidden, new_pos, _, backend = ops.compact(
+            result.hidden, result.index, kwargs.get("position_ids"), with_backend=True
+        )
         state.stats.append(replace(result.stats, backend={**result.stats.backend, "compact": backend}))
         if self.cfg.positions == "renumber":
             new_pos, output.shift = renumber(state)
@@ -184,11 +214,11 @@ class PrefillSteps:
         else:
             cos, sin = kwargs["position_embeddings"]
             cos, sin = ops.gather_tokens(cos, result.index), ops.gather_tokens(sin, result.index)
-        mask = layer_mask(self.adapter.text_config, output.layer, new_hidden, state.flags.mask, kwargs,
-                          state.flags.segment)
+        mask = layer_mask(
+            self.adapter.text_config, output.layer, new_hidden, state.flags.mask, kwargs, state.flags.segment
+        )
         output.overrides = {"position_embeddings": (cos, sin), "position_ids": new_pos, "attention_mask": mask}
-        output.overrides.update(self.adapter.after_compact(self._compaction(state, output.layer, result.index,
-                                                                            kwargs)))
+        output.overrides.update(self.adapter.after_compact(self._compaction(state, output.layer, result.index, kwargs)))
         return new_hidden
 
 

@@ -1,11 +1,12 @@
 """One pruning stage on the current sequence, in named steps: plan the selection items and their budgets
 (``budgets.plan_items``), build each group's inputs, choose (``Method.select``: the one checked entry point),
 apply the choice (keep mask, optional merging), lay out the shorter sequence, and record the stage's stats."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
 
 import torch
 
@@ -22,16 +23,18 @@ class TokenFlags:
 
     vis: torch.Tensor  # bool: visual token
     mask: torch.Tensor  # long: 2D attention mask (0 on padding and dummy slots)
-    newline: Optional[torch.Tensor] = None  # bool: LLaVA-NeXT row separator
-    pad: Optional[torch.Tensor] = None  # bool: mostly image padding (LLaVA pad-to-square)
-    sizes: Optional[torch.Tensor] = None  # float: original tokens each token stands for (merging)
-    unit: Optional[torch.Tensor] = None  # long: index of the token's image/video in its row (-1: not visual)
-    segment: Optional[torch.Tensor] = None  # long: packed sample the token belongs to (None: one sample per row)
+    newline: torch.Tensor | None = None  # bool: LLaVA-NeXT row separator
+    pad: torch.Tensor | None = None  # bool: mostly image padding (LLaVA pad-to-square)
+    sizes: torch.Tensor | None = None  # float: original tokens each token stands for (merging)
+    unit: torch.Tensor | None = None  # long: index of the token's image/video in its row (-1: not visual)
+    segment: torch.Tensor | None = None  # long: packed sample the token belongs to (None: one sample per row)
 
-    def gather(self, index: torch.Tensor, valid: Optional[torch.Tensor]) -> TokenFlags:
+    def gather(self, index: torch.Tensor, valid: torch.Tensor | None) -> TokenFlags:
         """The flags at ``index`` [B, L']; ``valid`` False marks dummy slots (None: there are none)."""
-        out = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name).gather(1, index)
-               for f in fields(self)}
+        out = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).gather(1, index)
+            for f in fields(self)
+        }
         if valid is not None:
             out["vis"] = out["vis"] & valid
             out["mask"] = out["mask"] * valid.long()
@@ -42,11 +45,11 @@ class TokenFlags:
 class Captured:
     """What the stage may score with, aligned to the current sequence where it is per token."""
 
-    attention: Optional[torch.Tensor] = None  # [B, L_cur]
-    queries: Optional[torch.Tensor] = None  # [B, L_cur, H, d_head]
-    pre_projector: Optional[torch.Tensor] = None  # [projector rows of the batch, Din]
-    pre_index: Optional[torch.Tensor] = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
-    projector: Optional[Callable] = None
+    attention: torch.Tensor | None = None  # [B, L_cur]
+    queries: torch.Tensor | None = None  # [B, L_cur, H, d_head]
+    pre_projector: torch.Tensor | None = None  # [projector rows of the batch, Din]
+    pre_index: torch.Tensor | None = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
+    projector: Callable | None = None
     score_time_s: float = 0.0  # spent computing ``attention`` at layer K-1: FastV's scoring, counted as choosing
 
 
@@ -57,7 +60,7 @@ class Pruned:
     the typed stats (the engine adds the backend that compacted the sequence)."""
 
     index: torch.Tensor
-    hidden: Optional[torch.Tensor]
+    hidden: torch.Tensor | None
     flags: TokenFlags
     stats: StageStats
 
@@ -71,7 +74,7 @@ def keep_layout(keep: torch.Tensor):
     length = keep.shape[1]
     n_out = int(keep.sum(1).max())
     key = keep.long() * (length + torch.arange(length, device=keep.device))  # dropped first, then kept in order
-    index = key.sort(dim=1, stable=True).indices[:, length - n_out:]
+    index = key.sort(dim=1, stable=True).indices[:, length - n_out :]
     return index, keep.gather(1, index)
 
 
@@ -80,8 +83,16 @@ def method_options(stage: StageConfig) -> dict:
     return {k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}
 
 
-def prune(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], flags: TokenFlags, cap: Captured,
-          units: list, num_layers: int, visual: Optional[torch.Tensor] = None) -> Pruned:
+def prune(
+    stage: StageConfig,
+    method: Method,
+    hidden: torch.Tensor | None,
+    flags: TokenFlags,
+    cap: Captured,
+    units: list,
+    num_layers: int,
+    visual: torch.Tensor | None = None,
+) -> Pruned:
     """Choose the visual tokens to keep. hidden: [B, L_cur, D]; units: per row, its ``Unit``s.
 
     visual: instead of ``hidden`` (then None), the visual tokens' hidden states alone, [visual tokens of the batch,
@@ -102,8 +113,9 @@ def prune(stage: StageConfig, method: Method, hidden: Optional[torch.Tensor], fl
         picks = method.select(inputs, k, **method_options(stage))  # [G, k] ascending, checked
         choice.apply(group, rows, positions, picks, inputs.features, backends)
     index, new_flags = choice.layout()
-    stats = _stats(stage, flags, units, counts, items, choice.chosen, time.perf_counter() - t0 + cap.score_time_s,
-                   backends)
+    stats = _stats(
+        stage, flags, units, counts, items, choice.chosen, time.perf_counter() - t0 + cap.score_time_s, backends
+    )
     return Pruned(index, choice.merged, new_flags, stats)
 
 
@@ -128,19 +140,32 @@ class _Source:
     def inputs(self, group: list[Item], n: int, backends: dict):
         """(SelectionInputs of the group's items, their rows [G], their tokens' positions [G, n])."""
         rows = torch.tensor([it.row for it in group], device=self.flags.vis.device)
-        positions = _stack([self.vis_pos[it.row][it.start:it.start + n] for it in group])  # [G, n]
+        positions = _stack([self.vis_pos[it.row][it.start : it.start + n] for it in group])  # [G, n]
         take = _taker(group, rows, positions, n)
         if self.visual is None:
             features = take(self.hidden)
         else:
-            features = _stack([self.visual[self.row_start[it.row] + it.start:][:n] for it in group])
+            features = _stack([self.visual[self.row_start[it.row] + it.start :][:n] for it in group])
         text = None if self.text is None else self.text[rows]
-        return SelectionInputs(
-            features=features, attention=take(self.cap.attention), queries=take(self.cap.queries),
-            pre_projector=_pre_rows(self.cap, rows, positions), projector=self.cap.projector,
-            grid=[it.grid for it in group], frames=[it.frames for it in group], kinds=[it.kind for it in group],
-            pad_mask=take(self.flags.pad), newline_mask=take(self.flags.newline), text=text,
-            text_mask=None if text is None else self.text_mask[rows], backends=backends), rows, positions
+        return (
+            SelectionInputs(
+                features=features,
+                attention=take(self.cap.attention),
+                queries=take(self.cap.queries),
+                pre_projector=_pre_rows(self.cap, rows, positions),
+                projector=self.cap.projector,
+                grid=[it.grid for it in group],
+                frames=[it.frames for it in group],
+                kinds=[it.kind for it in group],
+                pad_mask=take(self.flags.pad),
+                newline_mask=take(self.flags.newline),
+                text=text,
+                text_mask=None if text is None else self.text_mask[rows],
+                backends=backends,
+            ),
+            rows,
+            positions,
+        )
 
 
 def _taker(group: list[Item], rows: torch.Tensor, positions: torch.Tensor, n: int):
@@ -154,8 +179,8 @@ def _taker(group: list[Item], rows: torch.Tensor, positions: torch.Tensor, n: in
             return None
         if contiguous:
             if len(group) == 1:
-                return t[group[0].row, ends[0][0]:ends[0][0] + n].unsqueeze(0)
-            return torch.stack([t[it.row, e[0]:e[0] + n] for it, e in zip(group, ends)])
+                return t[group[0].row, ends[0][0] : ends[0][0] + n].unsqueeze(0)
+            return torch.stack([t[it.row, e[0] : e[0] + n] for it, e in zip(group, ends)])
         return t[rows[:, None], positions]
 
     return take
@@ -195,21 +220,35 @@ class _Choice:
         return index, replace(self.flags, sizes=self.sizes).gather(index, valid)
 
 
-def _stats(stage: StageConfig, flags: TokenFlags, units: list, counts: list, items: list, chosen: list,
-           seconds: float, backends: dict) -> StageStats:
+def _stats(
+    stage: StageConfig,
+    flags: TokenFlags,
+    units: list,
+    counts: list,
+    items: list,
+    chosen: list,
+    seconds: float,
+    backends: dict,
+) -> StageStats:
     b = len(counts)
     row_kept = [[] for _ in range(b)]
     for it, picks in chosen:
         row_kept[it.row].append(picks + it.start)
     # One item's picks are already ascending: no concatenation or sort.
     row_kept = [(x[0] if len(x) == 1 else torch.cat(x).sort().values) if x else None for x in row_kept]
-    return StageStats(layer=stage.layer, method=stage.method, tokens_before=counts,
-                      tokens_after=[0 if x is None else len(x) for x in row_kept],
-                      kept_indices=_pad_rows(row_kept, flags.vis.device),
-                      units=_unit_stats(flags, units, row_kept, counts),
-                      selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
-                      select_time_s=seconds, budget=stage.options["budget"], merged=stage.options["merge"],
-                      backend=backends)
+    return StageStats(
+        layer=stage.layer,
+        method=stage.method,
+        tokens_before=counts,
+        tokens_after=[0 if x is None else len(x) for x in row_kept],
+        kept_indices=_pad_rows(row_kept, flags.vis.device),
+        units=_unit_stats(flags, units, row_kept, counts),
+        selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
+        select_time_s=seconds,
+        budget=stage.options["budget"],
+        merged=stage.options["merge"],
+        backend=backends,
+    )
 
 
 def _stack(parts: list) -> torch.Tensor:
@@ -244,7 +283,7 @@ def _text_tokens(hidden: torch.Tensor, flags: TokenFlags):
     return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])), valid
 
 
-def _pre_rows(cap: Captured, rows: torch.Tensor, positions: torch.Tensor) -> Optional[torch.Tensor]:
+def _pre_rows(cap: Captured, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
     """The projector inputs of the items' tokens: [G, n, Din], zeros where a token has none (newlines)."""
     if cap.pre_projector is None:
         return None
@@ -263,10 +302,15 @@ def _pad_rows(rows, device):
 
 def _check_needs(method: Method, inputs: SelectionInputs, stage: StageConfig):
     # grid / pad_mask / newline_mask may legitimately be None (a family without them); these may not.
-    missing = {"attention": inputs.attention is None, "queries": inputs.queries is None,
-               "projector": inputs.projector is None or inputs.pre_projector is None, "text": inputs.text is None}
+    missing = {
+        "attention": inputs.attention is None,
+        "queries": inputs.queries is None,
+        "projector": inputs.projector is None or inputs.pre_projector is None,
+        "text": inputs.text is None,
+    }
     for need, absent in missing.items():
         if need in method.needs and absent:
             where = {"projector": "the projector inputs", "text": "the text tokens"}.get(
-                need, f"{need} from layer {stage.layer - 1}")
+                need, f"{need} from layer {stage.layer - 1}"
+            )
             raise RuntimeError(f"method {method.name!r} needs {where}, which were not captured on this call")

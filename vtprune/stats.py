@@ -1,5 +1,6 @@
 """The typed records ``vtprune.get_stats`` returns: one ``StageStats`` per stage, one ``UnitStats`` per image or
 video of each sample. Both are frozen and also readable as mappings (``stats["kept_indices"]``)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass

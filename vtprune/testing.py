@@ -3,6 +3,7 @@
 Used by the tests and the benchmarks; handy for users who want to try vtprune without downloading a checkpoint.
 Every model is built from a config with the real Hugging Face classes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(TINY_VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   padding_side="left")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", padding_side="left"
+    )
     fast.add_special_tokens({"additional_special_tokens": TINY_SPECIAL})
     return fast
 

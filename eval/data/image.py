@@ -115,7 +115,9 @@ class Scene:
 
     def key(self) -> str:
         """A canonical string of the scene (used to check that splits share no scene)."""
-        return ";".join(f"{o.colour}:{o.shape}:{o.x:.0f}:{o.y:.0f}" for o in sorted(self.objects, key=lambda o: o.colour))
+        return ";".join(
+            f"{o.colour}:{o.shape}:{o.x:.0f}:{o.y:.0f}" for o in sorted(self.objects, key=lambda o: o.colour)
+        )
 
 
 def random_scene(rng: random.Random) -> Scene:

@@ -1,4 +1,4 @@
-"""Procedural video clips from the Sort-of-CLEVR scene family of ``eval/data.py``.
+"""Procedural video clips from the Sort-of-CLEVR scene family of ``eval/data/image.py``.
 
 A clip is ``n_states`` scene states, each rendered once and shown for two consecutive frames (``2 * n_states``
 frames, 8 by default).  Two frames per state is the temporal patch of Qwen2-VL-style towers, which merge frame
@@ -12,7 +12,7 @@ Question types (``VIDEO_QUESTION_TYPES``); the first four need more than one fra
 * ``moved``    -- "which object moved ?"                         -> colour of the mover
 * ``frames``   -- "how many frames show the red object ?"         -> 2 / 4 / 6 / 8 (even: states are frame pairs)
 * ``appeared`` -- "which object appeared last ?"                  -> colour of the latest newcomer
-* ``ended``    -- "where did the red object end up ?"             -> left / right (the mover: it starts on the other side)
+* ``ended``    -- "where did the red object end up ?"             -> left / right (the mover starts on the other side)
 * ``shape``    -- "what shape is the red object ?"   (an object present and still in every frame: single-frame control)
 * ``side``     -- "is the red object on the left or right ?"     (idem)
 
@@ -124,10 +124,16 @@ def _path(rng: random.Random, start: SceneObject, others: list[SceneObject], n: 
     for _ in range(200):
         x1 = rng.randint(half, WIDTH - half)
         y1 = rng.randint(half, HEIGHT - half)
-        if (x1 < WIDTH / 2) == (start.x < WIDTH / 2) or abs(x1 - WIDTH / 2) < SIDE_MARGIN or abs(x1 - start.x) < MIN_MOVE:
+        if (
+            (x1 < WIDTH / 2) == (start.x < WIDTH / 2)
+            or abs(x1 - WIDTH / 2) < SIDE_MARGIN
+            or abs(x1 - start.x) < MIN_MOVE
+        ):
             continue
-        steps = [replace(start, x=start.x + (x1 - start.x) * g / (n - 1), y=start.y + (y1 - start.y) * g / (n - 1))
-                 for g in range(n)]
+        steps = [
+            replace(start, x=start.x + (x1 - start.x) * g / (n - 1), y=start.y + (y1 - start.y) * g / (n - 1))
+            for g in range(n)
+        ]
         if all(_clear(p.x, p.y, others) for p in steps):
             return steps
     return None
@@ -212,8 +218,10 @@ def answer_video_question(clip: Clip, question: str) -> str:
 def clip_caption(clip: Clip) -> str:
     """State by state (the order of the temporal groups), the objects left to right with shape, side and top/bottom.
     A training target: reading it off makes the LLM address each temporal group in turn."""
-    return " . ".join(" , ".join(f"{o.colour} {o.shape} {o.side} {o.vertical}" for o in sorted(s.objects, key=lambda o: o.x))
-                      for s in clip.states)
+    return " . ".join(
+        " , ".join(f"{o.colour} {o.shape} {o.side} {o.vertical}" for o in sorted(s.objects, key=lambda o: o.x))
+        for s in clip.states
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -272,8 +280,11 @@ def video_answer_prior(examples: list[VideoExample]) -> dict[str, float]:
         if golds:
             hits[t] = (Counter(golds).most_common(1)[0][1], len(golds))
             out[t] = hits[t][0] / hits[t][1]
-    for name, types in (("multi_frame", MULTI_FRAME_TYPES), ("single_frame", SINGLE_FRAME_TYPES),
-                        ("overall", VIDEO_QUESTION_TYPES)):
+    for name, types in (
+        ("multi_frame", MULTI_FRAME_TYPES),
+        ("single_frame", SINGLE_FRAME_TYPES),
+        ("overall", VIDEO_QUESTION_TYPES),
+    ):
         h = [hits[t] for t in types if t in hits]
         out[name] = sum(a for a, _ in h) / max(1, sum(b for _, b in h))
     return out

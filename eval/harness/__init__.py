@@ -7,6 +7,20 @@ from .predict import evaluate_accuracy, evaluate_video, predict, predict_video, 
 from .report import table, write_results
 from .video import run_video
 
-__all__ = ["add_ratios", "check_methods", "configs", "evaluate_accuracy", "evaluate_video", "parse_budgets",
-           "parse_method", "predict", "predict_video", "run_embedded", "run_grid", "run_video", "table",
-           "video_accuracy", "write_results"]
+__all__ = [
+    "add_ratios",
+    "check_methods",
+    "configs",
+    "evaluate_accuracy",
+    "evaluate_video",
+    "parse_budgets",
+    "parse_method",
+    "predict",
+    "predict_video",
+    "run_embedded",
+    "run_grid",
+    "run_video",
+    "table",
+    "video_accuracy",
+    "write_results",
+]

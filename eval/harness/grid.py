@@ -5,12 +5,13 @@ records accuracy (overall and per question type), visual tokens kept per sample 
 prefill FLOPs per sample (real FLOPs, 2 per multiply-add, ``vtprune.flops``) and the measured prefill latency
 of one batch. The unpruned model is the 100 % row of every method.
 """
+
 from __future__ import annotations
 
 import ast
 import statistics
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -63,7 +64,7 @@ def check_methods(methods: Iterable[str]) -> list[str]:
     return methods
 
 
-def configs(methods: Iterable[str], budgets: Iterable[float]) -> list[tuple[Optional[str], float]]:
+def configs(methods: Iterable[str], budgets: Iterable[float]) -> list[tuple[str | None, float]]:
     """(method, budget %) pairs: the unpruned model (None, 100) first, then every method at every budget < 100."""
     methods = check_methods(m for m in methods if m != "none")
     budgets = list(budgets)
@@ -93,8 +94,17 @@ def image_scores(preds: list[str], examples) -> dict:
     return row
 
 
-def evaluate_config(model, processor, examples, method: Optional[str], budget: float, batch_size: int,
-                    bar=None, predict_fn=predict, scores_fn=image_scores) -> dict:
+def evaluate_config(
+    model,
+    processor,
+    examples,
+    method: str | None,
+    budget: float,
+    batch_size: int,
+    bar=None,
+    predict_fn=predict,
+    scores_fn=image_scores,
+) -> dict:
     """One row: ``method=None`` is the unpruned model; ``method`` is a spec (``parse_method``).
     ``predict_fn(model, processor, examples, batch_size=, on_batch=)`` answers, ``scores_fn(preds, examples)``
     scores (the video benchmark passes its own)."""
@@ -123,15 +133,29 @@ def evaluate_config(model, processor, examples, method: Optional[str], budget: f
         if method is not None:
             vtprune.remove_pruner(model)
     scores = scores_fn(preds, examples)
-    return {"method": method or "none", "keep_ratio": budget / 100.0, "budget_pct": budget,
-            "visual_tokens": statistics.mean(before), "kept_tokens": statistics.mean(kept),
-            "accuracy": scores.pop("accuracy"), "n": scores.pop("n"),
-            "prefill_flops": sum(flops) / len(examples), "prefill_latency_ms": 1e3 * latency,
-            "latency_batch": min(batch_size, len(examples)), **scores}
+    return {
+        "method": method or "none",
+        "keep_ratio": budget / 100.0,
+        "budget_pct": budget,
+        "visual_tokens": statistics.mean(before),
+        "kept_tokens": statistics.mean(kept),
+        "accuracy": scores.pop("accuracy"),
+        "n": scores.pop("n"),
+        "prefill_flops": sum(flops) / len(examples),
+        "prefill_latency_ms": 1e3 * latency,
+        "latency_batch": min(batch_size, len(examples)),
+        **scores,
+    }
 
 
-def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optional[int] = None,
-                 batch_size: int = 16, progress: bool = True) -> list[dict]:
+def run_embedded(
+    models=None,
+    methods=None,
+    budgets=DEFAULT_BUDGETS,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict]:
     """All configurations on the embedded test split. Returns the result rows."""
     models = list(models or EMBEDDED_MODELS)
     unknown = [m for m in models if m not in EMBEDDED_MODELS]
@@ -142,8 +166,18 @@ def run_embedded(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Opti
     return run_grid(models, load_embedded, todo, examples, batch_size, progress, unit="q", desc="vtprune eval")
 
 
-def run_grid(models, load, todo, examples, batch_size: int, progress: bool, unit: str, desc: str,
-             extra: Optional[dict] = None, **evaluate_kwargs) -> list[dict]:
+def run_grid(
+    models,
+    load,
+    todo,
+    examples,
+    batch_size: int,
+    progress: bool,
+    unit: str,
+    desc: str,
+    extra: dict | None = None,
+    **evaluate_kwargs,
+) -> list[dict]:
     """Every (method, budget) of ``todo`` on ``examples`` for each model name (``load(name)`` -> model, processor),
     with one progress bar over all questions. Rows: ``{"model": name, **extra, **evaluate_config(...)}``, with
     the ratios to each model's unpruned row."""

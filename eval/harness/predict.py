@@ -22,14 +22,20 @@ def _as_examples(split, limit):
 
 def generate_answers(model, tok, inputs, max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
     """Greedy answers of one left-padded batch, decoded and stripped."""
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return [s.strip() for s in tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return [s.strip() for s in tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def predict_batches(model, processor, examples, batch_size: int, media_and_prompts,
-                    max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+def predict_batches(
+    model, processor, examples, batch_size: int, media_and_prompts, max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None
+) -> list[str]:
     """Greedy answers over left-padded batches; ``media_and_prompts(chunk)`` gives the processor's media keyword
     arguments (``images=`` / ``videos=``) and the prompts of a chunk of examples."""
     tok = processor.tokenizer
@@ -50,8 +56,15 @@ def predict_batches(model, processor, examples, batch_size: int, media_and_promp
     return preds
 
 
-def predict(model, processor, examples: list[Example], batch_size: int = 16, blank: bool = False,
-            max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+def predict(
+    model,
+    processor,
+    examples: list[Example],
+    batch_size: int = 16,
+    blank: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    on_batch=None,
+) -> list[str]:
     """Greedy short answers for a list of examples (left-padded batches). ``on_batch(inputs, chunk)`` is called
     after each batch is generated (the harness reads pruning stats and FLOPs there)."""
 
@@ -80,10 +93,17 @@ def evaluate_accuracy(model, processor, split="test", limit=None, batch_size: in
     return res
 
 
-def predict_video(model, processor, examples: list[VideoExample], batch_size: int = 16, blank: bool = False,
-                  max_new_tokens: int = MAX_NEW_TOKENS, on_batch=None) -> list[str]:
+def predict_video(
+    model,
+    processor,
+    examples: list[VideoExample],
+    batch_size: int = 16,
+    blank: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    on_batch=None,
+) -> list[str]:
     """Greedy short answers (left-padded batches); ``blank=True`` shows every clip as white frames;
-    ``on_batch(inputs, chunk)`` after each batch (``eval/embedded.predict``'s hook)."""
+    ``on_batch(inputs, chunk)`` after each batch (``harness.predict``'s hook)."""
 
     def media_and_prompts(chunk):
         videos = [e.blank_frames() if blank else e.frames for e in chunk]

@@ -1,4 +1,5 @@
 """Writing results: the printed table, results.json, results.csv and the accuracy-vs-FLOPs Pareto plot."""
+
 from __future__ import annotations
 
 import csv
@@ -25,22 +26,32 @@ def table(rows: list[dict]) -> str:
     Video rows add their multi-frame and single-frame accuracies."""
     video = any("acc_multi_frame" in r for r in rows)
     extra = " multi-frame | single-frame |" if video else ""
-    lines = ["| model | method | budget | kept tokens | accuracy |" + extra + " prefill GFLOPs | FLOPs ratio |",
-             "|" + "---|" * (9 if video else 7)]
+    lines = [
+        "| model | method | budget | kept tokens | accuracy |" + extra + " prefill GFLOPs | FLOPs ratio |",
+        "|" + "---|" * (9 if video else 7),
+    ]
     for r in rows:
         flops, ratio = r.get("prefill_flops"), r.get("flops_ratio")
         cells = f" {_pct(r.get('acc_multi_frame'))} | {_pct(r.get('acc_single_frame'))} |" if video else ""
         lines.append(
             f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {tokens(r['kept_tokens'])} | "
             f"{_pct(r['accuracy'])} |{cells} {'-' if flops is None else f'{flops / 1e9:.3f}'} | "
-            f"{'-' if ratio is None else f'{ratio:.3f}'} |")
-    lines += ["", "Latency (indicative only: one batch, wall clock, on whatever else this machine was doing; compare "
-              "FLOPs, or time side by side with `python -m benchmarks.bench_prefill`):", "",
-              "| model | method | budget | prefill ms | speedup |", "|" + "---|" * 5]
+            f"{'-' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    lines += [
+        "",
+        "Latency (indicative only: one batch, wall clock, on whatever else this machine was doing; compare "
+        "FLOPs, or time side by side with `python -m benchmarks.bench_prefill`):",
+        "",
+        "| model | method | budget | prefill ms | speedup |",
+        "|" + "---|" * 5,
+    ]
     for r in rows:
         ms, speed = r.get("prefill_latency_ms"), r.get("latency_speedup")
-        lines.append(f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {'-' if ms is None else f'{ms:.1f}'} | "
-                     f"{'-' if speed is None else f'{speed:.2f}x'} |")
+        lines.append(
+            f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {'-' if ms is None else f'{ms:.1f}'} | "
+            f"{'-' if speed is None else f'{speed:.2f}x'} |"
+        )
     return "\n".join(lines)
 
 
@@ -55,8 +66,11 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
 
 def multi_frame_rows(rows: list[dict]) -> list[dict]:
     """Video rows again with their multi-frame accuracy as ``accuracy``: the plot's extra panel per video model."""
-    return [{**r, "task": f"{r.get('task') or 'video'}, multi-frame questions", "accuracy": r["acc_multi_frame"]}
-            for r in rows if r.get("acc_multi_frame") is not None]
+    return [
+        {**r, "task": f"{r.get('task') or 'video'}, multi-frame questions", "accuracy": r["acc_multi_frame"]}
+        for r in rows
+        if r.get("acc_multi_frame") is not None
+    ]
 
 
 def write_rows(rows: list[dict], json_path: Path, csv_path: Path) -> None:
@@ -114,16 +128,34 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
             pts = sorted(base + [r for r in mine if r["method"] == method], key=lambda r: r["prefill_flops"])
             if len(pts) == len(base):
                 continue
-            ax.plot([r["prefill_flops"] / 1e9 for r in pts], [100 * r["accuracy"] for r in pts], label=method,
-                    color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], markersize=11 - 6 * i / max(1, len(methods) - 1),
-                    markerfacecolor="none", markeredgewidth=1.4, linewidth=1, alpha=0.9)
+            ax.plot(
+                [r["prefill_flops"] / 1e9 for r in pts],
+                [100 * r["accuracy"] for r in pts],
+                label=method,
+                color=f"C{i % 10}",
+                marker=MARKERS[i % len(MARKERS)],
+                markersize=11 - 6 * i / max(1, len(methods) - 1),
+                markerfacecolor="none",
+                markeredgewidth=1.4,
+                linewidth=1,
+                alpha=0.9,
+            )
         for r in base:
-            ax.scatter([r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5, s=25,
-                       label="unpruned")
+            ax.scatter(
+                [r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5, s=25, label="unpruned"
+            )
         front = frontier([(r["prefill_flops"] / 1e9, 100 * r["accuracy"]) for r in mine])
         if front:
-            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", linestyle="--",
-                    linewidth=1.5, zorder=4, label="Pareto frontier")
+            ax.step(
+                [x for x, _ in front],
+                [y for _, y in front],
+                where="post",
+                color="black",
+                linestyle="--",
+                linewidth=1.5,
+                zorder=4,
+                label="Pareto frontier",
+            )
         ax.set_xscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3 rather than 2x10^0, 3x10^0
         ax.xaxis.set_major_formatter(plain)
@@ -140,8 +172,8 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
 
 
 def main(argv=None) -> None:
-    """``python -m vtprune.eval.harness.report OUTPUT RUN [RUN ...]``: merge the results.json of several runs (for example
-    one ``vtprune eval --models ...`` per model, run in parallel) into one table, JSON, CSV and plot."""
+    """``python -m vtprune.eval.harness.report OUTPUT RUN [RUN ...]``: merge the results.json of several runs (for
+    example one ``vtprune eval --models ...`` per model, run in parallel) into one table, JSON, CSV and plot."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)

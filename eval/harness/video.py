@@ -1,15 +1,16 @@
 """Accuracy versus FLOPs on the embedded video benchmark: the engine behind ``vtprune eval --tasks video``.
 
-The video model answers the test clips of ``eval/video_data.py`` (multi-frame questions and single-frame controls)
-under every method at every budget, with the same rows as the image benchmark (``eval/harness.py``) plus the
+The video model answers the test clips of ``eval/data/video.py`` (multi-frame questions and single-frame controls)
+under every method at every budget, with the same rows as the image benchmark (``eval/harness/grid.py``) plus the
 multi-frame and single-frame accuracies.  A budget is the share of the clip's video tokens kept.  Every method runs
 twice: choosing over the whole clip (``temporal="clip"``, the default) and with a budget per frame
 (``temporal="frame"``, spec ``"<method>:temporal=frame"``); ``temporal`` itself compares frames, so it runs over
 the clip only.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import vtprune
 
@@ -24,7 +25,7 @@ PER_FRAME = "temporal=frame"
 CLIP_ONLY = ("temporal",)  # methods whose per-frame form is meaningless (no previous frame inside one frame)
 
 
-def video_specs(methods: Optional[Iterable[str]] = None) -> list[str]:
+def video_specs(methods: Iterable[str] | None = None) -> list[str]:
     """Each method as given, then its per-frame form: bare names gain ``:temporal=frame`` (unless the spec already
     sets ``temporal`` or the method only works over the clip)."""
     out = []
@@ -48,8 +49,15 @@ def _predict(model, processor, examples, batch_size: int, on_batch=None) -> list
     return predict_video(model, processor, examples, batch_size, on_batch=on_batch)
 
 
-def run_video(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optional[int] = None, batch_size: int = 16,
-              progress: bool = True, per_frame: bool = True) -> list[dict]:
+def run_video(
+    models=None,
+    methods=None,
+    budgets=DEFAULT_BUDGETS,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    per_frame: bool = True,
+) -> list[dict]:
     """All configurations on the video test split (``limit`` clips, default ``DEFAULT_VIDEO_LIMIT``).
     ``per_frame=False`` runs the specs as given, without adding their per-frame forms. Returns the rows."""
     models = list(models or VIDEO_MODELS)
@@ -59,5 +67,16 @@ def run_video(models=None, methods=None, budgets=DEFAULT_BUDGETS, limit: Optiona
     specs = video_specs(methods) if per_frame else check_methods(methods or vtprune.list_methods())
     todo = configs(specs, budgets)
     examples = make_video_split("test", limit or DEFAULT_VIDEO_LIMIT, seed=0)
-    return run_grid(models, load_embedded, todo, examples, batch_size, progress, unit="clip",
-                    desc="vtprune eval video", extra={"task": "video"}, predict_fn=_predict, scores_fn=video_scores)
+    return run_grid(
+        models,
+        load_embedded,
+        todo,
+        examples,
+        batch_size,
+        progress,
+        unit="clip",
+        desc="vtprune eval video",
+        extra={"task": "video"},
+        predict_fn=_predict,
+        scores_fn=video_scores,
+    )

@@ -2,17 +2,25 @@
 
 Kept apart from ``lmms_plugin`` so the parsing (and its errors) needs neither lmms-eval nor a model.
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 UNPRUNED = ("none", "baseline", "unpruned")  # method values that run the model without a pruner
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 # ----------------------------------------------------------------------------------------------- argument parsing
@@ -37,7 +45,7 @@ def coerce(value: Any) -> Any:
         return s
 
 
-def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> Optional[int]:
+def _as_int(name: str, value: Any, minimum: int | None = None) -> int | None:
     value = coerce(value)
     if value is None:
         return None
@@ -49,7 +57,7 @@ def _as_int(name: str, value: Any, minimum: Optional[int] = None) -> Optional[in
     return value
 
 
-def _as_float(name: str, value: Any) -> Optional[float]:
+def _as_float(name: str, value: Any) -> float | None:
     value = coerce(value)
     if value is None:
         return None
@@ -78,13 +86,25 @@ def _as_dtype(value: Any):
     raise ValueError(f"model_arg dtype must be one of auto, {', '.join(_DTYPES)}; got {value!r}")
 
 
-def pruning_settings(method: Any = "divprune", keep_ratio: Any = None, keep_tokens: Any = None, layer: Any = None,
-                     positions: Any = "original", schedule: Any = None, **options) -> Optional[dict]:
+def pruning_settings(
+    method: Any = "divprune",
+    keep_ratio: Any = None,
+    keep_tokens: Any = None,
+    layer: Any = None,
+    positions: Any = "original",
+    schedule: Any = None,
+    **options,
+) -> dict | None:
     """apply_pruner keyword arguments from (string) model_args; None for the unpruned model."""
     method = coerce(method)
     if method is None or (isinstance(method, str) and method.lower() in UNPRUNED):
-        extra = {k: v for k, v in dict(keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer,
-                                       schedule=schedule, **options).items() if coerce(v) is not None}
+        extra = {
+            k: v
+            for k, v in dict(
+                keep_ratio=keep_ratio, keep_tokens=keep_tokens, layer=layer, schedule=schedule, **options
+            ).items()
+            if coerce(v) is not None
+        }
         if extra:
             raise ValueError(f"method={method} runs the unpruned model; pruning settings {sorted(extra)} make no sense")
         return None
@@ -96,7 +116,12 @@ def pruning_settings(method: Any = "divprune", keep_ratio: Any = None, keep_toke
             schedule = json.loads(schedule)
         except json.JSONDecodeError as exc:
             raise ValueError(f"model_arg schedule must be a JSON list of stage dicts: {exc}") from None
-    return dict(method=method, keep_ratio=_as_float("keep_ratio", keep_ratio),
-                keep_tokens=_as_int("keep_tokens", keep_tokens, minimum=1), layer=_as_int("layer", layer, minimum=0),
-                positions=coerce(positions) or "original", schedule=schedule,
-                **{k: coerce(v) for k, v in options.items()})
+    return dict(
+        method=method,
+        keep_ratio=_as_float("keep_ratio", keep_ratio),
+        keep_tokens=_as_int("keep_tokens", keep_tokens, minimum=1),
+        layer=_as_int("layer", layer, minimum=0),
+        positions=coerce(positions) or "original",
+        schedule=schedule,
+        **{k: coerce(v) for k, v in options.items()},
+    )

@@ -3,12 +3,13 @@ generator's coordinates (split, split seed, index, question type) rather than me
 
 The task hook files are loaded by lmms-eval by path, so they import this module absolutely (``vtprune.eval``).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 SPLIT, SPLIT_SEED = "test", 0
 
@@ -18,8 +19,17 @@ def rows(make: Callable, qtypes: Sequence[str], n: int) -> list[dict]:
     out = []
     for i in range(n):
         ex = make(SPLIT, SPLIT_SEED, i, qtypes[i % len(qtypes)])
-        out.append({"uid": ex.uid, "split": SPLIT, "split_seed": SPLIT_SEED, "index": i, "qtype": ex.qtype,
-                    "question": ex.question, "answer": ex.answer})
+        out.append(
+            {
+                "uid": ex.uid,
+                "split": SPLIT,
+                "split_seed": SPLIT_SEED,
+                "index": i,
+                "qtype": ex.qtype,
+                "question": ex.question,
+                "answer": ex.answer,
+            }
+        )
     return out
 
 
@@ -37,8 +47,10 @@ def example(doc: dict, make: Callable, script: str):
     """The example a stored document names, re-created; a clear error when the generator has changed since."""
     ex = _made(make, doc["split"], int(doc["split_seed"]), int(doc["index"]), doc["qtype"])
     if ex.question != doc["question"] or ex.answer != doc["answer"]:
-        raise ValueError(f"{doc['uid']}: the generator no longer makes the stored example "
-                         f"({ex.question!r} -> {ex.answer!r}); regenerate test.jsonl with `python {script}`")
+        raise ValueError(
+            f"{doc['uid']}: the generator no longer makes the stored example "
+            f"({ex.question!r} -> {ex.answer!r}); regenerate test.jsonl with `python {script}`"
+        )
     return ex
 
 

@@ -39,19 +39,20 @@ per sample in-process (``vtprune.eval.lmms.runner.run_lmms``).
 
 Several processes: under ``accelerate launch --multi_gpu --num_processes N`` every process loads a full copy of the
 model on its own device (``cuda:<local rank>``, or the CPU when there is no GPU or ``device=cpu``) and lmms-eval
-shards the documents by ``rank`` / ``world_size`` (data parallel, as lmms-eval's own HF wrappers do); the answers and metrics
-are those of one process (tests/test_lmms.py checks it with two CPU processes). FSDP / DeepSpeed sharding is
-refused. The pruning statistics in the results JSON are those of rank 0.
+shards the documents by ``rank`` / ``world_size`` (data parallel, as lmms-eval's own HF wrappers do); the answers and
+metrics are those of one process (tests/eval/test_lmms.py checks it with two CPU processes). FSDP / DeepSpeed
+sharding is refused. The pruning statistics in the results JSON are those of rank 0.
 
 Only this module (and the task's utils.py) imports lmms_eval; ``import vtprune`` never does.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any
 
 _MODULE = "vtprune.eval.lmms.plugin"
 
@@ -75,7 +76,6 @@ from lmms_eval.api.registry import register_model  # noqa: E402
 from loguru import logger  # noqa: E402
 
 import vtprune  # noqa: E402
-
 from vtprune.patches import FAMILIES  # noqa: E402
 
 from .. import catalog  # noqa: E402
@@ -98,12 +98,28 @@ class VtpruneLMM(lmms):
     def model_types(cls) -> list[str]:
         return sorted(t for t in FAMILIES if t.startswith(cls.prefix))
 
-    def __init__(self, pretrained: Optional[str] = None, method: Any = "divprune", keep_ratio: Any = None,
-                 keep_tokens: Any = None, layer: Any = None, positions: Any = "original", schedule: Any = None,
-                 device: Any = None, device_map: Any = None, batch_size: Any = 1, max_batch_size: Any = None,
-                 dtype: Any = "auto", max_new_tokens: Any = None, attn_implementation: Any = None,
-                 revision: Any = None, trust_remote_code: Any = False, time_prefill: Any = False,
-                 count_flops: Any = True, **options) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        method: Any = "divprune",
+        keep_ratio: Any = None,
+        keep_tokens: Any = None,
+        layer: Any = None,
+        positions: Any = "original",
+        schedule: Any = None,
+        device: Any = None,
+        device_map: Any = None,
+        batch_size: Any = 1,
+        max_batch_size: Any = None,
+        dtype: Any = "auto",
+        max_new_tokens: Any = None,
+        attn_implementation: Any = None,
+        revision: Any = None,
+        trust_remote_code: Any = False,
+        time_prefill: Any = False,
+        count_flops: Any = True,
+        **options,
+    ) -> None:
         super().__init__()
         from accelerate import Accelerator
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -123,15 +139,20 @@ class VtpruneLMM(lmms):
 
         revision = coerce(revision)
         trust_remote_code = _as_bool("trust_remote_code", trust_remote_code)
-        hub = dict(revision=revision, trust_remote_code=trust_remote_code) if revision else \
-            dict(trust_remote_code=trust_remote_code)
+        hub = (
+            dict(revision=revision, trust_remote_code=trust_remote_code)
+            if revision
+            else dict(trust_remote_code=trust_remote_code)
+        )
         embedded = self.pretrained if self.pretrained in catalog.EMBEDDED_MODELS + catalog.VIDEO_MODELS else None
         config = AutoConfig.from_pretrained(catalog.resolve(self.pretrained), **hub)
         if config.model_type not in self.model_types():
             fits = [n for n, c in _aliases().items() if config.model_type in c.model_types()]
-            raise ValueError(f"{self.pretrained} is a {config.model_type!r} checkpoint but --model "
-                             f"{self.registered_name} takes {self.model_types()}"
-                             + (f"; use --model {' or '.join(fits)}" if fits else ""))
+            raise ValueError(
+                f"{self.pretrained} is a {config.model_type!r} checkpoint but --model "
+                f"{self.registered_name} takes {self.model_types()}"
+                + (f"; use --model {' or '.join(fits)}" if fits else "")
+            )
 
         # Device placement as lmms-eval's HF wrappers do it: one full model per process under accelerate launch.
         self.accelerator = Accelerator()
@@ -146,14 +167,18 @@ class VtpruneLMM(lmms):
             if self.accelerator.distributed_type not in allowed:
                 raise NotImplementedError(
                     f"{self.registered_name} supports data-parallel accelerate launch only (one model copy per "
-                    f"process), not {self.accelerator.distributed_type}: vtprune patches one model instance")
+                    f"process), not {self.accelerator.distributed_type}: vtprune patches one model instance"
+                )
             if device_map:
                 raise ValueError("device_map cannot be combined with multi-process (accelerate launch) evaluation")
             # accelerate's device is cuda:<local rank> on GPUs and the CPU otherwise; device=cpu forces the CPU.
             device = coerce(device)
             self._device = torch.device("cpu") if device == "cpu" else self.accelerator.device
-            self._rank = self.accelerator.process_index if self.accelerator.num_processes > 1 else \
-                int(os.environ.get("RANK", "0"))
+            self._rank = (
+                self.accelerator.process_index
+                if self.accelerator.num_processes > 1
+                else int(os.environ.get("RANK", "0"))
+            )
             self._world_size = world
         else:
             device = coerce(device)
@@ -168,7 +193,9 @@ class VtpruneLMM(lmms):
         if embedded:  # offline, with the image backend the embedded models were trained with
             from ..models import load_embedded
 
-            model, self.processor = load_embedded(embedded, **({} if load["dtype"] == "auto" else {"dtype": load["dtype"]}))
+            model, self.processor = load_embedded(
+                embedded, **({} if load["dtype"] == "auto" else {"dtype": load["dtype"]})
+            )
         else:
             model = AutoModelForImageTextToText.from_pretrained(self.pretrained, **load)
             self.processor = AutoProcessor.from_pretrained(self.pretrained, **hub)
@@ -179,19 +206,21 @@ class VtpruneLMM(lmms):
         self._tokenizer = self.processor.tokenizer
         self._tokenizer.padding_side = "left"  # batched generation continues every row from its last column
 
-        self.pruning: Optional[dict] = None
+        self.pruning: dict | None = None
         self.records: list[dict] = []
-        self.prefill_latency_s: Optional[float] = None
-        self.prefill_latency_batch: Optional[int] = None
+        self.prefill_latency_s: float | None = None
+        self.prefill_latency_batch: int | None = None
         self._flops_failed = False
         self.keep_loaded = False
         self.reconfigure(settings)
-        logger.info(f"{self.registered_name}: {self.pretrained} on {self._device} "
-                    f"(rank {self._rank}/{self._world_size}), pruning {self.pruning or 'off'}")
+        logger.info(
+            f"{self.registered_name}: {self.pretrained} on {self._device} "
+            f"(rank {self._rank}/{self._world_size}), pruning {self.pruning or 'off'}"
+        )
 
     # -- lmms-eval plumbing ---------------------------------------------------------------------------------------
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Optional[dict] = None):
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """As lmms-eval's, except that model_args win over the command line's --batch_size / --device (lmms-eval
         would otherwise fail with a duplicate keyword when both are given)."""
         from lmms_eval.utils import simple_parse_args_string
@@ -233,7 +262,7 @@ class VtpruneLMM(lmms):
         return self._world_size
 
     # -- pruning -------------------------------------------------------------------------------------------------
-    def reconfigure(self, settings: Optional[dict] = None, **model_args) -> None:
+    def reconfigure(self, settings: dict | None = None, **model_args) -> None:
         """Switch the pruning configuration of the loaded model (None / method=none: unpruned) and clear the
         per-sample records. ``model_args`` are parsed like the command line's (``method="fastv", layer="2"``)."""
         if model_args:
@@ -248,8 +277,10 @@ class VtpruneLMM(lmms):
             try:
                 vtprune.apply_pruner(self._model, **clean)
             except ValueError as exc:
-                raise ValueError(f"{self.registered_name}: invalid pruning model_args {clean}: {exc}. Wrapper "
-                                 f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option.") from exc
+                raise ValueError(
+                    f"{self.registered_name}: invalid pruning model_args {clean}: {exc}. Wrapper "
+                    f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option."
+                ) from exc
             self.pruning = clean
         self.records = []
         self.prefill_latency_s = None
@@ -257,14 +288,19 @@ class VtpruneLMM(lmms):
 
     def _check(self, settings: dict) -> None:
         clean = {k: v for k, v in settings.items() if v is not None}
-        fields = {k: clean.pop(k) for k in ("method", "keep_ratio", "keep_tokens", "layer", "schedule", "positions")
-                  if k in clean}
+        fields = {
+            k: clean.pop(k)
+            for k in ("method", "keep_ratio", "keep_tokens", "layer", "schedule", "positions")
+            if k in clean
+        }
         try:
             vtprune.PrunerConfig(**fields, options=clean).stages()
         except ValueError as exc:
             given = {k: v for k, v in settings.items() if v is not None}
-            raise ValueError(f"{self.registered_name}: invalid pruning model_args {given}: {exc}. Wrapper "
-                             f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option.") from exc
+            raise ValueError(
+                f"{self.registered_name}: invalid pruning model_args {given}: {exc}. Wrapper "
+                f"model_args are {sorted(_WRAPPER_ARGS)}; any other key is a method option."
+            ) from exc
 
     def summary(self, tasks=None) -> dict:
         """Means per sample over ``records`` (optionally only of the given task names): visual_tokens,
@@ -281,7 +317,7 @@ class VtpruneLMM(lmms):
     # -- prompts and inputs --------------------------------------------------------------------------------------
     def build_prompt(self, context: str, n_images: int, n_videos: int = 0) -> str:
         """The processor's chat template with the images first, then the videos, then the text
-        (eval/embedded.build_prompt); without a template, ``USER: <image> ... ASSISTANT:`` with the processor's
+        (vtprune.eval.models.build_prompt); without a template, ``USER: <image> ... ASSISTANT:`` with the processor's
         image (and video) tokens, wrapped in the tokenizer's vision start/end tokens when it has them (Qwen)."""
         if getattr(self.processor, "chat_template", None):
             return build_prompt(self.processor, context, n_images, n_videos)
@@ -311,7 +347,8 @@ class VtpruneLMM(lmms):
             else:
                 raise NotImplementedError(
                     f"task {task}: vtprune wrappers take PIL images and videos (a list of PIL frames, a [frames, H, "
-                    f"W, 3] array or a video file path); got {type(v).__name__} (audio is not supported)")
+                    f"W, 3] array or a video file path); got {type(v).__name__} (audio is not supported)"
+                )
         return images, videos
 
     def _to_device(self, batch) -> dict:
@@ -349,8 +386,9 @@ class VtpruneLMM(lmms):
         eos = gc.eos_token_id if gc.eos_token_id is not None else tok.eos_token_id
         if pad is None:
             pad = eos[0] if isinstance(eos, list) else eos
-        args = dict(max_new_tokens=max_new, do_sample=do_sample, num_beams=num_beams, pad_token_id=pad,
-                    eos_token_id=eos)
+        args = dict(
+            max_new_tokens=max_new, do_sample=do_sample, num_beams=num_beams, pad_token_id=pad, eos_token_id=eos
+        )
         if do_sample:
             args["temperature"] = temperature
             if top_p is not None:
@@ -387,7 +425,7 @@ class VtpruneLMM(lmms):
         elapsed = time.perf_counter() - t0
 
         n = len(items)
-        new = out[:, inputs["input_ids"].shape[1]:]
+        new = out[:, inputs["input_ids"].shape[1] :]
         decoded = self._tokenizer.batch_decode(new, skip_special_tokens=True)
         answers = []
         for text in decoded:
@@ -415,20 +453,30 @@ class VtpruneLMM(lmms):
         pad = gen_args["pad_token_id"]
         gen_tokens = int((new != pad).sum()) if pad is not None else int(new.numel())
         for it, v, k in zip(items, visual, kept):
-            self.records.append({"task": it[3], "doc_id": it[4], "visual_tokens": v, "kept_tokens": k,
-                                 "prefill_flops": flops, "latency_s": elapsed / n, "gen_tokens": gen_tokens / n})
+            self.records.append(
+                {
+                    "task": it[3],
+                    "doc_id": it[4],
+                    "visual_tokens": v,
+                    "kept_tokens": k,
+                    "prefill_flops": flops,
+                    "latency_s": elapsed / n,
+                    "gen_tokens": gen_tokens / n,
+                }
+            )
         return answers
 
     def generate_until(self, requests) -> list[str]:
         from tqdm import tqdm
 
         args = [req.args for req in requests]
+
         # Same generation settings together, longest prompts first (less padding, early OOM).
         def key(i):
             return json.dumps(args[i][1] or {}, sort_keys=True, default=str), -len(args[i][0]), i
 
         order = sorted(range(len(args)), key=key)
-        results: list[Optional[str]] = [None] * len(args)
+        results: list[str | None] = [None] * len(args)
         start = len(self.records)
         bar = tqdm(total=len(args), disable=self._rank != 0, desc=f"{self.registered_name} responding")
         pos = 0
@@ -466,13 +514,19 @@ class VtpruneLMM(lmms):
 
         elapsed = sum(r["latency_s"] for r in recs)
         tokens = sum(r["gen_tokens"] for r in recs)
-        extra = {"total_requests": len(recs),
-                 "kept_visual_tokens": statistics.fmean(r["kept_tokens"] for r in recs),
-                 "visual_tokens": statistics.fmean(r["visual_tokens"] for r in recs)}
+        extra = {
+            "total_requests": len(recs),
+            "kept_visual_tokens": statistics.fmean(r["kept_tokens"] for r in recs),
+            "visual_tokens": statistics.fmean(r["visual_tokens"] for r in recs),
+        }
         if all(r["prefill_flops"] is not None for r in recs):
             extra["prefill_flops"] = statistics.fmean(r["prefill_flops"] for r in recs)
-        log_metrics(total_elapsed_time=elapsed, total_gen_tokens=tokens,
-                    avg_speed=tokens / elapsed if elapsed > 0 else 0.0, additional_metrics=extra)
+        log_metrics(
+            total_elapsed_time=elapsed,
+            total_gen_tokens=tokens,
+            avg_speed=tokens / elapsed if elapsed > 0 else 0.0,
+            additional_metrics=extra,
+        )
 
     def clean(self):
         """lmms-eval calls this after every evaluation to free the model for LLM judges; ``keep_loaded = True``
@@ -483,16 +537,34 @@ class VtpruneLMM(lmms):
             torch.cuda.empty_cache()
 
     def loglikelihood(self, requests):
-        raise NotImplementedError(f"{self.registered_name} implements generate_until only: pick generation tasks "
-                                  "(output_type: generate_until), not loglikelihood / multiple-choice ones")
+        raise NotImplementedError(
+            f"{self.registered_name} implements generate_until only: pick generation tasks "
+            "(output_type: generate_until), not loglikelihood / multiple-choice ones"
+        )
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{self.registered_name} does not implement multi-round generation")
 
 
-_WRAPPER_ARGS = ("pretrained", "method", "keep_ratio", "keep_tokens", "layer", "positions", "schedule", "device",
-                 "device_map", "batch_size", "dtype", "max_new_tokens", "attn_implementation", "revision",
-                 "trust_remote_code", "time_prefill", "count_flops")
+_WRAPPER_ARGS = (
+    "pretrained",
+    "method",
+    "keep_ratio",
+    "keep_tokens",
+    "layer",
+    "positions",
+    "schedule",
+    "device",
+    "device_map",
+    "batch_size",
+    "dtype",
+    "max_new_tokens",
+    "attn_implementation",
+    "revision",
+    "trust_remote_code",
+    "time_prefill",
+    "count_flops",
+)
 
 
 @register_model("vtprune_llava")

@@ -9,6 +9,7 @@ Perturbations are named by short specs so that runs are reproducible from the co
 Every random draw comes from ``numpy.random.default_rng((seed, index))``, so a perturbed image depends only on the
 run seed and the example's index.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ KINDS = ("noise", "patch-noise", "patch-solid")
 
 @dataclass(frozen=True)
 class Perturbation:
-    kind: str     # one of KINDS
-    size: float   # noise: sigma in 1/255 units; patch: side in pixels
+    kind: str  # one of KINDS
+    size: float  # noise: sigma in 1/255 units; patch: side in pixels
 
     @property
     def name(self) -> str:
@@ -49,8 +50,10 @@ def parse_perturbation(spec: str) -> Perturbation:
     except ValueError:
         value = -1.0
     if kind not in KINDS or value < 0 or (kind != "noise" and value != int(value)):
-        raise ValueError(f"unknown perturbation {spec!r}; expected noise:SIGMA (in 1/255), patch-noise:PIXELS or "
-                         f"patch-solid:PIXELS, e.g. {','.join(DEFAULT_PERTURBATIONS)}")
+        raise ValueError(
+            f"unknown perturbation {spec!r}; expected noise:SIGMA (in 1/255), patch-noise:PIXELS or "
+            f"patch-solid:PIXELS, e.g. {','.join(DEFAULT_PERTURBATIONS)}"
+        )
     return Perturbation(kind, value)
 
 

@@ -15,6 +15,7 @@ perturbed copy (``vtprune.eval.perturb``: Gaussian pixel noise, corner patches).
 Token cells are mapped to pixels with the adapter's grid and the processor's resize (``perturb.token_frame``);
 a cell partly inside the patch counts with the share of its area inside.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -89,10 +90,12 @@ def _mean(xs):
 def compare(clean, perturbed, answers: list[str], pert, processor, images) -> dict:
     """Metrics of one perturbed pass against the clean pass (both from ``run_pass``)."""
     (a0, k0, _), (a1, k1, grids) = clean, perturbed
-    row = {"jaccard": _mean(len(x & y) / len(x | y) if x | y else 1.0 for x, y in zip(k0, k1)),
-           "answer_change": _mean(float(x != y) for x, y in zip(a0, a1)),
-           "accuracy": _mean(score(p, g) for p, g in zip(a1, answers)),
-           "accuracy_clean": _mean(score(p, g) for p, g in zip(a0, answers))}
+    row = {
+        "jaccard": _mean(len(x & y) / len(x | y) if x | y else 1.0 for x, y in zip(k0, k1)),
+        "answer_change": _mean(float(x != y) for x, y in zip(a0, a1)),
+        "accuracy": _mean(score(p, g) for p, g in zip(a1, answers)),
+        "accuracy_clean": _mean(score(p, g) for p, g in zip(a0, answers)),
+    }
     if pert.is_patch:
         share, share0, area = [], [], []
         for img, grid, s0, s1 in zip(images, grids, k0, k1):
@@ -111,13 +114,13 @@ def compare(clean, perturbed, answers: list[str], pert, processor, images) -> di
     return row
 
 
-def measure(model, processor, examples, specs, budgets, perturbations, seed: int = 0, batch_size: int = 16,
-            bar=None) -> list[dict]:
+def measure(
+    model, processor, examples, specs, budgets, perturbations, seed: int = 0, batch_size: int = 16, bar=None
+) -> list[dict]:
     """All rows for one model: the unpruned control, then every method spec x budget, each x perturbation."""
     perts = [parse_perturbation(p) if isinstance(p, str) else p for p in perturbations]
     clean_items = [Shown(e.image, e.question) for e in examples]
-    shown = {p.name: [Shown(perturb(e.image, p, seed, i), e.question) for i, e in enumerate(examples)]
-             for p in perts}
+    shown = {p.name: [Shown(perturb(e.image, p, seed, i), e.question) for i, e in enumerate(examples)] for p in perts}
     answers = [e.answer for e in examples]
     configs = [(None, 100.0)] + [(s, b) for s in specs for b in budgets if b < 100]
     rows = []
@@ -128,15 +131,31 @@ def measure(model, processor, examples, specs, budgets, perturbations, seed: int
             row = compare(clean, perturbed, answers, p, processor, [s.image for s in shown[p.name]])
             if spec is None:
                 row.pop("jaccard")  # keep-all: trivially 1
-            rows.append({"method": spec or "none", "budget_pct": budget, "perturbation": p.name,
-                         "n": len(examples), "seed": seed, **row})
+            rows.append(
+                {
+                    "method": spec or "none",
+                    "budget_pct": budget,
+                    "perturbation": p.name,
+                    "n": len(examples),
+                    "seed": seed,
+                    **row,
+                }
+            )
             if bar is not None:
                 bar.update(1)
     return rows
 
 
-def run_embedded(models=None, specs=None, budgets=DEFAULT_BUDGETS, perturbations=DEFAULT_PERTURBATIONS,
-                 limit: int = DEFAULT_LIMIT, seed: int = 0, batch_size: int = 16, progress: bool = True):
+def run_embedded(
+    models=None,
+    specs=None,
+    budgets=DEFAULT_BUDGETS,
+    perturbations=DEFAULT_PERTURBATIONS,
+    limit: int = DEFAULT_LIMIT,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+):
     models = list(models or EMBEDDED_MODELS)
     unknown = [m for m in models if m not in EMBEDDED_MODELS]
     if unknown:
@@ -156,8 +175,10 @@ def run_embedded(models=None, specs=None, budgets=DEFAULT_BUDGETS, perturbations
     try:
         for name in models:
             model, processor = load_embedded(name)
-            rows += [{"model": name, **r} for r in measure(model, processor, examples, specs, budgets,
-                                                           perturbations, seed, batch_size, bar)]
+            rows += [
+                {"model": name, **r}
+                for r in measure(model, processor, examples, specs, budgets, perturbations, seed, batch_size, bar)
+            ]
     finally:
         if bar is not None:
             bar.close()
@@ -181,20 +202,24 @@ def merge_runs(runs: list[Path]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per row; percentages, Jaccard to two decimals, attraction as a factor."""
+
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
-    lines = ["| model | method | budget | perturbation | Jaccard | answers changed % | accuracy % (clean) | "
-             "patch picks % (clean) | attraction (clean) |", "|" + "---|" * 9]
+    lines = [
+        "| model | method | budget | perturbation | Jaccard | answers changed % | accuracy % (clean) | "
+        "patch picks % (clean) | attraction (clean) |",
+        "|" + "---|" * 9,
+    ]
     for r in rows:
         jac = "-" if r.get("jaccard") is None else f"{r['jaccard']:.2f}"
-        patch = (f"{pct(r['pick_share'])} ({pct(r['pick_share_clean'])})" if r.get("pick_share") is not None
-                 else "-")
-        attr = (f"{r['attraction']:.2f} ({r['attraction_clean']:.2f})" if r.get("attraction") is not None
-                else "-")
-        lines.append(f"| {r['model'].split('-')[0]} | {r['method']} | {r['budget_pct']:g} % | {r['perturbation']} | "
-                     f"{jac} | {pct(r['answer_change'])} | {pct(r['accuracy'])} ({pct(r['accuracy_clean'])}) | "
-                     f"{patch} | {attr} |")
+        patch = f"{pct(r['pick_share'])} ({pct(r['pick_share_clean'])})" if r.get("pick_share") is not None else "-"
+        attr = f"{r['attraction']:.2f} ({r['attraction_clean']:.2f})" if r.get("attraction") is not None else "-"
+        lines.append(
+            f"| {r['model'].split('-')[0]} | {r['method']} | {r['budget_pct']:g} % | {r['perturbation']} | "
+            f"{jac} | {pct(r['answer_change'])} | {pct(r['accuracy'])} ({pct(r['accuracy_clean'])}) | "
+            f"{patch} | {attr} |"
+        )
     return "\n".join(lines)
 
 
@@ -225,17 +250,22 @@ def plot(rows: list[dict], path: Path) -> None:
     colour = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))}
     ncol = max(1, min(len(colour) + 1, 2 * len(perts)))
     legend_rows = -(-(len(colour) + 1) // ncol)
-    fig, axes = plt.subplots(len(models), len(perts), squeeze=False,
-                             figsize=(3.6 * len(perts), 3.4 * len(models) + 0.22 * legend_rows))
+    fig, axes = plt.subplots(
+        len(models), len(perts), squeeze=False, figsize=(3.6 * len(perts), 3.4 * len(models) + 0.22 * legend_rows)
+    )
     for i, model in enumerate(models):
         for j, pert in enumerate(perts):
             ax, mine = axes[i][j], [r for r in rows if r["model"] == model and r["perturbation"] == pert]
             for method in dict.fromkeys(r["method"] for r in mine):
                 pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["budget_pct"])
                 style = dict(color="black", zorder=5) if method == "none" else dict(marker="o", color=colour[method])
-                ax.plot([100 * r["answer_change"] for r in pts], [100 * r["accuracy"] for r in pts],
-                        label="unpruned (control)" if method == "none" else method, **style,
-                        **({"marker": "s"} if method == "none" else {}))
+                ax.plot(
+                    [100 * r["answer_change"] for r in pts],
+                    [100 * r["accuracy"] for r in pts],
+                    label="unpruned (control)" if method == "none" else method,
+                    **style,
+                    **({"marker": "s"} if method == "none" else {}),
+                )
             ax.set_title(f"{model.split('-')[0]} · {pert}", fontsize=9)
             ax.set_xlabel("answers changed (%)", fontsize=8)
             ax.set_ylabel("accuracy under perturbation (%)", fontsize=8)
@@ -260,8 +290,16 @@ def run(args) -> int:
     # Options of one method are separated by ';' on the command line, since ',' separates methods.
     specs = [s.replace(";", ",") for s in args.methods.split(",")] if args.methods else None
     perts = [parse_perturbation(p).name for p in args.perturbations.split(",") if p.strip()]
-    rows = run_embedded(args.models.split(",") if args.models else None, specs, parse_budgets(args.budgets),
-                        perts, args.limit, args.seed, args.batch_size, progress=not args.no_progress)
+    rows = run_embedded(
+        args.models.split(",") if args.models else None,
+        specs,
+        parse_budgets(args.budgets),
+        perts,
+        args.limit,
+        args.seed,
+        args.batch_size,
+        progress=not args.no_progress,
+    )
     paths = write_results(rows, Path(args.output or time.strftime("vtprune-robustness-%Y%m%d-%H%M%S")))
     print(table(rows))
     print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['png']}")

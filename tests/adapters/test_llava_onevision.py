@@ -2,15 +2,15 @@
 multi-image samples (base crop only), SigLIP's pooling head in the FLOPs count, and videos next to images.
 The tiny model's images are packed without downscaling; ``anyres_max_1`` here makes every anyres image exceed
 the cap, so the bilinear downscale runs."""
+
 import functools
 
 import numpy as np
 import pytest
 import torch
-from test_flops import check_prefill
 
 import vtprune
-from helpers import cached_model, cached_processor, row
+from helpers import cached_model, cached_processor, check_prefill, row
 from vtprune.patches import FAMILIES
 from vtprune.patches.llava_onevision import crop_counts
 from vtprune.testing import tiny_batch, tiny_images, tiny_tokenizer
@@ -19,7 +19,7 @@ FAMILY = "llava_onevision"
 OV = FAMILIES[FAMILY]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capped(attn="sdpa", use_head=False):
     """A tiny OneVision model and processor whose anyres_max cap is one crop's worth of tokens."""
     cfg = OV.tiny.config(vision_aspect_ratio="anyres_max_1")
@@ -37,8 +37,9 @@ def capped(attn="sdpa", use_head=False):
 def lm_input(model, batch):
     """The merged language-model inputs of a forward, as they are before any pruning hook runs."""
     seen = {}
-    handle = model.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True,
-                                                                  prepend=True)
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.update(k), with_kwargs=True, prepend=True
+    )
     try:
         model(**batch)
     finally:
@@ -70,6 +71,7 @@ def unpatch():
 @pytest.fixture
 def patched(unpatch):
     """test_flops.check_prefill's patcher: apply a schedule (None: leave unpatched)."""
+
     def apply(model, schedule):
         if schedule is not None:
             unpatch(model)
@@ -112,13 +114,15 @@ def test_downscaled_images_are_pruned_exactly(unpatch):
         keep = batch["attention_mask"][i].bool() & ~vis[i]
         keep[vis[i].nonzero().flatten()[kept[i][kept[i] >= 0]]] = True
         with vtprune.paused(model):
-            oracle = model.model.language_model(inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
-                                                position_ids=torch.arange(keep.shape[0])[keep][None],
-                                                attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+            oracle = model.model.language_model(
+                inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
+                position_ids=torch.arange(keep.shape[0])[keep][None],
+                attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+            )
         logits = model.lm_head(oracle.last_hidden_state)
-        torch.testing.assert_close(pruned[i, -logits.shape[1]:], logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned[i, -logits.shape[1] :], logits[0], rtol=0, atol=1e-5)
         alone = model(**row(batch, i)).logits
-        torch.testing.assert_close(pruned[i, -alone.shape[1]:], alone[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned[i, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -146,8 +150,9 @@ def multi_image_batch(proc, images_per_sample):
     for n in images_per_sample:
         nested.append(images[start : start + n])
         start += n
-    text = [f"USER: {' '.join(['<image>'] * n)} what colour is the circle {'?' * n} ASSISTANT:"
-            for n in images_per_sample]
+    text = [
+        f"USER: {' '.join(['<image>'] * n)} what colour is the circle {'?' * n} ASSISTANT:" for n in images_per_sample
+    ]
     return proc(images=nested, text=text, return_tensors="pt", padding=True)
 
 
@@ -181,8 +186,12 @@ def test_flops_with_downscale_and_pooling_head(use_head, patched):
     model, proc = capped("eager", use_head)
     batch = tiny_batch(FAMILY, proc, tiny_images(2))
     check_prefill(model, batch, None, patched)
-    check_prefill(model, batch, [dict(method="divprune", layer=0, keep_ratio=0.5),
-                                 dict(method="random", layer=2, keep_ratio=0.5)], patched)
+    check_prefill(
+        model,
+        batch,
+        [dict(method="divprune", layer=0, keep_ratio=0.5), dict(method="random", layer=2, keep_ratio=0.5)],
+        patched,
+    )
 
 
 @torch.no_grad()
@@ -194,8 +203,9 @@ def test_pooling_head_flops_exactly():
     model, proc = capped("eager", use_head=True)
     batch = tiny_batch(FAMILY, proc, tiny_images(2))
     with_head = vtprune.flops.vision_flops(model.config, batch["pixel_values"], image_sizes=batch["image_sizes"])
-    no_head = vtprune.flops.vision_flops(capped("eager")[0].config, batch["pixel_values"],
-                                         image_sizes=batch["image_sizes"])
+    no_head = vtprune.flops.vision_flops(
+        capped("eager")[0].config, batch["pixel_values"], image_sizes=batch["image_sizes"]
+    )
     crops = sum(crop_counts(model.config, batch["image_sizes"]))
     vc = model.config.vision_config
     tokens = torch.randn(crops, (vc.image_size // vc.patch_size) ** 2, vc.hidden_size)
@@ -207,8 +217,12 @@ def test_pooling_head_flops_exactly():
 def video_and_image_batch(proc, frames=4):
     """One sample with a video (frames pooled 4x4 -> 2x2, one newline) and an image."""
     video = np.random.default_rng(5).integers(0, 255, (frames, 28, 28, 3), dtype=np.uint8)
-    return proc(images=tiny_images(1), videos=[video], text=["USER: <video> <image> what colour is the circle ? "
-                                                             "ASSISTANT:"], return_tensors="pt")
+    return proc(
+        images=tiny_images(1),
+        videos=[video],
+        text=["USER: <video> <image> what colour is the circle ? ASSISTANT:"],
+        return_tensors="pt",
+    )
 
 
 @torch.no_grad()
@@ -231,14 +245,16 @@ def test_image_and_video_units_are_pruned_exactly(unpatch):
     stats = vtprune.get_stats(model)[0]
     units = stats["units"][0]
     assert [(u.kind, u.tokens_before, u.tokens_after) for u in units] == [
-        ("video", n_video, round(0.25 * n_video)), ("image", int(vis.sum()) - n_video,
-                                                    round(0.5 * (int(vis.sum()) - n_video)))]
+        ("video", n_video, round(0.25 * n_video)),
+        ("image", int(vis.sum()) - n_video, round(0.5 * (int(vis.sum()) - n_video))),
+    ]
     kept = stats["kept_indices"][0]
     keep = ~vis
     keep[vis.nonzero().flatten()[kept]] = True
     with vtprune.paused(model):
-        oracle = model.model.language_model(inputs_embeds=full["inputs_embeds"][:, keep],
-                                            position_ids=torch.arange(keep.shape[0])[keep][None])
+        oracle = model.model.language_model(
+            inputs_embeds=full["inputs_embeds"][:, keep], position_ids=torch.arange(keep.shape[0])[keep][None]
+        )
     torch.testing.assert_close(pruned[0], model.lm_head(oracle.last_hidden_state)[0], rtol=0, atol=1e-5)
     gen = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
     cached, uncached = model.generate(**batch, **gen), model.generate(**batch, use_cache=False, **gen)

@@ -3,6 +3,7 @@
 The oracles are built by hand from the unpatched model's own language-model inputs: the kept tokens' embeddings,
 positions and DeepStack rows, run through the unpatched language model (layer 0) or its decoder layers (layer K).
 """
+
 import copy
 
 import pytest
@@ -38,7 +39,7 @@ def sample_rows(full, i):
     """Sample i's DeepStack rows (one [n_i, D] per DeepStack layer): rows are placed row-major over the batch."""
     vis = full["visual_pos_masks"]
     start = int(vis[:i].sum())
-    return [e[start:start + int(vis[i].sum())] for e in full["deepstack_visual_embeds"]]
+    return [e[start : start + int(vis[i].sum())] for e in full["deepstack_visual_embeds"]]
 
 
 @torch.no_grad()
@@ -61,10 +62,13 @@ def test_layer0_equals_oracle_with_kept_deepstack_rows(family, attn, method, vid
         keep = kept_positions(batch, i, kept[i], full["visual_pos_masks"][i])
         vis = full["visual_pos_masks"][i][keep][None]
         rows = [r[kept[i][kept[i] >= 0]] for r in sample_rows(full, i)]
-        args = dict(inputs_embeds=full["inputs_embeds"][i:i + 1, keep], position_ids=full["position_ids"][..., i:i + 1, keep],
-                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+        args = dict(
+            inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
+            position_ids=full["position_ids"][..., i : i + 1, keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        )
         oracle = model.lm_head(lm(**args, visual_pos_masks=vis, deepstack_visual_embeds=rows).last_hidden_state)
-        torch.testing.assert_close(pruned[i, -oracle.shape[1]:], oracle[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned[i, -oracle.shape[1] :], oracle[0], rtol=0, atol=1e-5)
         # The DeepStack rows matter: without them the oracle is another model.
         plain = model.lm_head(lm(**args).last_hidden_state)
         assert (plain - oracle).abs().max() > 1e-3
@@ -78,7 +82,8 @@ def manual_loop(model, batch, stages):
     full, entering = lm_inputs(model, batch), {}
     first = min(stages)
     handle = lm.layers[first].register_forward_pre_hook(
-        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
+        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
     model(**batch)
     handle.remove()
     hidden, (cos, sin) = entering["hidden"], entering["position_embeddings"]
@@ -121,8 +126,7 @@ def test_in_llm_stage_gathers_deepstack_rows(family):
         stats = vtprune.get_stats(model)
     finally:
         vtprune.remove_pruner(model)
-    torch.testing.assert_close(pruned, manual_loop(model, batch, stage_keeps(model, batch, stats)), rtol=0,
-                               atol=1e-5)
+    torch.testing.assert_close(pruned, manual_loop(model, batch, stage_keeps(model, batch, stats)), rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -135,8 +139,13 @@ def test_two_stages_before_the_last_deepstack_layer_compose(first):
     torch.manual_seed(1)
     model = type(cached_model(FAMILY, "sdpa"))(cfg).eval()
     batch = row(make_batch(FAMILY, 2), 0)
-    vtprune.apply_pruner(model, schedule=[dict(method="random", layer=first, keep_ratio=0.6, seed=1),
-                                          dict(method="random", layer=2, keep_ratio=0.5, seed=2)])
+    vtprune.apply_pruner(
+        model,
+        schedule=[
+            dict(method="random", layer=first, keep_ratio=0.6, seed=1),
+            dict(method="random", layer=2, keep_ratio=0.5, seed=2),
+        ],
+    )
     try:
         pruned = model(**batch).logits
         stats = vtprune.get_stats(model)
@@ -168,7 +177,7 @@ def test_batched_in_llm_deepstack_equals_per_sample_and_generation(layer):
         both = model(**batch).logits
         for i in range(2):
             alone = model(**row(batch, i)).logits
-            torch.testing.assert_close(both[i, -alone.shape[1]:], alone[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(both[i, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5)
         gen = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
         cached, uncached = model.generate(**batch, **gen), model.generate(**batch, use_cache=False, **gen)
     finally:

@@ -1,4 +1,5 @@
 """Undo, isolation, unpruned paths, stats, schedules and the errors users get."""
+
 import pytest
 import torch
 
@@ -32,8 +33,7 @@ def test_remove_restores_and_other_models_unaffected(family):
 def test_text_only_and_no_image_calls_run_unpruned(family):
     m = tiny_model(family)
     proc = cached_processor(family)
-    text = proc.tokenizer(["what colour is the circle ?", "is the square left ?"], return_tensors="pt",
-                          padding=True)
+    text = proc.tokenizer(["what colour is the circle ?", "is the square left ?"], return_tensors="pt", padding=True)
     ref = m(**text).logits
     ref_gen = m.generate(**text, max_new_tokens=3, do_sample=False)
     vtprune.apply_pruner(m, method="random", keep_ratio=0.2)
@@ -63,8 +63,13 @@ def test_anyres_rows_with_different_visual_counts(anyres_family):
 def test_stats_describe_each_stage_of_a_schedule():
     m = tiny_model("llava")
     batch = make_batch("llava", 2)
-    vtprune.apply_pruner(m, schedule=[{"method": "pool", "layer": 0, "keep_ratio": 0.5},
-                                      {"method": "random", "layer": 2, "keep_tokens": 3, "seed": 1}])
+    vtprune.apply_pruner(
+        m,
+        schedule=[
+            {"method": "pool", "layer": 0, "keep_ratio": 0.5},
+            {"method": "random", "layer": 2, "keep_tokens": 3, "seed": 1},
+        ],
+    )
     m(**batch)
     s0, s1 = vtprune.get_stats(m)
     assert (s0["layer"], s0["method"], s0["tokens_before"], s0["tokens_after"]) == (0, "pool", [16, 16], [8, 8])
@@ -76,8 +81,11 @@ def test_stats_describe_each_stage_of_a_schedule():
         assert s["select_time_s"] >= 0
     # Generation works through both stages and matches a fresh prefill of the extended prompt.
     out = m.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    ext = dict(batch, input_ids=out.sequences[:, :-1],
-               attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1))
+    ext = dict(
+        batch,
+        input_ids=out.sequences[:, :-1],
+        attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1),
+    )
     torch.testing.assert_close(m(**ext).logits[:, -1], out.logits[-1], rtol=0, atol=1e-5)
 
 
@@ -121,19 +129,22 @@ def test_renumber_gives_contiguous_positions():
     torch.testing.assert_close(pruned, oracle, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(keep_ratio=0.0), "keep_ratio must be a number in \\(0, 1\\], got 0.0"),
-    (dict(keep_ratio=1.5), "keep_ratio must be a number in \\(0, 1\\], got 1.5"),
-    (dict(keep_tokens=0), "keep_tokens must be an integer >= 1, got 0"),
-    (dict(keep_ratio=0.5, keep_tokens=4), "not both"),
-    (dict(method="nope"), "unknown method 'nope'; available methods: \\[.*'divprune'.*'random'"),
-    (dict(layer=9), "layer must be in \\[0, 3\\] for this model \\(4 decoder layers\\), got layer=9"),
-    (dict(layer=-1), "layer must be an integer >= 0, got -1"),
-    (dict(method="fastv", layer=0), "needs layer >= 1, got layer=0"),
-    (dict(method="random", sed=3), "unknown option\\(s\\) \\['sed'\\] for method 'random'; allowed: \\['seed'\\]"),
-    (dict(positions="shuffle"), "positions must be one of \\['original', 'renumber'\\], got 'shuffle'"),
-    (dict(schedule=[{"method": "pool", "layer": 2}, {"method": "random", "layer": 1}]), "strictly increasing"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(keep_ratio=0.0), "keep_ratio must be a number in \\(0, 1\\], got 0.0"),
+        (dict(keep_ratio=1.5), "keep_ratio must be a number in \\(0, 1\\], got 1.5"),
+        (dict(keep_tokens=0), "keep_tokens must be an integer >= 1, got 0"),
+        (dict(keep_ratio=0.5, keep_tokens=4), "not both"),
+        (dict(method="nope"), "unknown method 'nope'; available methods: \\[.*'divprune'.*'random'"),
+        (dict(layer=9), "layer must be in \\[0, 3\\] for this model \\(4 decoder layers\\), got layer=9"),
+        (dict(layer=-1), "layer must be an integer >= 0, got -1"),
+        (dict(method="fastv", layer=0), "needs layer >= 1, got layer=0"),
+        (dict(method="random", sed=3), "unknown option\\(s\\) \\['sed'\\] for method 'random'; allowed: \\['seed'\\]"),
+        (dict(positions="shuffle"), "positions must be one of \\['original', 'renumber'\\], got 'shuffle'"),
+        (dict(schedule=[{"method": "pool", "layer": 2}, {"method": "random", "layer": 1}]), "strictly increasing"),
+    ],
+)
 def test_bad_settings_name_the_value(kwargs, match):
     m = tiny_model("llava")
     with pytest.raises(ValueError, match=match):
@@ -153,18 +164,26 @@ def test_double_patch_and_unsupported():
     with pytest.raises(NotImplementedError, match="model_type 'llama'"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        vtprune.apply_pruner(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                          num_attention_heads=2, vocab_size=10)))
+        vtprune.apply_pruner(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10
+                )
+            )
+        )
     with pytest.raises(ValueError, match="not patched"):
         vtprune.remove_pruner(tiny_model("llava"))
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("gen_kwargs,match", [
-    (dict(cache_implementation="static"), "cache_implementation='static'"),
-    (dict(prompt_lookup_num_tokens=3), "assisted"),
-    (dict(assistant_model="draft"), "assisted decoding"),
-])
+@pytest.mark.parametrize(
+    "gen_kwargs,match",
+    [
+        (dict(cache_implementation="static"), "cache_implementation='static'"),
+        (dict(prompt_lookup_num_tokens=3), "assisted"),
+        (dict(assistant_model="draft"), "assisted decoding"),
+    ],
+)
 def test_refused_decoding_modes(gen_kwargs, match):
     m = tiny_model("llava")
     batch = make_batch("llava", 1)

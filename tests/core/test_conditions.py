@@ -5,6 +5,7 @@ continued from a returned cache, and grids with one side much longer than the bu
 The table is the registry itself, so a new method is covered without editing this file. Keep-all runs equal the
 stock model bit for bit; pruned runs keep exactly their budget, as the stats say and as the KV cache shows.
 """
+
 import copy
 import functools
 
@@ -13,8 +14,8 @@ import torch
 
 import vtprune
 from helpers import cached_model, cached_processor, continuation, make_batch, packed_pair
-from vtprune.testing import tiny_batch, tiny_images
 from vtprune.budgets import ratio_keep
+from vtprune.testing import tiny_batch, tiny_images
 
 METHODS = vtprune.list_methods()
 RATIO = 0.5
@@ -42,7 +43,7 @@ def _use(model):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bf16(family):
     return copy.deepcopy(cached_model(family, "sdpa")).to(torch.bfloat16)
 
@@ -70,6 +71,7 @@ def check_budget(model, batch, ratio=RATIO, cache=None, fed=0):
 
 # ------------------------------------------------------------------------------------------- autograd, train mode
 
+
 def test_autograd_and_train_mode(family, method):
     model = _use(cached_model(family, "sdpa"))
     batch = make_batch(family, 2)
@@ -90,6 +92,7 @@ def test_autograd_and_train_mode(family, method):
 
 # ------------------------------------------------------------------------------------------- no KV cache
 
+
 @torch.no_grad()
 def test_generate_without_cache(family, method):
     model = _use(cached_model(family, "sdpa"))
@@ -109,6 +112,7 @@ def test_generate_without_cache(family, method):
 
 # ------------------------------------------------------------------------------------------- bfloat16
 
+
 @torch.no_grad()
 def test_bfloat16_weights(family, method):
     model = _use(_bf16(family))
@@ -121,6 +125,7 @@ def test_bfloat16_weights(family, method):
 
 
 # ------------------------------------------------------------------------------------------- packed samples
+
 
 @torch.no_grad()
 def test_packed_samples_stay_apart(family, method):
@@ -146,6 +151,7 @@ def test_packed_samples_stay_apart(family, method):
 
 # ------------------------------------------------------------------------------------------- continued generation
 
+
 @torch.no_grad()
 def test_generation_continued_from_the_returned_cache(family, method):
     """generate() for 2 tokens, then generate(past_key_values=that cache) on the prompt + those tokens for 2 more,
@@ -155,8 +161,9 @@ def test_generation_continued_from_the_returned_cache(family, method):
 
     def two_then_two():
         head = model.generate(**batch, max_new_tokens=2, **GEN)
-        return model.generate(**continuation(batch, head.sequences), cache=head.past_key_values,
-                              max_new_tokens=2, **GEN)
+        return model.generate(
+            **continuation(batch, head.sequences), cache=head.past_key_values, max_new_tokens=2, **GEN
+        )
 
     ref = two_then_two()
     vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
@@ -173,6 +180,7 @@ def test_generation_continued_from_the_returned_cache(family, method):
 
 
 # ------------------------------------------------------------------------------------------- long thin grids
+
 
 @torch.no_grad()
 def test_long_thin_grids_keep_exact_budgets(family, method):

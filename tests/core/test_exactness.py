@@ -1,4 +1,5 @@
-"""The exactness properties of the patch layer, on tiny random-weight models of all four families."""
+"""The exactness properties of the patch layer, on tiny random-weight models of every family."""
+
 import pytest
 import torch
 
@@ -51,7 +52,7 @@ def test_batched_equals_per_sample(model, method, layer):
         kept = vtprune.get_stats(model)[0]["kept_indices"]
         k = kept.shape[1]
         assert torch.equal(kept_both[i, :k], kept[0])
-        torch.testing.assert_close(both[i, -alone.shape[1]:], alone[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(both[i, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -83,8 +84,9 @@ def test_generate_with_in_llm_stage_matches_uncached_prefix(model):
         extended["input_ids"] = seq[:, : plen + t]
         extended["attention_mask"] = torch.cat([batch["attention_mask"], torch.ones(2, t, dtype=torch.long)], 1)
         if "mm_token_type_ids" in batch:
-            extended["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"],
-                                                       torch.zeros(2, t, dtype=torch.long)], 1)
+            extended["mm_token_type_ids"] = torch.cat(
+                [batch["mm_token_type_ids"], torch.zeros(2, t, dtype=torch.long)], 1
+            )
         logits = model(**extended).logits[:, -1]
         torch.testing.assert_close(logits, out.logits[t], rtol=0, atol=1e-5)
 
@@ -116,11 +118,13 @@ def test_pruned_equals_oracle_on_kept_tokens(model, method):
         keep = batch["attention_mask"][i].bool() & ~vis[i]
         vis_pos = vis[i].nonzero().flatten()
         keep[vis_pos[kept[i][kept[i] >= 0]]] = True
-        oracle = lm(inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
-                    position_ids=pos[..., i : i + 1, keep],
-                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+        oracle = lm(
+            inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
+            position_ids=pos[..., i : i + 1, keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        )
         logits = model.lm_head(oracle.last_hidden_state)
-        torch.testing.assert_close(pruned[i, -logits.shape[1]:], logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned[i, -logits.shape[1] :], logits[0], rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -132,7 +136,8 @@ def test_in_llm_stage_equals_manual_layer_loop(family, layer):
     lm = model.model.language_model
     entering = {}
     handle = lm.layers[layer].register_forward_pre_hook(
-        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
+        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
     model(**batch)
     handle.remove()
     if layer < len(getattr(model.config.vision_config, "deepstack_visual_indexes", ())):
@@ -148,8 +153,12 @@ def test_in_llm_stage_equals_manual_layer_loop(family, layer):
     cos, sin = entering["position_embeddings"]
     pos = entering.get("position_ids")
     for decoder_layer in lm.layers[layer:]:
-        hidden = decoder_layer(hidden, attention_mask=None, position_embeddings=(cos[:, keep], sin[:, keep]),
-                               position_ids=None if pos is None else pos[..., keep])
+        hidden = decoder_layer(
+            hidden,
+            attention_mask=None,
+            position_embeddings=(cos[:, keep], sin[:, keep]),
+            position_ids=None if pos is None else pos[..., keep],
+        )
     logits = model.lm_head(lm.norm(hidden))
     torch.testing.assert_close(pruned, logits, rtol=0, atol=1e-5)
 
@@ -162,11 +171,17 @@ def test_two_in_llm_stages_equal_manual_layer_loop(family):
     lm = model.model.language_model
     entering = {}
     handle = lm.layers[2].register_forward_pre_hook(
-        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True)
+        lambda m, a, k: entering.update(k, hidden=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
     model(**batch)
     handle.remove()
-    vtprune.apply_pruner(model, schedule=[dict(method="random", layer=2, keep_ratio=0.6, seed=1),
-                                          dict(method="random", layer=3, keep_ratio=0.5, seed=2)])
+    vtprune.apply_pruner(
+        model,
+        schedule=[
+            dict(method="random", layer=2, keep_ratio=0.6, seed=1),
+            dict(method="random", layer=3, keep_ratio=0.5, seed=2),
+        ],
+    )
     pruned = model(**batch).logits
     stats = vtprune.get_stats(model)
     vtprune.remove_pruner(model)
@@ -210,10 +225,18 @@ def test_beam_search(family, method, layer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("settings", [dict(method="pool"), dict(method="divprune"), dict(method="zoo"),
-                                      dict(method="random", positions="renumber"),
-                                      dict(schedule=[dict(method="divprune", layer=0, keep_ratio=0.5),
-                                                     dict(method="fastv", layer=2, keep_ratio=0.5)])])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(method="pool"),
+        dict(method="divprune"),
+        dict(method="zoo"),
+        dict(method="random", positions="renumber"),
+        dict(
+            schedule=[dict(method="divprune", layer=0, keep_ratio=0.5), dict(method="fastv", layer=2, keep_ratio=0.5)]
+        ),
+    ],
+)
 def test_layer0_on_encoded_images_equals_full_sequence(settings):
     """Pre-encoded LLaVA images (generate()'s prefill): the layer-0 stage chooses from the features before the body
     embeds anything, and the body builds only the kept sequence. Same logits (dummy slots included), picks and
@@ -232,7 +255,8 @@ def test_layer0_on_encoded_images_equals_full_sequence(settings):
         encoded = {"image": model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)}
         lengths = []
         hook = model.model.language_model.embed_tokens.register_forward_pre_hook(
-            lambda m, args: lengths.append(args[0].shape[1]))
+            lambda m, args: lengths.append(args[0].shape[1])
+        )
         try:
             early = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, mm_encoder_outputs=encoded)
         finally:

@@ -1,4 +1,5 @@
 """The core's contracts beyond exactness: one declaration per method, per-call state per thread, copies, misuse."""
+
 import copy
 import io
 import pickle
@@ -62,15 +63,24 @@ def test_a_method_registered_outside_the_package_works_everywhere(corner_method)
     from vtprune.demo import compare
 
     image = tiny_images(1)[0]
-    c = compare(model, proc, image, "what colour is the circle ?", method=corner_method, keep_tokens=4,
-                prompt=image_prompt("llava"), max_new_tokens=2)
+    c = compare(
+        model,
+        proc,
+        image,
+        "what colour is the circle ?",
+        method=corner_method,
+        keep_tokens=4,
+        prompt=image_prompt("llava"),
+        max_new_tokens=2,
+    )
     assert c.pruned.visual_tokens == 4 and c.stats[0]["method"] == corner_method
     assert c.pruned.prefill_flops < c.original.prefill_flops
 
     from vtprune.eval import harness
 
-    rows = harness.run_embedded(["llava-tiny-sortofclevr"], [corner_method], [100, 25], limit=4, batch_size=4,
-                                progress=False)
+    rows = harness.run_embedded(
+        ["llava-tiny-sortofclevr"], [corner_method], [100, 25], limit=4, batch_size=4, progress=False
+    )
     pruned = [r for r in rows if r["method"] == corner_method]
     assert len(pruned) == 1 and pruned[0]["kept_tokens"] == 36 and pruned[0]["flops_ratio"] < 1
 
@@ -96,8 +106,9 @@ def test_text_need_receives_the_text_hidden_states():
     # Same image size (one strategy call for both rows), questions of different lengths (left padding).
     batch = tiny_batch("qwen2_vl", cached_processor("qwen2_vl"), tiny_images(2, sizes=[(28, 42)] * 2))
     lm_in = {}
-    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: lm_in.update(k), with_kwargs=True,
-                                                             prepend=True)
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: lm_in.update(k), with_kwargs=True, prepend=True
+    )
     try:
         vtprune.apply_pruner(model, method="test_text", keep_ratio=0.5)
         model(**batch)
@@ -111,17 +122,23 @@ def test_text_need_receives_the_text_hidden_states():
         assert torch.equal(seen["text"][r][seen["mask"][r]], want)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(method="random", seed="1"), "option seed='1' of method 'random' is not allowed; expected an integer or None"),
-    (dict(method="fastv", debias="loud"), "option debias='loud'.*one of None, 'position', 'sink', 'both'"),
-    (dict(method="zoo", m=0), "option m=0 of method 'zoo' is not allowed; expected an integer >= 1"),
-    (dict(method="zoo", h=-0.1), "option h=-0.1 of method 'zoo' is not allowed; expected a number > 0"),
-    (dict(method="divprune", keep_newlines=1), "keep_newlines=1.*True or False"),
-    (dict(schedule=[{"method": "pool", "options": "fast"}]), "options must be a dict, got 'fast'"),
-    (dict(method="pool", schedule=[{"method": "random"}]), "schedule= replaces.*\\['method'\\]"),
-    (dict(keep_ratio=0.5, schedule=[{"method": "random"}]), "schedule= replaces.*\\['keep_ratio'\\]"),
-    (dict(method=3), "method must be a method name"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(method="random", seed="1"),
+            "option seed='1' of method 'random' is not allowed; expected an integer or None",
+        ),
+        (dict(method="fastv", debias="loud"), "option debias='loud'.*one of None, 'position', 'sink', 'both'"),
+        (dict(method="zoo", m=0), "option m=0 of method 'zoo' is not allowed; expected an integer >= 1"),
+        (dict(method="zoo", h=-0.1), "option h=-0.1 of method 'zoo' is not allowed; expected a number > 0"),
+        (dict(method="divprune", keep_newlines=1), "keep_newlines=1.*True or False"),
+        (dict(schedule=[{"method": "pool", "options": "fast"}]), "options must be a dict, got 'fast'"),
+        (dict(method="pool", schedule=[{"method": "random"}]), "schedule= replaces.*\\['method'\\]"),
+        (dict(keep_ratio=0.5, schedule=[{"method": "random"}]), "schedule= replaces.*\\['keep_ratio'\\]"),
+        (dict(method=3), "method must be a method name"),
+    ],
+)
 def test_every_option_is_checked_when_applied(kwargs, match):
     model = cached_model("llava", "sdpa")
     with pytest.raises(ValueError, match=match):
@@ -138,6 +155,7 @@ def test_config_validates_when_constructed():
 
 
 # --------------------------------------------------------------------------------------------- threads
+
 
 def _in_threads(work, n: int) -> list:
     """Run work(0..n-1) in n threads; the exceptions they raised (an error in a thread must fail the test, not
@@ -209,18 +227,35 @@ def test_compare_from_several_threads():
     results = [None] * 3
 
     def work(i):
-        results[i] = compare(model, proc, images[i], "what shape is the square ?", method="pool",
-                             keep_tokens=2, prompt=image_prompt("qwen2_vl"), max_new_tokens=2)
+        results[i] = compare(
+            model,
+            proc,
+            images[i],
+            "what shape is the square ?",
+            method="pool",
+            keep_tokens=2,
+            prompt=image_prompt("qwen2_vl"),
+            max_new_tokens=2,
+        )
 
     errors = _in_threads(work, 3)
     assert not errors, errors
-    alone = compare(model, proc, images[1], "what shape is the square ?", method="pool", keep_tokens=2,
-                    prompt=image_prompt("qwen2_vl"), max_new_tokens=2)
+    alone = compare(
+        model,
+        proc,
+        images[1],
+        "what shape is the square ?",
+        method="pool",
+        keep_tokens=2,
+        prompt=image_prompt("qwen2_vl"),
+        max_new_tokens=2,
+    )
     assert results[1].pruned.text == alone.pruned.text and results[1].original.text == alone.original.text
     assert not vtprune.is_patched(model)
 
 
 # --------------------------------------------------------------------------------------------- copies
+
 
 @torch.no_grad()
 def test_deepcopy_gives_an_independent_patched_copy():
@@ -239,8 +274,7 @@ def test_deepcopy_gives_an_independent_patched_copy():
     assert vtprune.get_stats(clone)[0]["tokens_before"] == [16]
     assert vtprune.get_stats(model)[0]["tokens_before"] == [16, 16]  # the original's own last call
     vtprune.remove_pruner(clone)
-    assert vtprune.is_patched(model) and torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False),
-                                                     before)
+    assert vtprune.is_patched(model) and torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), before)
     vtprune.remove_pruner(model)
     assert not model._forward_pre_hooks and not model.model.language_model._forward_pre_hooks
 
@@ -257,6 +291,7 @@ def test_pickling_a_patched_model_names_remove_pruner():
 
 
 # --------------------------------------------------------------------------------------------- ZOO weights
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -303,12 +338,13 @@ def test_zoo_scores_a_half_precision_projector_with_its_current_weights_however_
 
 # --------------------------------------------------------------------------------------------- misuse
 
+
 def _square_with_band(top: int, bottom: int, size: int = 28):
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
     arr[:top] = 128  # the processor's pad colour (the image mean, 0.5)
     if bottom:
-        arr[size - bottom:] = 128
+        arr[size - bottom :] = 128
     return Image.fromarray(arr)
 
 

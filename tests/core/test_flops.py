@@ -6,6 +6,7 @@ counts as 0; for the sdpa runs we register the formula it uses for the GPU flash
 The eager runs need no help: their attention is plain bmm. Mixture-of-experts layers run ``aten._grouped_mm``,
 also uncounted: its formula is registered too.
 """
+
 import functools
 
 import pytest
@@ -13,95 +14,24 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtprune
-from helpers import cached_model, cached_processor, require
+from helpers import assert_close, cached_model, cached_processor, check_prefill, measure, measured_parts, require
 from vtprune import flops
 from vtprune.testing import FAMILIES, NEWLINE_FAMILIES, tiny_batch, tiny_images
 
 torch.set_num_threads(1)
-TOL = 0.02
 
 
-def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    b, h, lq, d = query_shape
-    return 2 * b * h * lq * key_shape[-2] * (d + value_shape[-1])
-
-
-def _grouped_mm(a_shape, b_shape, *args, out_shape=None, **kwargs):
-    # Mixture-of-experts layers (experts_implementation "grouped_mm"): token rows [T, K] grouped against the
-    # experts' [G, K, N] weights; FlopCounterMode has no formula and would count 0.
-    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
-
-
-CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-          torch.ops.aten._grouped_mm: _grouped_mm}
-
-# Pruning setups: name -> apply_pruner schedule (None: unpatched).
 SETUPS = {
     "none": None,
     "pool0": [dict(method="pool", layer=0, keep_ratio=0.5)],
     "random2": [dict(method="random", layer=2, keep_ratio=0.5)],
     "pool0+random2": [dict(method="pool", layer=0, keep_ratio=0.5), dict(method="random", layer=2, keep_ratio=0.5)],
-    "divprune0+fastv2": [dict(method="divprune", layer=0, keep_ratio=0.5),
-                         dict(method="fastv", layer=2, keep_ratio=0.5)],
+    "divprune0+fastv2": [
+        dict(method="divprune", layer=0, keep_ratio=0.5),
+        dict(method="fastv", layer=2, keep_ratio=0.5),
+    ],
     "entropy1": [dict(method="entropy", layer=1, keep_ratio=0.5)],
 }
-
-
-def measure(model, **inputs):
-    """Run ``model(**inputs)`` under FlopCounterMode; returns (output, {module path: FLOPs})."""
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=CUSTOM) as fc:
-        out = model(**inputs)
-    return out, {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
-
-
-def part(counts, suffix):
-    return sum(v for k, v in counts.items() if k.endswith(suffix))
-
-
-def measured_parts(counts):
-    """Measured FLOPs split like count_prefill: vision tower, projector/merger, decoder, LM head, total."""
-    projector = part(counts, ".model.multi_modal_projector") + part(counts, ".model.visual.merger")
-    vision = part(counts, ".model.vision_tower") + part(counts, ".model.visual") - part(counts, ".visual.merger")
-    return {"vision": vision, "projector": projector, "language_model": part(counts, ".model.language_model"),
-            "lm_head": part(counts, ".lm_head"), "total": counts["Global"]}
-
-
-def assert_close(got, want, what):
-    assert abs(got - want) <= TOL * max(want, 1), f"{what}: analytic {got} vs FlopCounterMode {want} " \
-                                                  f"({100 * (got - want) / max(want, 1):+.2f} %)"
-
-
-@pytest.fixture
-def patched():
-    """Yields a function patching a model; removes the patch afterwards even when the test fails."""
-    models = []
-
-    def apply(model, schedule):
-        if schedule is not None:
-            vtprune.apply_pruner(model, schedule=schedule)
-            models.append(model)
-        return model
-
-    yield apply
-    for m in models:
-        vtprune.remove_pruner(m)
-
-
-def check_prefill(model, batch, schedule, patched):
-    model = patched(model, schedule)
-    out, counts = measure(model, **batch)
-    stats = vtprune.get_stats(model) if schedule is not None else None
-    if schedule is not None:
-        assert [s["layer"] for s in stats] == [s["layer"] for s in schedule]
-    res = flops.count_prefill(model, batch, stats)
-    got = measured_parts(counts)
-    assert res["tokens_per_stage"][-1]["seq_len"] == out.logits.shape[1]  # pruned length as the model ran it
-    for key in ("vision", "projector", "lm_head", "total"):
-        assert_close(res[key], got[key], key)
-    # Every stage's scoring runs inside the language model's scope: layer-0 stages in its forward pre-hook,
-    # in-LLM stages in the decoder layers' hooks and the attention capture.
-    assert_close(res["llm"] + res["scoring"], got["language_model"], "language_model")
-    return res, got
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
@@ -134,8 +64,12 @@ def test_decode_step_matches_flop_counter(family, attn, setup, patched):
     res = flops.count_prefill(model, batch, vtprune.get_stats(model) if SETUPS[setup] else None)
     cache = out.past_key_values
     assert [cache.get_seq_length(i) for i in range(len(res["cache_len_per_layer"]))] == res["cache_len_per_layer"]
-    step = {"input_ids": out.logits[:, -1].argmax(-1, keepdim=True), "cache": cache, "use_cache": True,
-            "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)}
+    step = {
+        "input_ids": out.logits[:, -1].argmax(-1, keepdim=True),
+        "cache": cache,
+        "use_cache": True,
+        "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1),
+    }
     if family.startswith("qwen"):
         # Called by hand with a cache and no position_ids, Qwen builds positions for every mask column (generate
         # passes them); any positions of the right shape do, their values change no FLOPs.
@@ -176,15 +110,19 @@ def test_scoring_costs_match_flop_counter():
     from vtprune.patches import cost_model
 
     dims = cost_model(model.config).projector_dims(model.config)
-    want = flops.scoring_flops("zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config),
-                               projector_dims=dims)
+    want = flops.scoring_flops(
+        "zoo", n, k, feats.shape[-1], m=4, projector_row=flops.projector_row_flops(model.config), projector_dims=dims
+    )
     assert_close(want, fc.get_total_flops(), "zoo")
     # FastV: the capture's last-query row, for a batch of 2 rows.
     q, key = torch.randn(2, heads, length, hd), torch.randn(2, heads // 2, length, hd)
     with FlopCounterMode(display=False) as fc:
         capture.last_query_attention(q, key, None, 1.0)
-    assert_close(2 * flops.scoring_flops("fastv", n, k, d, heads=heads, head_dim=hd, seq_len=length),
-                 fc.get_total_flops(), "fastv")
+    assert_close(
+        2 * flops.scoring_flops("fastv", n, k, d, heads=heads, head_dim=hd, seq_len=length),
+        fc.get_total_flops(),
+        "fastv",
+    )
 
 
 def test_units_are_real_flops():
@@ -192,8 +130,9 @@ def test_units_are_real_flops():
     over the one key), and the LM head 2 per weight: real FLOPs, not MACs."""
     model = cached_model("qwen2_vl", "eager")
     tc = model.config.get_text_config()
-    weights = sum(m.weight.numel() for m in model.model.language_model.layers.modules()
-                  if isinstance(m, torch.nn.Linear))
+    weights = sum(
+        m.weight.numel() for m in model.model.language_model.layers.modules() if isinstance(m, torch.nn.Linear)
+    )
     step = flops.decode_step_flops(tc, 0)
     assert step["layers"] == 2 * weights + tc.num_hidden_layers * 4 * tc.hidden_size
     assert step["lm_head"] == 2 * model.lm_head.weight.numel()
@@ -224,13 +163,16 @@ def test_embedded_models_match_flop_counter(name, setup, patched):
     model, processor = _embedded(name)
     examples = make_split("test", 2, seed=0)
     processor.tokenizer.padding_side = "left"
-    batch = processor(images=[e.image for e in examples],
-                      text=[build_prompt(processor, e.question) for e in examples],
-                      padding=True, return_tensors="pt")
+    batch = processor(
+        images=[e.image for e in examples],
+        text=[build_prompt(processor, e.question) for e in examples],
+        padding=True,
+        return_tensors="pt",
+    )
     check_prefill(model, batch, SETUPS[setup], patched)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _embedded(name):
     from vtprune.eval.models import load_embedded
 

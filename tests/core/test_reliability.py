@@ -1,5 +1,6 @@
 """Inputs that used to run silently wrong or crash with a message that did not say what to do: malformed strategy
 outputs, budgets on any grid, option values that must be refused, misuse of apply_pruner, inputs users hold."""
+
 import io
 import math
 import typing
@@ -66,6 +67,7 @@ def test_the_check_passes_good_output_in_any_order_and_integer_type():
 
 # --------------------------------------------------------------------------------------------- budgets on any grid
 
+
 def test_grid_subsample_keeps_exactly_k_distinct_tokens_on_every_grid_up_to_32():
     for height in range(1, 33):
         for width in range(1, 33):
@@ -78,6 +80,7 @@ def test_grid_subsample_keeps_exactly_k_distinct_tokens_on_every_grid_up_to_32()
 
 # --------------------------------------------------------------------------------------------- option values
 
+
 def _numeric_options():
     """(method, option, kind) for every int / float option of every registered method, from its annotation."""
     out = []
@@ -86,8 +89,9 @@ def _numeric_options():
         for option, hint in method.types.items():
             names = {getattr(a, "__name__", "") for a in typing.get_args(hint)} | {getattr(hint, "__name__", "")}
             flat = repr(hint)
-            kind = "float" if "float" in names or "float" in flat else "int" if "int" in names or "int" in flat \
-                else None
+            kind = (
+                "float" if "float" in names or "float" in flat else "int" if "int" in names or "int" in flat else None
+            )
             if kind:
                 out.append((name, option, kind))
     return out
@@ -96,25 +100,30 @@ def _numeric_options():
 @pytest.mark.parametrize("method,option,kind", _numeric_options())
 def test_non_finite_and_out_of_64_bit_numbers_are_refused_for_every_numeric_option(method, option, kind):
     model = cached_model("llava", "sdpa")
-    bad = [math.nan, math.inf, -math.inf] if kind == "float" else [2 ** 70, -(2 ** 70)]
+    bad = [math.nan, math.inf, -math.inf] if kind == "float" else [2**70, -(2**70)]
     for value in bad:
         with pytest.raises(ValueError, match=f"option {option}=.* of method '{method}' is not allowed"):
             vtprune.apply_pruner(model, method=method, **{option: value})
         assert not vtprune.is_patched(model)
 
 
-@pytest.mark.parametrize("settings,match", [
-    (dict(method="zoo_stable", m=0), "option m=0 of method 'zoo_stable'.*>= 1"),
-    (dict(method="zoo_stable", h=0.0), "option h=0.0 of method 'zoo_stable'.*> 0"),
-    (dict(method="divprune_stable", quantum=-1.0), "quantum=-1.0.*>= 0"),
-    (dict(method="divprune_stable", margin=1.0), "margin=1.0.*>= 0 and < 1"),
-    (dict(method="divprune_stable", cells=0), "cells=0.*>= 1"),
-    (dict(method="random", seed=2 ** 70), "seed=.*integer within 64 bits"),
-    (dict(method="fastv", debias="position", debias_curve=torch.tensor([1.0, -1.0])), "finite and positive"),
-    (dict(method=""), "unknown method ''"),
-    (dict(method="pool", video_keep_ratio=0.2), "video_keep_ratio was given, but LlavaForConditionalGeneration takes "
-                                                "no videos"),
-])
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        (dict(method="zoo_stable", m=0), "option m=0 of method 'zoo_stable'.*>= 1"),
+        (dict(method="zoo_stable", h=0.0), "option h=0.0 of method 'zoo_stable'.*> 0"),
+        (dict(method="divprune_stable", quantum=-1.0), "quantum=-1.0.*>= 0"),
+        (dict(method="divprune_stable", margin=1.0), "margin=1.0.*>= 0 and < 1"),
+        (dict(method="divprune_stable", cells=0), "cells=0.*>= 1"),
+        (dict(method="random", seed=2**70), "seed=.*integer within 64 bits"),
+        (dict(method="fastv", debias="position", debias_curve=torch.tensor([1.0, -1.0])), "finite and positive"),
+        (dict(method=""), "unknown method ''"),
+        (
+            dict(method="pool", video_keep_ratio=0.2),
+            "video_keep_ratio was given, but LlavaForConditionalGeneration takes no videos",
+        ),
+    ],
+)
 def test_values_that_would_fail_at_the_first_forward_are_refused_when_applied(settings, match):
     model = cached_model("llava", "sdpa")
     with pytest.raises(ValueError, match=match):
@@ -143,8 +152,15 @@ def test_reserved_names_are_apply_pruners_keywords_and_the_engine_options():
 def test_numpy_scalars_are_taken_wherever_python_numbers_are():
     model = cached_model("llava", "sdpa")
     batch = make_batch("llava", 2)
-    vtprune.apply_pruner(model, method="zoo", keep_tokens=np.int64(5), layer=np.int32(0), m=np.int64(4),
-                         h=np.float32(0.01), merge=np.bool_(False))
+    vtprune.apply_pruner(
+        model,
+        method="zoo",
+        keep_tokens=np.int64(5),
+        layer=np.int32(0),
+        m=np.int64(4),
+        h=np.float32(0.01),
+        merge=np.bool_(False),
+    )
     try:
         model(**batch)
         cfg = vtprune.get_config(model)
@@ -186,6 +202,7 @@ def test_get_config_and_apply_pruner_copy_the_config():
 
 # --------------------------------------------------------------------------------------------- misuse
 
+
 @pytest.mark.parametrize("thing", [None, object(), torch.nn.Linear(2, 2)])
 def test_apply_pruner_on_something_that_is_not_a_vlm_says_so(thing):
     with pytest.raises((TypeError, NotImplementedError), match="Hugging Face vision-language model|model_type"):
@@ -208,13 +225,18 @@ def test_find_collapse_layer_on_video_only_batches():
     from vtprune.calibrate import layer_entropies
 
     model = cached_model("qwen2_5_vl", "sdpa")
-    batch = cached_processor("qwen2_5_vl")(videos=tiny_videos(2), text=["USER: <|vision_start|> <|video_pad|> <|vision_end|> what moved ? "
-                                            "ASSISTANT:"] * 2, return_tensors="pt", padding=True)
+    batch = cached_processor("qwen2_5_vl")(
+        videos=tiny_videos(2),
+        text=["USER: <|vision_start|> <|video_pad|> <|vision_end|> what moved ? ASSISTANT:"] * 2,
+        return_tensors="pt",
+        padding=True,
+    )
     values = layer_entropies(model, [batch])
     assert len(values) == 5 and all(0 < v <= 1 for v in values)
 
 
 # --------------------------------------------------------------------------------------------- what users hold
+
 
 def test_demo_reads_images_in_the_forms_users_hold_them(tmp_path):
     from vtprune.demo import as_image
@@ -224,8 +246,15 @@ def test_demo_reads_images_in_the_forms_users_hold_them(tmp_path):
     img.save(tmp_path / "a.png")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    forms = [img, str(tmp_path / "a.png"), tmp_path / "a.png", buf.getvalue(), arr,
-             torch.from_numpy(arr), torch.from_numpy(arr).permute(2, 0, 1).float() / 255]
+    forms = [
+        img,
+        str(tmp_path / "a.png"),
+        tmp_path / "a.png",
+        buf.getvalue(),
+        arr,
+        torch.from_numpy(arr),
+        torch.from_numpy(arr).permute(2, 0, 1).float() / 255,
+    ]
     for form in forms:
         assert np.array_equal(np.asarray(as_image(form)), arr), type(form)
     with pytest.raises(ValueError, match="cannot read an image from a dict"):
@@ -238,8 +267,16 @@ def test_demo_compare_takes_a_path(tmp_path):
     from vtprune.testing import image_prompt
 
     tiny_images(1)[0].save(tmp_path / "a.png")
-    c = compare(cached_model("llava", "sdpa"), cached_processor("llava"), str(tmp_path / "a.png"), "what colour ?",
-                method="pool", keep_tokens=4, prompt=image_prompt("llava"), max_new_tokens=1)
+    c = compare(
+        cached_model("llava", "sdpa"),
+        cached_processor("llava"),
+        str(tmp_path / "a.png"),
+        "what colour ?",
+        method="pool",
+        keep_tokens=4,
+        prompt=image_prompt("llava"),
+        max_new_tokens=1,
+    )
     assert c.pruned.visual_tokens == 4
 
 
@@ -267,5 +304,6 @@ def test_a_video_at_a_low_ratio_keeps_its_budget(method):
     finally:
         vtprune.remove_pruner(model)
     for row in units:
-        assert [u.tokens_after for u in row] == [max(1, int(u.tokens_before * r + 0.5))
-                                                 for u, r in zip(row, (0.5, 0.1))]
+        assert [u.tokens_after for u in row] == [
+            max(1, int(u.tokens_before * r + 0.5)) for u, r in zip(row, (0.5, 0.1))
+        ]

@@ -1,17 +1,18 @@
 """Several images and videos per prompt: each is a unit with its own budget, and the exactness properties hold
 with videos as they do with one image."""
+
 import pytest
 import torch
 
 import vtprune
 from helpers import cached_model, cached_processor, make_video_batch, row
+from vtprune.budgets import largest_remainder
 from vtprune.patches import FAMILIES as REGISTRY
 from vtprune.patches import get_adapter
 from vtprune.strategies import SelectionInputs
 from vtprune.strategies.baselines import grid_subsample
 from vtprune.strategies.temporal import temporal_change, temporal_select
 from vtprune.testing import FAMILIES, tiny_images
-from vtprune.budgets import largest_remainder
 
 VIDEO_FAMILIES = [f for f in FAMILIES if REGISTRY[f].tiny.video_tag is not None]
 
@@ -31,10 +32,18 @@ def unit_counts(stats, r):
 
 # --------------------------------------------------------------------------------------------- budgets
 
-@pytest.mark.parametrize("total,sizes,want", [
-    (10, [16, 18], [5, 5]), (7, [1, 1, 1], [1, 1, 1]), (2, [5, 5, 5], [1, 1, 0]), (100, [3, 4], [3, 4]),
-    (5, [10, 0, 10], [3, 0, 2]), (0, [4, 4], [0, 0]),
-])
+
+@pytest.mark.parametrize(
+    "total,sizes,want",
+    [
+        (10, [16, 18], [5, 5]),
+        (7, [1, 1, 1], [1, 1, 1]),
+        (2, [5, 5, 5], [1, 1, 0]),
+        (100, [3, 4], [3, 4]),
+        (5, [10, 0, 10], [3, 0, 2]),
+        (0, [4, 4], [0, 0]),
+    ],
+)
 def test_largest_remainder(total, sizes, want):
     got = largest_remainder(total, sizes)
     assert got == want and sum(got) == min(total, sum(sizes)) and all(g <= n for g, n in zip(got, sizes))
@@ -81,8 +90,9 @@ def test_joint_units_choose_once_over_the_sample():
     model = cached_model("qwen2_vl", "sdpa")
     batch = make_video_batch("qwen2_vl", 1)
     lm_in = {}
-    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: lm_in.update(k), with_kwargs=True,
-                                                             prepend=True)
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: lm_in.update(k), with_kwargs=True, prepend=True
+    )
     vtprune.apply_pruner(model, method="divprune", keep_tokens=6, units="joint")
     try:
         model(**batch)
@@ -114,6 +124,7 @@ def test_temporal_frame_budget_splits_each_video_by_frame(vfamily):
 
 
 # --------------------------------------------------------------------------------------------- exactness with videos
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("layer", [0, 2])
@@ -156,8 +167,10 @@ def test_video_batched_equals_per_sample(vfamily, method, layer):
     assert batch["attention_mask"].min() == 0
     # Qwen2.5-VL's windowed tower itself is not batch-invariant on videos (~7e-5 here, unpatched): allow that.
     ref = model(**batch).logits
-    slack = max((ref[i, -a.shape[1]:] - a[0]).abs().max().item()
-                for i, a in ((i, model(**row(batch, i)).logits) for i in range(2)))
+    slack = max(
+        (ref[i, -a.shape[1] :] - a[0]).abs().max().item()
+        for i, a in ((i, model(**row(batch, i)).logits) for i in range(2))
+    )
     opts = {"m": 4} if method == "zoo" else {}
     vtprune.apply_pruner(model, method=method, keep_ratio=0.5, layer=layer, **opts)
     try:
@@ -172,7 +185,7 @@ def test_video_batched_equals_per_sample(vfamily, method, layer):
                 assert (kept_both[i] >= 0).sum() == kept.shape[1]
                 continue
             assert torch.equal(kept_both[i, : kept.shape[1]], kept[0])
-            torch.testing.assert_close(both[i, -alone.shape[1]:], alone[0], rtol=0, atol=1e-5 + 2 * slack)
+            torch.testing.assert_close(both[i, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5 + 2 * slack)
     finally:
         vtprune.remove_pruner(model)
 
@@ -192,7 +205,9 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
         full = dict(seen)
         handle.remove()
         if full.get("deepstack_visual_embeds") is not None:
-            pytest.skip("the oracle needs the kept tokens' DeepStack features: tests/adapters/test_qwen3_vl.py builds it")
+            pytest.skip(
+                "the oracle needs the kept tokens' DeepStack features: tests/adapters/test_qwen3_vl.py builds it"
+            )
         vtprune.apply_pruner(model, method=method, keep_ratio=0.4)
         # Registered after the pruner's hook, so it sees what the language model really gets.
         handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
@@ -210,10 +225,13 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
     for i in range(2):
         keep = batch["attention_mask"][i].bool() & ~vis[i]
         keep[vis[i].nonzero().flatten()[kept[i][kept[i] >= 0]]] = True
-        oracle = lm(inputs_embeds=full["inputs_embeds"][i : i + 1, keep], position_ids=pos[..., i : i + 1, keep],
-                    attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long))
+        oracle = lm(
+            inputs_embeds=full["inputs_embeds"][i : i + 1, keep],
+            position_ids=pos[..., i : i + 1, keep],
+            attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long),
+        )
         logits = model.lm_head(oracle.last_hidden_state)
-        torch.testing.assert_close(pruned[i, -logits.shape[1]:], logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned[i, -logits.shape[1] :], logits[0], rtol=0, atol=1e-5)
         n = int(keep.sum())
         assert torch.equal(pruned_pos[..., i, -n:], pos[..., i, keep])
 
@@ -245,8 +263,9 @@ def test_zoo_reads_each_units_own_projector_rows(vfamily):
     vtprune.apply_pruner(model, method="zoo", keep_ratio=0.5, m=2)
     pruner = vtprune.get_pruner(model)
     lm_in, seen = {}, []
-    h = model.model.language_model.register_forward_pre_hook(lambda m, a, k: lm_in.update(k), with_kwargs=True,
-                                                             prepend=True)
+    h = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: lm_in.update(k), with_kwargs=True, prepend=True
+    )
     h2 = pruner.adapter.projector_module().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
         model(**batch)
@@ -268,7 +287,7 @@ def test_zoo_reads_each_units_own_projector_rows(vfamily):
 
 
 def test_video_flops_match_the_flop_counter(vfamily):
-    from test_flops import check_prefill
+    from helpers import check_prefill
 
     batch = make_video_batch(vfamily, 2)
     model = cached_model(vfamily, "eager")
@@ -280,8 +299,11 @@ def test_video_flops_match_the_flop_counter(vfamily):
 
     try:
         # divprune's N×N cost is per unit (the sum of squares, not the square of the sum); fastv's is per row.
-        for schedule in (None, [dict(method="pool", layer=0, keep_ratio=0.5)],
-                         [dict(method="divprune", layer=0, keep_ratio=0.5), dict(method="fastv", layer=2, keep_ratio=0.5)]):
+        for schedule in (
+            None,
+            [dict(method="pool", layer=0, keep_ratio=0.5)],
+            [dict(method="divprune", layer=0, keep_ratio=0.5), dict(method="fastv", layer=2, keep_ratio=0.5)],
+        ):
             check_prefill(model, batch, schedule, patched)
     finally:
         if vtprune.is_patched(model):
@@ -289,6 +311,7 @@ def test_video_flops_match_the_flop_counter(vfamily):
 
 
 # --------------------------------------------------------------------------------------------- several images
+
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
@@ -321,6 +344,7 @@ def test_two_images_in_one_prompt_are_two_units(family):
 
 # --------------------------------------------------------------------------------------------- temporal method
 
+
 def test_temporal_change_ranks_moving_tokens_first():
     g = torch.Generator().manual_seed(0)
     frames, h, w, d = 3, 2, 3, 8
@@ -330,7 +354,7 @@ def test_temporal_change_ranks_moving_tokens_first():
     feats = base.reshape(1, frames * h * w, d)
     change = temporal_change(feats, frames)
     assert torch.isinf(change[0, : h * w]).all()
-    assert change[0, h * w:].argmax() == 0  # the flip: cosine -1, the largest change
+    assert change[0, h * w :].argmax() == 0  # the flip: cosine -1, the largest change
     inputs = SelectionInputs(features=feats, grid=[(h, w)], frames=[frames])
     # After the first frame: the flip (index 6) and the flip back (12), then the changed token (16).
     assert temporal_select(inputs, h * w + 3)[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 12, 16]

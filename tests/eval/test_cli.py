@@ -1,4 +1,5 @@
 """The `vtprune` command line: eval outputs, narrowing flags, the errors a user gets, fast help and listings."""
+
 import json
 import os
 import subprocess
@@ -15,12 +16,15 @@ from vtprune.eval import catalog
 from vtprune.eval.catalog import is_available
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--budgets", "0,150"], "budgets must be percentages in (0, 100], got '0,150'"),
-    (["--budgets", "half"], "budgets must be comma-separated percentages"),
-    (["--methods", "divprune,nope"], "unknown method(s) ['nope']; available: ["),
-    (["--models", "gpt"], "unknown embedded model(s) ['gpt']"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--budgets", "0,150"], "budgets must be percentages in (0, 100], got '0,150'"),
+        (["--budgets", "half"], "budgets must be comma-separated percentages"),
+        (["--methods", "divprune,nope"], "unknown method(s) ['nope']; available: ["),
+        (["--models", "gpt"], "unknown embedded model(s) ['gpt']"),
+    ],
+)
 def test_bad_arguments_name_the_value(argv, message, capsys, tmp_path):
     assert main(["eval", "--output", str(tmp_path), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -29,8 +33,22 @@ def test_bad_arguments_name_the_value(argv, message, capsys, tmp_path):
 @needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")
 def test_eval_writes_table_json_csv_plot(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["eval", "--models", "llava-tiny-sortofclevr", "--methods", "random,pool", "--budgets", "100,25",
-                 "--limit", "8", "--output", str(out), "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--models",
+            "llava-tiny-sortofclevr",
+            "--methods",
+            "random,pool",
+            "--budgets",
+            "100,25",
+            "--limit",
+            "8",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["budget_pct"]) for r in rows] == [("none", 100), ("random", 25), ("pool", 25)]
@@ -49,15 +67,28 @@ def test_eval_writes_table_json_csv_plot(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- a newcomer's first calls
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["eval", "--help"], ["demo", "--help"],
-                                  ["models", "--help"], ["methods", "--help"], ["tasks-path", "--help"], ["models"],
-                                  ["tasks-path"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["eval", "--help"],
+        ["demo", "--help"],
+        ["models", "--help"],
+        ["methods", "--help"],
+        ["tasks-path", "--help"],
+        ["models"],
+        ["tasks-path"],
+    ],
+)
 def test_help_and_listings_answer_fast_without_torch(argv):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    code = ("import runpy, sys; sys.argv = ['vtprune', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_module('vtprune.cli', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "bad = [m for m in ('torch', 'transformers', 'gradio') if m in sys.modules]\nassert not bad, bad")
+    code = (
+        "import runpy, sys; sys.argv = ['vtprune', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('vtprune.cli', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "bad = [m for m in ('torch', 'transformers', 'gradio') if m in sys.modules]\nassert not bad, bad"
+    )
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0

@@ -1,4 +1,5 @@
 """The embedded Sort-of-CLEVR benchmark (vtprune.eval.data) and the embedded small VLMs (vtprune.eval.models)."""
+
 import collections
 
 import pytest

@@ -1,4 +1,5 @@
 """The side-by-side demo: both answers are the real ones, the overlay shows exactly the kept tokens, undo is exact."""
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +32,7 @@ def _generate(model, processor, image, question, **settings):
     finally:
         if settings:
             vtprune.remove_pruner(model)
-    text = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return text, stats
 
 
@@ -68,7 +69,7 @@ def test_overlay_greys_exactly_the_dropped_cells(embedded):
     white = Image.new("RGB", c.overlay.size, (255, 255, 255))
     marked = torch.from_numpy(np.array(overlay(white, (rows, cols), kept)))[..., 0]
     h, w = c.overlay.size[1] // rows, c.overlay.size[0] // cols
-    centres = marked[h // 2::h, w // 2::w][:rows, :cols].flatten()
+    centres = marked[h // 2 :: h, w // 2 :: w][:rows, :cols].flatten()
     assert torch.equal((centres == 255).nonzero().flatten(), kept)
     assert len(kept) == c.pruned.visual_tokens
 
@@ -81,8 +82,17 @@ def test_kept_tokens_compose_across_stages():
 def test_multi_crop_models_answer_without_an_overlay():
     model, processor = tiny_model("llava_next"), tiny_processor("llava_next")
     image = tiny_images(1)[0]
-    c = compare(model, processor, image, "q", method="random", keep_ratio=0.5, max_new_tokens=2,
-                prompt=image_prompt("llava_next"), seed=0)
+    c = compare(
+        model,
+        processor,
+        image,
+        "q",
+        method="random",
+        keep_ratio=0.5,
+        max_new_tokens=2,
+        prompt=image_prompt("llava_next"),
+        seed=0,
+    )
     assert c.overlay is None and c.pruned.visual_tokens < c.original.visual_tokens
 
 
@@ -151,7 +161,8 @@ def test_served_page_answers_over_http(tmp_path):
         e.image.save(tmp_path / "scene.png")
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         original, pruned, shown, second, summary = client.predict(
-            handle_file(str(tmp_path / "scene.png")), e.question, "divprune", 11, -1, None, None, api_name="/run")
+            handle_file(str(tmp_path / "scene.png")), e.question, "divprune", 11, -1, None, None, api_name="/run"
+        )
     finally:
         app.close()
     c = compare(model, processor, e.image, e.question, method="divprune", keep_ratio=0.11, max_new_tokens=3)
@@ -171,8 +182,18 @@ def test_compare_two_images_and_a_video():
     model, proc = cached_model("qwen2_vl", "sdpa"), cached_processor("qwen2_vl")
     images, clip = tiny_images(2, seed=3), tiny_videos(1, frames=3, seed=3)[0]
     prompt = video_prompt("qwen2_vl", "what moved ?", images=2)
-    c = compare(model, proc, images, "what moved ?", method="pool", keep_ratio=0.5, video_keep_ratio=0.25,
-                prompt=prompt, video=clip, max_new_tokens=2)
+    c = compare(
+        model,
+        proc,
+        images,
+        "what moved ?",
+        method="pool",
+        keep_ratio=0.5,
+        video_keep_ratio=0.25,
+        prompt=prompt,
+        video=clip,
+        max_new_tokens=2,
+    )
     units = c.stats[0]["units"][0]
     assert [u.kind for u in units] == ["image", "image", "video"]
     assert [u.tokens_after for u in units] == [int(u.tokens_before * r + 0.5) for u, r in zip(units, (0.5, 0.5, 0.25))]
@@ -193,7 +214,11 @@ def _grid_of(unit, img, shown):
     """(rows, cols) of a unit's token grid, from its overlay's cell layout and the image's aspect."""
     n = unit.tokens_before
     for rows in range(1, n + 1):
-        if n % rows == 0 and shown.size[1] % rows == 0 and shown.size[0] % (n // rows) == 0 \
-                and shown.size[1] // rows == shown.size[0] // (n // rows):
+        if (
+            n % rows == 0
+            and shown.size[1] % rows == 0
+            and shown.size[0] % (n // rows) == 0
+            and shown.size[1] // rows == shown.size[0] // (n // rows)
+        ):
             return rows, n // rows
     raise AssertionError(f"no square-cell grid of {n} tokens fits {shown.size}")

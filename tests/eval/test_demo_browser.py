@@ -1,5 +1,6 @@
 """The demo page in a real browser (Playwright driving the system Chromium): pick an example, compare, read both
 answers and see the overlay. Skipped only outside CI when Playwright or Chromium is missing; CI=true fails instead."""
+
 import os
 import shutil
 import socket
@@ -62,8 +63,10 @@ FIELD = "#{} :is(textarea, input)"  # Gradio draws a one-line textbox as an <inp
 
 
 def _answers(page):
-    page.wait_for_function("() => ['vt-original', 'vt-pruned'].every(id => "
-                           "document.querySelector(`#${id} :is(textarea, input)`).value.trim() !== '')")
+    page.wait_for_function(
+        "() => ['vt-original', 'vt-pruned'].every(id => "
+        "document.querySelector(`#${id} :is(textarea, input)`).value.trim() !== '')"
+    )
     return [page.locator(FIELD.format(i)).input_value() for i in ("vt-original", "vt-pruned")]
 
 

@@ -3,6 +3,7 @@
 lmms-eval is optional for vtprune but installed by the `test` extra; in CI (CI or VTPRUNE_REQUIRE_LMMS set) a
 missing or unusable lmms-eval is a failure, elsewhere the tests that need it are skipped.
 """
+
 import importlib.util
 import json
 import os
@@ -19,8 +20,14 @@ from vtprune.eval.catalog import is_available
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK_DIR = ROOT / "eval" / "lmms" / "tasks" / "vtprune_sortofclevr"
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def _lmms_problem():
@@ -60,23 +67,29 @@ def test_task_jsonl_is_the_embedded_test_split():
         (img,) = utils.doc_to_visual(doc)
         assert img.size == (WIDTH, HEIGHT) and img.tobytes() == ex.image.tobytes()
     assert utils.doc_to_text(docs[0]) == docs[0]["question"]
-    assert utils.process_results(docs[0], [f" {docs[0]['answer'].upper()} "]) == \
-        {"exact_match": 1.0, f"acc_{docs[0]['qtype']}": 1.0}
+    assert utils.process_results(docs[0], [f" {docs[0]['answer'].upper()} "]) == {
+        "exact_match": 1.0,
+        f"acc_{docs[0]['qtype']}": 1.0,
+    }
     assert utils.process_results_first_word(docs[1], [f"{docs[1]['answer'].capitalize()}."])["exact_match"] == 1.0
     with pytest.raises(ValueError, match="regenerate"):
         utils.doc_to_visual({**docs[0], "answer": "nonsense"})
 
 
 def test_importing_vtprune_does_not_import_lmms_eval():
-    code = ("import sys, vtprune, vtprune.eval, vtprune.eval.lmms.runner; "
-            "bad = [m for m in sys.modules if m.startswith('lmms_eval')]; assert not bad, bad")
+    code = (
+        "import sys, vtprune, vtprune.eval, vtprune.eval.lmms.runner; "
+        "bad = [m for m in sys.modules if m.startswith('lmms_eval')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, **OFFLINE})
 
 
 # --------------------------------------------------------------------------------------------- saved models
-_TEMPLATE = ("{% for message in messages %}{% for c in message['content'] %}{% if c['type'] == 'image' %}IMG "
-             "{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}USER: "
-             "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+_TEMPLATE = (
+    "{% for message in messages %}{% for c in message['content'] %}{% if c['type'] == 'image' %}IMG "
+    "{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}USER: "
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
 
 
 def _saved(family, tmp_path_factory):
@@ -115,8 +128,7 @@ def test_entry_point_registers_both_wrappers():
     from importlib.metadata import entry_points
 
     eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.value.startswith("vtprune.")]
-    assert eps, ("vtprune's lmms_eval.models entry point is not installed: "
-                 "pip install -e . (after setup.py declares it)")
+    assert eps, "vtprune's lmms_eval.models entry point is not installed: pip install -e . (after setup.py declares it)"
     from lmms_eval.models import get_model
 
     from vtprune.eval.lmms.plugin import VtpruneLlava, VtpruneQwen25VL
@@ -149,8 +161,14 @@ def test_model_args_are_parsed_and_checked(llava_dir):
     from vtprune.eval.lmms.args import coerce, pruning_settings
     from vtprune.eval.lmms.plugin import VtpruneLlava, VtpruneQwen25VL
 
-    assert [coerce(x) for x in ("0.25", "true", "False", "12", "none", "divprune")] == \
-        [0.25, True, False, 12, None, "divprune"]
+    assert [coerce(x) for x in ("0.25", "true", "False", "12", "none", "divprune")] == [
+        0.25,
+        True,
+        False,
+        12,
+        None,
+        "divprune",
+    ]
     s = pruning_settings(method="fastv", keep_ratio="0.5", layer="2", keep_newlines="true")
     assert (s["keep_ratio"], s["layer"], s["keep_newlines"]) == (0.5, 2, True)
     assert pruning_settings(method="none") is None
@@ -159,8 +177,10 @@ def test_model_args_are_parsed_and_checked(llava_dir):
     with pytest.raises(ValueError, match="integer"):
         pruning_settings(keep_tokens="1.5")
 
-    lm = VtpruneLlava.create_from_arg_string(f"pretrained={llava_dir},method=divprune,keep_tokens=3,batch_size=2",
-                                             {"batch_size": 1, "device": "cpu", "max_batch_size": None})
+    lm = VtpruneLlava.create_from_arg_string(
+        f"pretrained={llava_dir},method=divprune,keep_tokens=3,batch_size=2",
+        {"batch_size": 1, "device": "cpu", "max_batch_size": None},
+    )
     assert lm.batch_size == 2 and lm.pruning["keep_tokens"] == 3 and lm.device == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown option"):
         lm.reconfigure(method="divprune", keep_ratio=0.5, no_such_option=1)
@@ -186,8 +206,9 @@ def test_generate_until_matches_the_embedded_harness(llava_dir, monkeypatch):
     utils = _task_utils()
     docs = [json.loads(line) for line in (TASK_DIR / "test.jsonl").read_text().splitlines()[:6]]
     examples = make_split("test", 6, seed=0)
-    lm = VtpruneLlava(pretrained=str(llava_dir), method="divprune", keep_ratio="0.5", batch_size=4, device="cpu",
-                      dtype="float32")
+    lm = VtpruneLlava(
+        pretrained=str(llava_dir), method="divprune", keep_ratio="0.5", batch_size=4, device="cpu", dtype="float32"
+    )
     lm.task_dict = {"t": {"test": docs}}
     gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
     reqs = [_Req(d["question"], dict(gen), utils.doc_to_visual, i, "t", "test") for i, d in enumerate(docs)]
@@ -195,8 +216,9 @@ def test_generate_until_matches_the_embedded_harness(llava_dir, monkeypatch):
     want = predict(lm.model, lm.processor, examples, batch_size=1)
     assert got == want
     s = lm.summary()
-    assert s["n"] == 6 and s["kept_tokens"] == pytest.approx(sum(
-        max(1, int(0.5 * r["visual_tokens"] + 0.5)) for r in lm.records) / 6)
+    assert s["n"] == 6 and s["kept_tokens"] == pytest.approx(
+        sum(max(1, int(0.5 * r["visual_tokens"] + 0.5)) for r in lm.records) / 6
+    )
     assert s["kept_tokens"] < s["visual_tokens"] and s["prefill_flops"] > 0
     assert vtprune.get_config(lm.model).keep_ratio == 0.5
 
@@ -212,10 +234,22 @@ def test_lmms_eval_cli_runs_the_embedded_task(llava_dir, tmp_path):
     exe = Path(sys.executable).with_name("lmms-eval")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lmms_eval"]
     out = tmp_path / "out"
-    cmd += ["--model", "vtprune_llava",
-            "--model_args", f"pretrained={llava_dir},method=divprune,keep_ratio=0.25,device=cpu,dtype=float32",
-            "--tasks", "vtprune_sortofclevr", "--include_path", str(ROOT / "eval" / "lmms" / "tasks"),
-            "--limit", "4", "--batch_size", "2", "--output_path", str(out)]
+    cmd += [
+        "--model",
+        "vtprune_llava",
+        "--model_args",
+        f"pretrained={llava_dir},method=divprune,keep_ratio=0.25,device=cpu,dtype=float32",
+        "--tasks",
+        "vtprune_sortofclevr",
+        "--include_path",
+        str(ROOT / "eval" / "lmms" / "tasks"),
+        "--limit",
+        "4",
+        "--batch_size",
+        "2",
+        "--output_path",
+        str(out),
+    ]
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -238,8 +272,17 @@ def test_run_lmms_in_process(qwen_dir, tmp_path, monkeypatch):
     for k, v in OFFLINE.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "datasets"))
-    rows = run_lmms(str(qwen_dir), ["vtprune_sortofclevr"], ["divprune"], [50], limit=5,
-                    output_dir=tmp_path / "res", batch_size=3, device="cpu", dtype="float32")
+    rows = run_lmms(
+        str(qwen_dir),
+        ["vtprune_sortofclevr"],
+        ["divprune"],
+        [50],
+        limit=5,
+        output_dir=tmp_path / "res",
+        batch_size=3,
+        device="cpu",
+        dtype="float32",
+    )
     assert [(r["method"], r["keep_ratio"]) for r in rows] == [("none", 1.0), ("divprune", 0.5)]
     for r in rows:
         assert r["model"] == Path(qwen_dir).name and r["task"] == "vtprune_sortofclevr"
@@ -249,8 +292,10 @@ def test_run_lmms_in_process(qwen_dir, tmp_path, monkeypatch):
     base, pruned = rows
     assert base["kept_tokens"] == base["visual_tokens"] > pruned["kept_tokens"] > 0
     assert pruned["prefill_flops"] < base["prefill_flops"]
-    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == \
-        [f"lmms_{Path(qwen_dir).name}_divprune_50.json", f"lmms_{Path(qwen_dir).name}_none_100.json"]
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [
+        f"lmms_{Path(qwen_dir).name}_divprune_50.json",
+        f"lmms_{Path(qwen_dir).name}_none_100.json",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- as users run it
@@ -265,7 +310,7 @@ def _path_with_console_scripts(tmp_path) -> str:
 
 
 def _readme_lmms_command() -> str:
-    section = (ROOT / "README.md").read_text().split("\n## lmms-eval\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "README.md").read_text().split("\n### lmms-eval\n", 1)[1].split("\n#", 1)[0]
     return next(c for c in re.findall(r"```bash\n(.+?)\n```", section, flags=re.S) if c.startswith("lmms-eval "))
 
 
@@ -295,18 +340,48 @@ def test_readme_lmms_eval_command_runs_offline_on_an_embedded_name(tmp_path):
 @requires_lmms
 def test_two_cpu_processes_give_the_answers_of_one(tmp_path):
     """accelerate launch with two CPU processes: each answers its shard; together the answers and metric of one."""
-    args = ["-m", "lmms_eval", "--model", "vtprune",
-            "--model_args", "pretrained=qwen2_5_vl-tiny-sortofclevr,method=divprune,keep_ratio=0.25",
-            "--tasks", "vtprune_sortofclevr", "--include_path", str(ROOT / "eval" / "lmms" / "tasks"), "--limit", "6",
-            "--batch_size", "2", "--log_samples"]
+    args = [
+        "-m",
+        "lmms_eval",
+        "--model",
+        "vtprune",
+        "--model_args",
+        "pretrained=qwen2_5_vl-tiny-sortofclevr,method=divprune,keep_ratio=0.25",
+        "--tasks",
+        "vtprune_sortofclevr",
+        "--include_path",
+        str(ROOT / "eval" / "lmms" / "tasks"),
+        "--limit",
+        "6",
+        "--batch_size",
+        "2",
+        "--log_samples",
+    ]
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
-    runs = {"one": [sys.executable, *args],
-            "two": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", "0", *args]}
+    runs = {
+        "one": [sys.executable, *args],
+        "two": [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "0",
+            *args,
+        ],
+    }
     results = {}
     for name, cmd in runs.items():
-        proc = subprocess.run([*cmd, "--output_path", str(tmp_path / name)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=400)
+        proc = subprocess.run(
+            [*cmd, "--output_path", str(tmp_path / name)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         log = proc.stdout[-3000:] + proc.stderr[-3000:]
         assert proc.returncode == 0 and list((tmp_path / name).glob("*/*_results.json")), log
         if name == "two":
@@ -334,7 +409,10 @@ def test_video_task_jsonl_is_what_the_generator_makes():
     with pytest.raises(ValueError, match="regenerate test.jsonl with `python video_utils.py`"):
         utils.doc_to_visual(doc)
     assert utils.process_results(stored[0], [stored[0]["answer"]]) == {
-        "exact_match": 1.0, "acc_multi_frame": 1.0, f"acc_{stored[0]['qtype']}": 1.0}
+        "exact_match": 1.0,
+        "acc_multi_frame": 1.0,
+        f"acc_{stored[0]['qtype']}": 1.0,
+    }
 
 
 @requires_lmms
@@ -364,20 +442,43 @@ def test_video_task_matches_the_harness_and_runs_in_the_real_cli(tmp_path):
     torch.set_num_threads(1)
     utils = _video_utils()
     docs = [json.loads(line) for line in (VIDEO_TASK_DIR / "test.jsonl").read_text().splitlines()[:4]]
-    lm = VtpruneLMM(pretrained="qwen2_5_vl-tiny-sortofclevr-video", method="divprune", keep_ratio="0.25",
-                    temporal="frame", batch_size=2, device="cpu", dtype="float32")
+    lm = VtpruneLMM(
+        pretrained="qwen2_5_vl-tiny-sortofclevr-video",
+        method="divprune",
+        keep_ratio="0.25",
+        temporal="frame",
+        batch_size=2,
+        device="cpu",
+        dtype="float32",
+    )
     lm.task_dict = {"v": {"test": docs}}
     gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False}
-    got = lm.generate_until([_Req(d["question"], dict(gen), utils.doc_to_visual, i, "v", "test")
-                             for i, d in enumerate(docs)])
+    got = lm.generate_until(
+        [_Req(d["question"], dict(gen), utils.doc_to_visual, i, "v", "test") for i, d in enumerate(docs)]
+    )
     assert got == predict_video(lm.model, lm.processor, make_video_split("test", 4, seed=0), batch_size=1)
     assert {r["kept_tokens"] for r in lm.records} == {150} and {r["visual_tokens"] for r in lm.records} == {600}
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vtprune", "--model_args",
-           "pretrained=qwen2_5_vl-tiny-sortofclevr-video,method=divprune,keep_ratio=0.25,temporal=frame,device=cpu",
-           "--tasks", "vtprune_sortofclevr_video", "--include_path", str(ROOT / "eval" / "lmms" / "tasks"),
-           "--limit", "6", "--batch_size", "3", "--output_path", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "vtprune",
+        "--model_args",
+        "pretrained=qwen2_5_vl-tiny-sortofclevr-video,method=divprune,keep_ratio=0.25,temporal=frame,device=cpu",
+        "--tasks",
+        "vtprune_sortofclevr_video",
+        "--include_path",
+        str(ROOT / "eval" / "lmms" / "tasks"),
+        "--limit",
+        "6",
+        "--batch_size",
+        "3",
+        "--output_path",
+        str(out),
+    ]
     env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     files = list(out.glob("*/*_results.json"))

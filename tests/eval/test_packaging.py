@@ -1,4 +1,5 @@
 """A plain (non-editable) install must give the same import namespace as the source tree."""
+
 import importlib.util
 import subprocess
 import sys
@@ -20,12 +21,30 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     # Build here when this environment can (offline); a fresh venv's setuptools 65 cannot without `wheel`, and
     # then pip builds in isolation as `pip install .` does.
     isolation = [] if _can_build_wheels() else ["--use-pep517"]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *(isolation or ["--no-build-isolation"]),
-                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            *(isolation or ["--no-build-isolation"]),
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
     wheel = next(tmp_path.glob("vtprune-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("vtprune/__init__.py", "vtprune/patches/__init__.py", "vtprune/eval/__init__.py",
-                     "vtprune/cuda/__init__.py", "vtprune/strategies/__init__.py"):
+    for expected in (
+        "vtprune/__init__.py",
+        "vtprune/patches/__init__.py",
+        "vtprune/eval/__init__.py",
+        "vtprune/cuda/__init__.py",
+        "vtprune/strategies/__init__.py",
+    ):
         assert expected in names, expected
     assert not any(n.startswith(("patches/", "eval/", "cuda/", "tests/")) for n in names)
     venv = tmp_path / "venv"
@@ -37,11 +56,14 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     outer = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
     (site_dir / "outer.pth").write_text("\n".join(outer) + "\n")
     py = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
-                   check=True)
-    code = ("import vtprune, vtprune.patches, vtprune.eval, vtprune.cuda; "
-            "assert 'site-packages' in vtprune.__file__ and 'site-packages' in vtprune.patches.__file__, "
-            "vtprune.__file__; print(vtprune.list_methods())")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)], check=True
+    )
+    code = (
+        "import vtprune, vtprune.patches, vtprune.eval, vtprune.cuda; "
+        "assert 'site-packages' in vtprune.__file__ and 'site-packages' in vtprune.patches.__file__, "
+        "vtprune.__file__; print(vtprune.list_methods())"
+    )
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "divprune" in out.stdout

@@ -1,5 +1,6 @@
 """The README as a newcomer meets it: CI runs exactly its two set-up commands in a fresh virtualenv, and its Python
 example runs as printed."""
+
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ def test_ci_runs_the_readme_commands_in_a_fresh_venv():
     assert readme_lines == commands
     venv = next(i for i, ln in enumerate(before) if re.fullmatch(r'python3 -m venv "\$(\w+)"', ln))
     name = re.fullmatch(r'python3 -m venv "\$(\w+)"', before[venv]).group(1)
-    assert f'source "${name}/bin/activate"' in before[venv + 1:], "the README commands must run inside the venv"
+    assert f'source "${name}/bin/activate"' in before[venv + 1 :], "the README commands must run inside the venv"
     assert "--system-site-packages" not in " ".join(before)
 
 
@@ -40,11 +41,14 @@ def test_ci_runs_the_readme_commands_in_a_fresh_venv():
 def test_readme_python_example_runs(tmp_path):
     example = re.findall(r"```python\n(.+?)\n```", README, flags=re.S)[0]
     assert "load_embedded(" in example and "processor(" in example and "remove_pruner" in example
-    check = ("\nfrom vtprune.api import _ATTR\n"  # and the model is the stock one again
-             "assert getattr(model, _ATTR, None) is None and not model._forward_pre_hooks\n")
+    check = (
+        "\nfrom vtprune.api import _ATTR\n"  # and the model is the stock one again
+        "assert getattr(model, _ATTR, None) is None and not model._forward_pre_hooks\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", example + check], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", example + check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     answer_line = next(ln for ln in out.stdout.splitlines() if " -> " in ln)
     answer, expected = re.fullmatch(r".+ -> (.*) \(expected (.+)\)", answer_line).groups()

@@ -1,19 +1,56 @@
 """Results as printed and plotted: integer token counts, latency apart, the Pareto frontier, coincident methods."""
+
 from vtprune.eval.harness.report import frontier, pareto_plot, table, tokens
 
 
 def _rows():
     rows = []
     for model, scale in (("a", 1.0), ("b", 2.0)):
-        rows.append({"model": model, "method": "none", "budget_pct": 100, "kept_tokens": 144.0, "accuracy": 0.9,
-                     "prefill_flops": 10e9 * scale, "prefill_latency_ms": 50.0})
+        rows.append(
+            {
+                "model": model,
+                "method": "none",
+                "budget_pct": 100,
+                "kept_tokens": 144.0,
+                "accuracy": 0.9,
+                "prefill_flops": 10e9 * scale,
+                "prefill_latency_ms": 50.0,
+            }
+        )
         for method in ("pool", "random"):  # same FLOPs and accuracy: they would hide each other
-            rows.append({"model": model, "method": method, "budget_pct": 25, "kept_tokens": 36.0, "accuracy": 0.6,
-                         "prefill_flops": 4e9 * scale, "prefill_latency_ms": 20.0})
-        rows.append({"model": model, "method": "fastv", "budget_pct": 25, "kept_tokens": 36.5, "accuracy": 0.8,
-                     "prefill_flops": 7e9 * scale, "prefill_latency_ms": 30.0})
-        rows.append({"model": model, "method": "zoo", "budget_pct": 25, "kept_tokens": 36.0, "accuracy": 0.5,
-                     "prefill_flops": 12e9 * scale, "prefill_latency_ms": 90.0})
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "budget_pct": 25,
+                    "kept_tokens": 36.0,
+                    "accuracy": 0.6,
+                    "prefill_flops": 4e9 * scale,
+                    "prefill_latency_ms": 20.0,
+                }
+            )
+        rows.append(
+            {
+                "model": model,
+                "method": "fastv",
+                "budget_pct": 25,
+                "kept_tokens": 36.5,
+                "accuracy": 0.8,
+                "prefill_flops": 7e9 * scale,
+                "prefill_latency_ms": 30.0,
+            }
+        )
+        rows.append(
+            {
+                "model": model,
+                "method": "zoo",
+                "budget_pct": 25,
+                "kept_tokens": 36.0,
+                "accuracy": 0.5,
+                "prefill_flops": 12e9 * scale,
+                "prefill_latency_ms": 90.0,
+            }
+        )
     return rows
 
 

@@ -1,4 +1,5 @@
 """The selection-stability report: perturbations, the pixel-to-token-cell mapping and the report's mechanics."""
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +11,11 @@ from vtprune.eval.robustness import perturb as P  # noqa: E402
 from vtprune.eval.robustness import run as R  # noqa: E402
 from vtprune.testing import tiny_model, tiny_processor  # noqa: E402
 
-_TEMPLATE = ("{% for message in messages %}{% for c in message['content'] %}{% if c['type'] == 'image' %}IMG "
-             "{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}USER: "
-             "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+_TEMPLATE = (
+    "{% for message in messages %}{% for c in message['content'] %}{% if c['type'] == 'image' %}IMG "
+    "{% endif %}{% endfor %}{% for c in message['content'] %}{% if c['type'] == 'text' %}USER: "
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
 _IMG = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|> <|image_pad|> <|vision_end|>"}
 
 
@@ -29,7 +32,9 @@ def test_parse_perturbation_and_method():
         with pytest.raises(ValueError, match="unknown perturbation"):
             P.parse_perturbation(bad)
     assert R.parse_method("divprune_stable:smooth=2,margin=0.05,tag=x") == (
-        "divprune_stable", {"smooth": 2, "margin": 0.05, "tag": "x"})
+        "divprune_stable",
+        {"smooth": 2, "margin": 0.05, "tag": "x"},
+    )
     with pytest.raises(ValueError, match="not key=value"):
         R.parse_method("zoo:m")
 
@@ -95,8 +100,11 @@ def test_report_is_seeded_and_zero_noise_changes_nothing(tiny_llava):
     args = (["divprune", "divprune_stable:smooth=2", "random"], [25.0], ["noise:0", "noise:64", "patch-noise:60"])
     rows = R.measure(model, processor, examples, *args, seed=5, batch_size=4)
     assert rows == R.measure(model, processor, examples, *args, seed=5, batch_size=4)
-    assert [(r["method"], r["perturbation"]) for r in rows[:3]] == [("none", "noise:0"), ("none", "noise:64"),
-                                                                    ("none", "patch-noise:60")]
+    assert [(r["method"], r["perturbation"]) for r in rows[:3]] == [
+        ("none", "noise:0"),
+        ("none", "noise:64"),
+        ("none", "patch-noise:60"),
+    ]
     for r in rows:
         if r["perturbation"] == "noise:0":
             assert r["answer_change"] == 0 and r["accuracy"] == r["accuracy_clean"]
@@ -110,25 +118,51 @@ def test_report_is_seeded_and_zero_noise_changes_nothing(tiny_llava):
 
 
 def test_kept_sets_follow_every_stage():
-    stats = [{"kept_indices": torch.tensor([[0, 2, 3, 5], [1, 4, -1, -1]])},
-             {"kept_indices": torch.tensor([[1, 3], [0, -1]])}]
+    stats = [
+        {"kept_indices": torch.tensor([[0, 2, 3, 5], [1, 4, -1, -1]])},
+        {"kept_indices": torch.tensor([[1, 3], [0, -1]])},
+    ]
     assert R.kept_sets(stats, [6, 6]) == [frozenset({2, 5}), frozenset({1})]
 
 
 def test_write_results(tmp_path):
-    rows = [{"model": "llava-x", "method": m, "budget_pct": b, "perturbation": "patch-noise:12", "jaccard": j,
-             "answer_change": c, "accuracy": 0.7, "accuracy_clean": 0.8, "pick_share": 0.05,
-             "pick_share_clean": 0.02, "area_share": 0.02, "attraction": 2.5, "attraction_clean": 1.0}
-            for m, b, j, c in [("none", 100, None, 0.0), ("divprune", 11, 0.5, 0.1), ("divprune", 25, 0.7, 0.05)]]
+    rows = [
+        {
+            "model": "llava-x",
+            "method": m,
+            "budget_pct": b,
+            "perturbation": "patch-noise:12",
+            "jaccard": j,
+            "answer_change": c,
+            "accuracy": 0.7,
+            "accuracy_clean": 0.8,
+            "pick_share": 0.05,
+            "pick_share_clean": 0.02,
+            "area_share": 0.02,
+            "attraction": 2.5,
+            "attraction_clean": 1.0,
+        }
+        for m, b, j, c in [("none", 100, None, 0.0), ("divprune", 11, 0.5, 0.1), ("divprune", 25, 0.7, 0.05)]
+    ]
     paths = R.write_results(rows, tmp_path)
     assert paths["csv"].read_text().count("\n") == 4 and paths["png"].stat().st_size > 5000
-    assert "| llava | divprune | 11 % | patch-noise:12 | 0.50 | 10.0 | 70.0 (80.0) | 5.0 (2.0) | 2.50 (1.00) |" \
+    assert (
+        "| llava | divprune | 11 % | patch-noise:12 | 0.50 | 10.0 | 70.0 (80.0) | 5.0 (2.0) | 2.50 (1.00) |"
         in R.table(rows)
+    )
 
 
 def test_merge_keeps_one_control(tmp_path):
-    base = {"model": "m", "budget_pct": 100, "perturbation": "noise:1", "n": 4, "seed": 0, "answer_change": 0.0,
-            "accuracy": 1.0, "accuracy_clean": 1.0}
+    base = {
+        "model": "m",
+        "budget_pct": 100,
+        "perturbation": "noise:1",
+        "n": 4,
+        "seed": 0,
+        "answer_change": 0.0,
+        "accuracy": 1.0,
+        "accuracy_clean": 1.0,
+    }
     for name, method in (("a", "divprune"), ("b", "zoo")):
         (tmp_path / name).mkdir()
         rows = [dict(base, method="none"), dict(base, method=method, budget_pct=11, jaccard=0.9)]

@@ -1,4 +1,5 @@
 """The training recipe's dense targets (checked against the benchmark's own question answering) and a short run."""
+
 import json
 
 import pytest
@@ -21,8 +22,12 @@ def test_object_tokens_carry_every_answer(kind):
             assert anchor[t] == 1 and region[t] == T.REGIONS.index("object")
             nearest = D.answer_question(e.scene, f"what colour is the object nearest to the {o.colour} object ?")
             side = D.answer_question(e.scene, f"is the {o.colour} object on the left or right ?")
-            assert attrs[t].tolist() == [D.COLOUR_NAMES.index(o.colour), D.SHAPES.index(o.shape),
-                                         D.SIDES.index(side), D.COLOUR_NAMES.index(nearest)]
+            assert attrs[t].tolist() == [
+                D.COLOUR_NAMES.index(o.colour),
+                D.SHAPES.index(o.shape),
+                D.SIDES.index(side),
+                D.COLOUR_NAMES.index(nearest),
+            ]
             assert torch.allclose(obj_xy[t], torch.tensor([o.x / D.WIDTH, o.y / D.HEIGHT]))
         assert ((attrs != -100).all(-1) == (region == 2)).all() and (is_obj.bool() == (region == 2)).all()
         for j, s in enumerate(D.SHAPES):
@@ -36,8 +41,28 @@ def test_object_tokens_carry_every_answer(kind):
 def test_short_run_saves_a_loadable_model_and_its_record(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "m"
-    info = T.main(["--model", "llava", "--a-steps", "2", "--a-batch", "4", "--b-steps", "2", "--b-batch", "2",
-                   "--eval-every", "0", "--val-size", "5", "--test-size", "5", "--out", str(out)])
+    info = T.main(
+        [
+            "--model",
+            "llava",
+            "--a-steps",
+            "2",
+            "--a-batch",
+            "4",
+            "--b-steps",
+            "2",
+            "--b-batch",
+            "2",
+            "--eval-every",
+            "0",
+            "--val-size",
+            "5",
+            "--test-size",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     rec = json.loads((out / "training.json").read_text())
     assert rec["command"].startswith("python -m training.train --model llava")
     assert rec["visual_tokens_per_image"] == 144 and rec["test_accuracy"]["n"] == 5
@@ -53,11 +78,48 @@ def test_stage_b_trains_the_llm_and_projector_only(tmp_path):
 
     torch.set_num_threads(1)
     first, second = tmp_path / "a", tmp_path / "b"
-    T.main(["--model", "qwen", "--a-steps", "1", "--a-batch", "2", "--b-steps", "0", "--val-size", "5",
-            "--test-size", "5", "--out", str(first)])
-    T.main(["--model", "qwen", "--init-from", str(first), "--a-steps", "0", "--b-steps", "2", "--b-batch", "2",
-            "--b-projector-lr-scale", "0.5", "--eval-every", "0", "--val-size", "5", "--test-size", "5",
-            "--out", str(second)])
+    T.main(
+        [
+            "--model",
+            "qwen",
+            "--a-steps",
+            "1",
+            "--a-batch",
+            "2",
+            "--b-steps",
+            "0",
+            "--val-size",
+            "5",
+            "--test-size",
+            "5",
+            "--out",
+            str(first),
+        ]
+    )
+    T.main(
+        [
+            "--model",
+            "qwen",
+            "--init-from",
+            str(first),
+            "--a-steps",
+            "0",
+            "--b-steps",
+            "2",
+            "--b-batch",
+            "2",
+            "--b-projector-lr-scale",
+            "0.5",
+            "--eval-every",
+            "0",
+            "--val-size",
+            "5",
+            "--test-size",
+            "5",
+            "--out",
+            str(second),
+        ]
+    )
     before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # the checkpoint keeps Qwen2.5-VL's original layout: visual.* is the tower and its merger, the rest the LLM
@@ -103,8 +165,9 @@ def test_video_short_run_grows_the_vocabulary_and_keeps_the_tower(tmp_path):
     require(is_available(TV.BASE_MODEL), f"{TV.BASE_MODEL} not built")
     torch.set_num_threads(1)
     out = tmp_path / "v"
-    info = TV.main(["--steps", "2", "--batch", "2", "--eval-every", "0", "--val-size", "6", "--test-size", "6",
-                    "--out", str(out)])
+    info = TV.main(
+        ["--steps", "2", "--batch", "2", "--eval-every", "0", "--val-size", "6", "--test-size", "6", "--out", str(out)]
+    )
     rec = json.loads((out / "training.json").read_text())
     assert rec["command"].startswith("python -m training.train_video --steps 2")
     assert rec["visual_tokens_per_clip"] == 600 and rec["frames_per_clip"] == 8 and rec["test_accuracy"]["n"] == 6

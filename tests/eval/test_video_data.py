@@ -1,4 +1,5 @@
 """The embedded video benchmark (vtprune.eval.data.video) and the embedded video model."""
+
 import collections
 
 import pytest
@@ -26,8 +27,14 @@ def hand_clip():
     cyan, green = obj("cyan", "triangle", 100, 60), obj("green", "square", 90, 15)
     reds = [obj("red", "circle", x, 20) for x in (20, 40, 60, 80)]
     blue, yellow = obj("blue", "square", 25, 60), obj("yellow", "circle", 50, 45)
-    return V.Clip([D.Scene([reds[0], cyan, green]), D.Scene([reds[1], cyan, blue]),
-                   D.Scene([reds[2], cyan, blue, yellow]), D.Scene([reds[3], cyan, blue, yellow])])
+    return V.Clip(
+        [
+            D.Scene([reds[0], cyan, green]),
+            D.Scene([reds[1], cyan, blue]),
+            D.Scene([reds[2], cyan, blue, yellow]),
+            D.Scene([reds[3], cyan, blue, yellow]),
+        ]
+    )
 
 
 def test_hand_built_clip_answers():
@@ -38,9 +45,15 @@ def test_hand_built_clip_answers():
     assert a(c, "which object appeared last ?") == "yellow"
     counts = {k: a(c, f"how many frames show the {k} object ?") for k in ("red", "cyan", "blue", "yellow", "green")}
     assert counts == {"red": "8", "cyan": "8", "blue": "6", "yellow": "4", "green": "2"}
-    assert V.clip_caption(c).split(" . ")[1] == "blue square left bottom , red circle left top , cyan triangle right bottom"
+    assert (
+        V.clip_caption(c).split(" . ")[1]
+        == "blue square left bottom , red circle left top , cyan triangle right bottom"
+    )
     assert c.still() == ["cyan"]  # the mover and the objects that come or go are not single-frame material
-    assert a(c, "what shape is the cyan object ?") == "triangle" and a(c, "is the cyan object on the left or right ?") == "right"
+    assert (
+        a(c, "what shape is the cyan object ?") == "triangle"
+        and a(c, "is the cyan object on the left or right ?") == "right"
+    )
     for t in V.VIDEO_QUESTION_TYPES:  # the generator's questions on this clip agree with the parser
         q, ans = V.ask_video(c, t, __import__("random").Random(1))
         assert ans == a(c, q)
@@ -105,12 +118,14 @@ def test_video_model_accuracy():
     model, processor = load_video_model(VIDEO_MODEL)  # offline, from the package folder
     assert sum(p.numel() for p in model.parameters()) < 5e6
     ex = V.make_video_split("test", 48, seed=0)
-    inputs = processor(videos=[ex[0].frames], text=[build_video_prompt(processor, ex[0].question)],
-                       return_tensors="pt")
+    inputs = processor(videos=[ex[0].frames], text=[build_video_prompt(processor, ex[0].question)], return_tensors="pt")
     assert (inputs["input_ids"] == model.config.video_token_id).sum() == 600 >= 200
-    pos, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                        video_grid_thw=inputs["video_grid_thw"],
-                                        second_per_grid_ts=inputs["second_per_grid_ts"])
+    pos, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+        video_grid_thw=inputs["video_grid_thw"],
+        second_per_grid_ts=inputs["second_per_grid_ts"],
+    )
     video = inputs["input_ids"][0] == model.config.video_token_id
     assert pos[0, 0, video].unique().numel() == 4  # the four temporal groups have distinct time ids
     res = evaluate_video(model, processor, ex, batch_size=24)

@@ -1,4 +1,5 @@
 """`vtprune eval --tasks video`: the video benchmark's rows, specs with options, the CLI and its errors."""
+
 import json
 
 import pytest
@@ -23,7 +24,9 @@ needs_model = needs(is_video_model_available(VIDEO_MODEL), f"{VIDEO_MODEL}'s wei
 def test_parse_method_reads_options_and_rejects_bad_ones():
     assert harness.parse_method("divprune") == ("divprune", {})
     assert harness.parse_method("divprune_stable:smooth=1,margin=0.02") == (
-        "divprune_stable", {"smooth": 1, "margin": 0.02})
+        "divprune_stable",
+        {"smooth": 1, "margin": 0.02},
+    )
     assert harness.parse_method("divprune:temporal=frame") == ("divprune", {"temporal": "frame"})
     with pytest.raises(ValueError, match="'temporal' in 'divprune:temporal' is not key=value"):
         harness.parse_method("divprune:temporal")
@@ -35,8 +38,14 @@ def test_parse_method_reads_options_and_rejects_bad_ones():
 
 def test_video_specs_add_the_per_frame_form():
     specs = video_eval.video_specs(["divprune", "temporal", "pool:temporal=clip", "divprune_stable:cells=3"])
-    assert specs == ["divprune", "divprune:temporal=frame", "temporal", "pool:temporal=clip",
-                     "divprune_stable:cells=3", "divprune_stable:cells=3,temporal=frame"]
+    assert specs == [
+        "divprune",
+        "divprune:temporal=frame",
+        "temporal",
+        "pool:temporal=clip",
+        "divprune_stable:cells=3",
+        "divprune_stable:cells=3,temporal=frame",
+    ]
     every = video_eval.video_specs()
     assert len(every) == 2 * len(vtprune.list_methods()) - len(video_eval.CLIP_ONLY)
 
@@ -80,8 +89,27 @@ def test_per_frame_pool_keeps_a_share_of_every_frame():
 @needs_model
 def test_cli_video_task_writes_multi_frame_columns(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["eval", "--tasks", "video", "--methods", "random", "--budgets", "100,11", "--limit", "6",
-                 "--batch-size", "6", "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--tasks",
+                "video",
+                "--methods",
+                "random",
+                "--budgets",
+                "100,11",
+                "--limit",
+                "6",
+                "--batch-size",
+                "6",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["none", "random", "random:temporal=frame"]
     text = capsys.readouterr().out
@@ -90,12 +118,17 @@ def test_cli_video_task_writes_multi_frame_columns(tmp_path, capsys):
     assert (out / "pareto.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--tasks", "nope"], "task(s) ['nope'] are not embedded benchmarks (expected ['image', 'video'])"),
-    (["--tasks", "video", "--models", "llava-tiny-sortofclevr"],
-     "unknown embedded model(s) ['llava-tiny-sortofclevr'] for task(s) ['video']"),
-    (["--tasks", "video", "--methods", "divprune:temporal=often"], "temporal must be one of ['clip', 'frame']"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tasks", "nope"], "task(s) ['nope'] are not embedded benchmarks (expected ['image', 'video'])"),
+        (
+            ["--tasks", "video", "--models", "llava-tiny-sortofclevr"],
+            "unknown embedded model(s) ['llava-tiny-sortofclevr'] for task(s) ['video']",
+        ),
+        (["--tasks", "video", "--methods", "divprune:temporal=often"], "temporal must be one of ['clip', 'frame']"),
+    ],
+)
 def test_cli_video_errors_name_the_value(argv, message, tmp_path, capsys):
     assert main(["eval", "--output", str(tmp_path), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err

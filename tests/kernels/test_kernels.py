@@ -16,6 +16,7 @@ Tolerances: compaction and selection are exact (bitwise-equal tensors, identical
 float32 like the reference but in another order: float32 atol = rtol = 1e-5; float16 1e-3 and bfloat16 1.6e-2 (one
 rounding step of the final cast); merged sizes (float32) 1e-5.
 """
+
 import os
 
 import torch
@@ -37,9 +38,9 @@ pytest.importorskip("triton")
 
 from vtprune import ops  # noqa: E402
 from vtprune.cuda import compact as kcompact  # noqa: E402
-from vtprune.cuda import greedy as kgreedy
+from vtprune.cuda import greedy as kgreedy  # noqa: E402
 from vtprune.cuda import interpret_mode, stdlib_interpreted, triton_available  # noqa: E402
-from vtprune.cuda import merge as kmerge
+from vtprune.cuda import merge as kmerge  # noqa: E402
 
 if _PREVIOUS_INTERPRET is None:
     os.environ.pop("TRITON_INTERPRET", None)
@@ -87,11 +88,11 @@ def _keep_index(b, n, k, seed=0, sort=True):
 
 COMPACT_SHAPES = [  # B, L, L', D
     (1, 1, 1, 1),
-    (2, 37, 11, 19),       # nothing a power of two
-    (3, 130, 65, 64),      # L' not a multiple of BLOCK_T
-    (1, 300, 300, 130),    # keep everything, D just above a power of two
-    (2, 700, 129, 8),      # tiny D: tall tiles
-    (2, 5, 3, 4096),       # large D, several D-tiles
+    (2, 37, 11, 19),  # nothing a power of two
+    (3, 130, 65, 64),  # L' not a multiple of BLOCK_T
+    (1, 300, 300, 130),  # keep everything, D just above a power of two
+    (2, 700, 129, 8),  # tiny D: tall tiles
+    (2, 5, 3, 4096),  # large D, several D-tiles
 ]
 
 
@@ -117,8 +118,13 @@ def test_compact_position_ids_and_mask(pos_kind, mask_kind):
     hidden = _randn(b, l, d, seed=4)
     index = _keep_index(b, l, lk, seed=5)
     base = torch.randint(0, 10_000, (4, b, l), generator=_gen(6)).to(DEVICE)
-    pos = {"none": None, "1d": base[0].contiguous(), "mrope3": base[:3].contiguous(), "mrope4": base,
-           "strided": base.transpose(0, 1).contiguous().transpose(0, 1)[1:]}[pos_kind]  # [3, B, L], not contiguous
+    pos = {
+        "none": None,
+        "1d": base[0].contiguous(),
+        "mrope3": base[:3].contiguous(),
+        "mrope4": base,
+        "strided": base.transpose(0, 1).contiguous().transpose(0, 1)[1:],
+    }[pos_kind]  # [3, B, L], not contiguous
     m = torch.rand(b, l, generator=_gen(7)).to(DEVICE) > 0.5
     mask = {"none": None, "long": m.long(), "bool": m}[mask_kind]
     got = kcompact.compact(hidden, index, pos, mask)
@@ -132,7 +138,7 @@ def test_compact_position_ids_and_mask(pos_kind, mask_kind):
 
 def test_compact_strided_hidden_int32_unsorted_index():
     big = _randn(3, 40, 50, dtype=torch.float16, seed=8)
-    hidden = big[1:, ::2, 3:40]                          # non-contiguous in every dim but the last
+    hidden = big[1:, ::2, 3:40]  # non-contiguous in every dim but the last
     index = _keep_index(2, 20, 13, seed=9, sort=False).to(torch.int32)
     got, _, _ = kcompact.compact(hidden, index)
     assert torch.equal(got, ops.gather_tokens_reference(hidden, index.long()))
@@ -148,8 +154,11 @@ def test_compact_empty_and_bad_input():
     with pytest.raises(ValueError):
         kcompact.compact(hidden, torch.zeros(3, 4, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError):
-        kcompact.compact(hidden, torch.zeros(2, 4, dtype=torch.long, device=DEVICE),
-                         position_ids=torch.zeros(2, 11, dtype=torch.long, device=DEVICE))
+        kcompact.compact(
+            hidden,
+            torch.zeros(2, 4, dtype=torch.long, device=DEVICE),
+            position_ids=torch.zeros(2, 11, dtype=torch.long, device=DEVICE),
+        )
     if DEVICE == "cpu":
         with pytest.raises(IndexError):
             kcompact.compact(hidden, torch.full((2, 3), 10, dtype=torch.long))
@@ -160,10 +169,10 @@ def test_compact_empty_and_bad_input():
 MERGE_SHAPES = [  # B, N, k, D
     (1, 1, 1, 1),
     (2, 50, 7, 33),
-    (3, 130, 1, 16),       # everything into one slot
-    (1, 67, 67, 24),       # nothing merged (k = N)
-    (1, 9, 4, 4096),       # large D (64 programs: the interpreter runs them one by one)
-    (1, 300, 40, 8),       # N spans several BLOCK_N tiles
+    (3, 130, 1, 16),  # everything into one slot
+    (1, 67, 67, 24),  # nothing merged (k = N)
+    (1, 9, 4, 4096),  # large D (64 programs: the interpreter runs them one by one)
+    (1, 300, 40, 8),  # N spans several BLOCK_N tiles
 ]
 
 
@@ -203,12 +212,12 @@ def test_merge_int32_target_strided_hidden():
 
 GREEDY_CASES = [  # B, N, D, k
     (1, 1, 4, 1),
-    (2, 37, 19, 1),        # k = 1: only the first pick
-    (2, 37, 19, 37),       # k = N
+    (2, 37, 19, 1),  # k = 1: only the first pick
+    (2, 37, 19, 37),  # k = N
     (3, 130, 64, 20),
-    (1, 257, 16, 100),     # N just past a power of two
-    (1, 600, 32, 64),      # several row tiles in the first pick
-    (2, 6, 4096, 6),       # large D
+    (1, 257, 16, 100),  # N just past a power of two
+    (1, 600, 32, 64),  # several row tiles in the first pick
+    (2, 6, 4096, 6),  # large D
 ]
 
 
@@ -220,7 +229,7 @@ def test_greedy_matches_reference(case, weighted, dtype):
     features = _randn(b, n, d, dtype=dtype, seed=40 + n)
     weights = torch.rand(b, n, generator=_gen(41)).to(DEVICE) if weighted else None
     want = ops.greedy_maxmin_reference(features, k, weights)
-    got = kgreedy.greedy_maxmin(ops.pairwise_cosine_distance(features), k, weights)
+    got = kgreedy.maxmin_kernel(ops.pairwise_cosine_distance(features), k, weights)
     assert got.dtype == torch.long and got.shape == (b, k)
     assert torch.equal(got, want)
     assert all(len(set(row)) == k for row in got.tolist())
@@ -232,15 +241,15 @@ def test_greedy_strided_distance_and_half_weights():
     dist_t = dist.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major
     weights = torch.rand(2, 50, generator=_gen(51)).to(torch.float16).to(DEVICE)
     for w in (None, weights):
-        want = ops.greedy_maxmin_from_distance(dist, 30, w)
-        assert torch.equal(kgreedy.greedy_maxmin(dist_t, 30, w), want)
+        want = ops.maxmin_on_distances(dist, 30, w)
+        assert torch.equal(kgreedy.maxmin_kernel(dist_t, 30, w), want)
 
 
 def test_greedy_k_zero_and_bad_input():
     dist = ops.pairwise_cosine_distance(_randn(2, 5, 3, seed=52))
-    assert kgreedy.greedy_maxmin(dist, 0).shape == (2, 0)
+    assert kgreedy.maxmin_kernel(dist, 0).shape == (2, 0)
     with pytest.raises(ValueError):
-        kgreedy.greedy_maxmin(dist[:, :, :4], 2)
+        kgreedy.maxmin_kernel(dist[:, :, :4], 2)
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
@@ -324,7 +333,7 @@ load_cuda(CUDA_DIR)
 import vtcuda.compact, vtcuda.greedy  # import triton while TRITON_INTERPRET is unset
 os.environ["TRITON_INTERPRET"] = "1"  # too late for triton.language's own helpers
 try:
-    vtcuda.greedy.greedy_maxmin(torch.rand(1, 4, 4), 2)
+    vtcuda.greedy.maxmin_kernel(torch.rand(1, 4, 4), 2)
 except RuntimeError as e:
     assert "before anything imports triton" in str(e), e
     print("ok")
@@ -335,10 +344,19 @@ def test_in_fresh_process():
     if not NEEDS_FRESH_PROCESS:
         pytest.skip("this process can run the kernels: the tests above ran here")
     # --noconftest: the project's conftest imports transformers (and so triton); not needed by these tests
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
-               TRITON_INTERPRET="1" if INTERPRET else "0", VTPRUNE_KERNEL_TESTS_CHILD="1")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
-                         env=env, capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+        TRITON_INTERPRET="1" if INTERPRET else "0",
+        VTPRUNE_KERNEL_TESTS_CHILD="1",
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0 and " passed" in res.stdout, res.stdout[-6000:] + res.stderr[-2000:]
     print(res.stdout.strip().splitlines()[-1])
 
@@ -394,8 +412,10 @@ def test_bench_script_runs_under_interpreter(capsys):
     assert bench.peak_tbps("NVIDIA GH200 480GB", None) == 4.0
     assert bench.peak_tbps("NVIDIA A100-SXM4-40GB", None) == 1.555
     assert bench.peak_tbps("NVIDIA L4", 0.25) == 0.25
-    fake = [{"op": "greedy", "rule": "divprune", "N": 2880, "k": 640, "kernel_s": 1e-3, "official_s": 2e-2},
-            {"op": "compact", "case": "bandwidth", "peak_share": 0.75}]
+    fake = [
+        {"op": "greedy", "rule": "divprune", "N": 2880, "k": 640, "kernel_s": 1e-3, "official_s": 2e-2},
+        {"op": "compact", "case": "bandwidth", "peak_share": 0.75},
+    ]
     assert [line.endswith("PASS") for line in bench._goals(fake, 3.35)] == [True, True]
     if not INTERPRET:
         pytest.skip("the --interpret smoke run is for CPU-only processes")

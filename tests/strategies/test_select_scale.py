@@ -1,4 +1,5 @@
 """Selection at scale: greedy max-min without the N x N matrix, and ZOO's MLP form, against the references."""
+
 import copy
 import math
 
@@ -35,7 +36,7 @@ def realistic(b, n, d, seed, duplicates=0):
 
 CASES = [  # b, n, d, k, duplicates
     (1, 1, 4, 1, 0),
-    (2, 37, 19, 37, 0),     # k = N
+    (2, 37, 19, 37, 0),  # k = N
     (2, 300, 64, 60, 0),
     (1, 577, 128, 200, 40),  # many exact duplicates
     (3, 130, 16, 130, 30),
@@ -54,9 +55,9 @@ def test_both_paths_pick_as_the_reference(case, weighted, loop):
     x = realistic(b, n, d, seed=n + k, duplicates=dup)
     w = torch.rand(b, n, generator=gen(1)) if weighted else None
     want = ops.greedy_maxmin_reference(x, k, w)
-    assert torch.equal(greedy.greedy_maxmin(x, k, w), want)  # matrix path: the reference's matrix, bit for bit
+    assert torch.equal(greedy.maxmin_torch(x, k, w), want)  # matrix path: the reference's matrix, bit for bit
     # rows path with blocks of 7 rows (not a divisor of N): several nearest-neighbour blocks
-    got = greedy.greedy_maxmin(x, k, w, max_matrix_bytes=0, block_bytes=4 * n * 7)
+    got = greedy.maxmin_torch(x, k, w, max_matrix_bytes=0, block_bytes=4 * n * 7)
     assert_same_up_to_float_ties(got, want, x, w)
 
 
@@ -87,7 +88,7 @@ def test_rows_path_identical_on_llava_like_features():
     for k in (64, 192):
         for weights in (None, w):
             want = ops.greedy_maxmin_reference(x, k, weights)
-            assert torch.equal(greedy.greedy_maxmin(x, k, weights, max_matrix_bytes=0, block_bytes=1 << 20), want)
+            assert torch.equal(greedy.maxmin_torch(x, k, weights, max_matrix_bytes=0, block_bytes=1 << 20), want)
 
 
 def test_duplicates_tie_to_the_lowest_index():
@@ -102,7 +103,7 @@ def test_duplicates_tie_to_the_lowest_index():
         if weights is not None:
             assert want[0, 0] == 2
         for limit in (None, 0):
-            assert torch.equal(greedy.greedy_maxmin(x, 20, weights, max_matrix_bytes=limit), want)
+            assert torch.equal(greedy.maxmin_torch(x, 20, weights, max_matrix_bytes=limit), want)
 
 
 def test_rows_path_never_builds_the_matrix(monkeypatch):
@@ -117,8 +118,8 @@ def test_rows_path_never_builds_the_matrix(monkeypatch):
 
 def test_k_zero_and_empty_batch():
     x = torch.randn(2, 5, 3)
-    assert greedy.greedy_maxmin(x, 0).shape == (2, 0)
-    assert greedy.greedy_maxmin(torch.randn(0, 5, 3), 2).shape == (0, 2)
+    assert greedy.maxmin_torch(x, 0).shape == (2, 0)
+    assert greedy.maxmin_torch(torch.randn(0, 5, 3), 2).shape == (0, 2)
 
 
 def test_rows_path_memory_is_linear_in_n():
@@ -135,13 +136,16 @@ def test_rows_path_memory_is_linear_in_n():
 
 # --------------------------------------------------------------------------------------------- ZOO, MLP form
 
+
 def llava_projector(din, d, seed, act="gelu"):
     from transformers import LlavaConfig
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    cfg = LlavaConfig(vision_config=dict(model_type="clip_vision_model", hidden_size=din, num_attention_heads=1),
-                      text_config=dict(model_type="llama", hidden_size=d, num_attention_heads=1),
-                      projector_hidden_act=act)
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=din, num_attention_heads=1),
+        text_config=dict(model_type="llama", hidden_size=d, num_attention_heads=1),
+        projector_hidden_act=act,
+    )
     torch.manual_seed(seed)
     return LlavaMultiModalProjector(cfg).eval()
 
@@ -151,8 +155,11 @@ def qwen_mlp(din, d, seed):
     return torch.nn.Sequential(torch.nn.Linear(din, din), torch.nn.GELU(), torch.nn.Linear(din, d)).eval()
 
 
-PROJECTORS = {"llava": lambda: llava_projector(24, 40, seed=0), "qwen": lambda: qwen_mlp(48, 20, seed=1),
-              "llava-relu": lambda: llava_projector(24, 40, seed=2, act="relu")}
+PROJECTORS = {
+    "llava": lambda: llava_projector(24, 40, seed=0),
+    "qwen": lambda: qwen_mlp(48, 20, seed=1),
+    "llava-relu": lambda: llava_projector(24, 40, seed=2, act="relu"),
+}
 
 
 def float64_sensitivity(pre, projector, m, h, seed):
@@ -209,9 +216,12 @@ def test_mlp_form_reads_a_live_module_without_calling_or_changing_it():
 def test_other_projectors_get_the_generic_form(monkeypatch):
     monkeypatch.setattr(zoo, "_mlp_norms", lambda *_: pytest.fail("MLP form used"))
     lin = torch.nn.Linear(8, 8)
-    others = [torch.tanh, torch.nn.Sequential(lin, torch.nn.Softmax(-1), torch.nn.Linear(8, 4)),
-              torch.nn.Sequential(lin, torch.nn.GELU(), torch.nn.Linear(8, 4), torch.nn.GELU()),
-              torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GELU(), lin)]
+    others = [
+        torch.tanh,
+        torch.nn.Sequential(lin, torch.nn.Softmax(-1), torch.nn.Linear(8, 4)),
+        torch.nn.Sequential(lin, torch.nn.GELU(), torch.nn.Linear(8, 4), torch.nn.GELU()),
+        torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GELU(), lin),
+    ]
     for p in others:
         assert zoo.mlp_parts(p) is None
         zoo.zoo_sensitivity(torch.randn(1, 5, 8), p, m=3)
@@ -234,7 +244,8 @@ def test_scoring_flops_match_the_counted_products():
             assert counter.get_total_flops() == zoo.zoo_scoring_flops(30, 6, shapes, form), (name, form)
     # the embedded-model shapes of the issue: the reduction factor at N = 576, m = 64
     ratio = zoo.zoo_scoring_flops(576, 64, (1024, 4096, 4096), "generic") / zoo.zoo_scoring_flops(
-        576, 64, (1024, 4096, 4096))
+        576, 64, (1024, 4096, 4096)
+    )
     assert math.isclose(ratio, 2.49, rel_tol=0.01)
 
 
@@ -259,5 +270,6 @@ def test_same_picks_on_tiny_models(family, monkeypatch):
     assert used, "the model's projector was not recognised as an MLP"
     monkeypatch.setattr(zoo, "mlp_parts", lambda _: None)
     slow = kept()
-    assert len(fast) == len(slow) and all(torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-                                          for f, s in zip(fast, slow) for a, b in zip(f, s))
+    assert len(fast) == len(slow) and all(
+        torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for f, s in zip(fast, slow) for a, b in zip(f, s)
+    )

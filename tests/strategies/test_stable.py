@@ -1,5 +1,6 @@
 """Stable diversity selection (divprune_stable, zoo_stable): the knobs against naive versions, and the methods
 through the patch layer (determinism, batching, keep-all identity)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,10 @@ from vtprune.strategies.base import SelectionInputs
 
 torch.set_num_threads(1)
 
-SETTINGS = {"divprune_stable": dict(smooth=2, cells=2, margin=0.05, quantum=0.01),
-            "zoo_stable": dict(m=8, smooth=2, cells=2, cell_pick="greedy")}
+SETTINGS = {
+    "divprune_stable": dict(smooth=2, cells=2, margin=0.05, quantum=0.01),
+    "zoo_stable": dict(m=8, smooth=2, cells=2, cell_pick="greedy"),
+}
 # Each method with its knobs set, and with the family's default cell layout (Qwen: 3x3 cells, salient tokens).
 CASES = [(m, SETTINGS[m]) for m in sorted(SETTINGS)] + [("divprune_stable", {}), ("zoo_stable", dict(m=8))]
 
@@ -44,16 +47,15 @@ def test_smooth_features_is_the_mean_of_the_right_down_neighbourhood():
 
 def test_margin_and_quantum_break_near_ties_by_raster_order():
     # Token 0 is the first pick's partner; tokens 1 and 2 are almost equally far from it, token 2 slightly farther.
-    dist = torch.tensor([[[0.0, 0.50, 0.51, 0.9], [0.50, 0.0, 0.3, 0.2], [0.51, 0.3, 0.0, 0.2],
-                          [0.9, 0.2, 0.2, 0.0]]])
+    dist = torch.tensor([[[0.0, 0.50, 0.51, 0.9], [0.50, 0.0, 0.3, 0.2], [0.51, 0.3, 0.0, 0.2], [0.9, 0.2, 0.2, 0.0]]])
     init = torch.tensor([[0]])
-    assert stable.greedy_stable(dist, 2, init=init)[0, 1] == 3
+    assert stable.maxmin_tie_band(dist, 2, init=init)[0, 1] == 3
     d = dist.clone()
     d[0, 0, 3] = d[0, 3, 0] = 0.1  # now 1 and 2 compete: 0.50 vs 0.51
-    assert stable.greedy_stable(d, 2, init=init)[0, 1] == 2
-    assert stable.greedy_stable(d, 2, margin=0.05, init=init)[0, 1] == 1
-    assert stable.greedy_stable(d, 2, margin=0.01, init=init)[0, 1] == 2  # 0.50 < 0.99 * 0.51
-    assert stable.greedy_stable(torch.floor(d / 0.05) * 0.05, 2, init=init)[0, 1] == 1
+    assert stable.maxmin_tie_band(d, 2, init=init)[0, 1] == 2
+    assert stable.maxmin_tie_band(d, 2, margin=0.05, init=init)[0, 1] == 1
+    assert stable.maxmin_tie_band(d, 2, margin=0.01, init=init)[0, 1] == 2  # 0.50 < 0.99 * 0.51
+    assert stable.maxmin_tie_band(torch.floor(d / 0.05) * 0.05, 2, init=init)[0, 1] == 1
 
 
 @pytest.mark.parametrize("cell_pick", stable.CELL_PICKS)
@@ -93,7 +95,7 @@ def test_no_grid_falls_back_to_raster_only_knobs():
 def test_a_clip_is_smoothed_and_cut_into_cells_frame_by_frame():
     frames, (x, grid) = 3, features(b=2, rows=4, cols=5, d=6)
     clip = torch.cat([x, x.flip(1), x * 2], dim=1)  # [2, 3 * 20, 6]: three frames of the same grid
-    per_frame = [stable.smooth_features(clip[:, f * 20:(f + 1) * 20], grid, 2) for f in range(frames)]
+    per_frame = [stable.smooth_features(clip[:, f * 20 : (f + 1) * 20], grid, 2) for f in range(frames)]
     assert torch.equal(stable.smooth_features(clip, grid, 2), torch.cat(per_frame, dim=1))
     one, cell = stable.cell_index(grid, 2), stable.cell_index(grid, 2, frames=frames)
     assert torch.equal(cell, torch.cat([one + 6 * f for f in range(frames)]))  # 2 x 3 cells per frame, never shared
@@ -125,9 +127,16 @@ def test_a_video_reaches_the_strategy_as_frames_of_a_grid(monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family, given, expected", [
-    ("llava", {}, (2, "central")), ("qwen2_5_vl", {}, (3, "salient")), ("qwen3_vl", {}, (3, "salient")),
-    ("qwen2_5_vl", {"cells": 2}, (2, "salient")), ("llava", {"cell_pick": "salient"}, (2, "salient"))])
+@pytest.mark.parametrize(
+    "family, given, expected",
+    [
+        ("llava", {}, (2, "central")),
+        ("qwen2_5_vl", {}, (3, "salient")),
+        ("qwen3_vl", {}, (3, "salient")),
+        ("qwen2_5_vl", {"cells": 2}, (2, "salient")),
+        ("llava", {"cell_pick": "salient"}, (2, "salient")),
+    ],
+)
 def test_the_family_sets_the_cells_the_user_did_not(monkeypatch, family, given, expected):
     seen, real = [], stable.stable_maxmin
 
@@ -154,8 +163,9 @@ def test_bad_options_are_named():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method, options", CASES, ids=[f"{m}-{'knobs' if o.keys() - {'m'} else 'defaults'}"
-                                                         for m, o in CASES])
+@pytest.mark.parametrize(
+    "method, options", CASES, ids=[f"{m}-{'knobs' if o.keys() - {'m'} else 'defaults'}" for m, o in CASES]
+)
 def test_stable_methods_are_deterministic_batch_consistent_and_keep_all_exact(family, method, options):
     model = cached_model(family, "sdpa")
     batch = make_batch(family, 2)
@@ -170,7 +180,7 @@ def test_stable_methods_are_deterministic_batch_consistent_and_keep_all_exact(fa
             alone = model(**row(batch, i)).logits
             kept = vtprune.get_stats(model)[0]["kept_indices"][0]
             assert torch.equal(stats["kept_indices"][i, : kept.shape[0]], kept)
-            torch.testing.assert_close(first[i, -alone.shape[1]:], alone[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(first[i, -alone.shape[1] :], alone[0], rtol=0, atol=1e-5)
         assert model.generate(**batch, max_new_tokens=2, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 2
     finally:
         vtprune.remove_pruner(model)

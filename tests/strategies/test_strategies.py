@@ -1,4 +1,5 @@
 """Strategies against independent naive implementations, on features with realistic redundancy."""
+
 import math
 from types import SimpleNamespace
 
@@ -7,8 +8,11 @@ import torch
 
 torch.set_num_threads(1)
 
-from vtprune import calibrate  # noqa: E402
-from vtprune import budgets, merge  # noqa: E402
+from vtprune import (  # noqa: E402
+    budgets,
+    calibrate,  # noqa: E402
+    merge,
+)
 from vtprune.strategies import debias, entropy, get_method, zoo  # noqa: E402
 from vtprune.strategies.base import SelectionInputs  # noqa: E402
 from vtprune.strategies.baselines import fastv_select  # noqa: E402
@@ -65,6 +69,7 @@ def naive_weighted_greedy(x, k, w):
 
 # --------------------------------------------------------------------------------------------- DivPrune
 
+
 @pytest.mark.parametrize("k", [1, 5, 20, 60])
 def test_divprune_matches_official_loop(k):
     x, _ = redundant_features(3, 150, 32, 6, seed=k)
@@ -84,7 +89,7 @@ def test_divprune_batched_equals_per_row():
     x, _ = redundant_features(4, 120, 16, 5, seed=3)
     batched = divprune_select(SelectionInputs(features=x), 30)
     for row in range(4):
-        assert torch.equal(batched[row], divprune_select(SelectionInputs(features=x[row:row + 1]), 30)[0])
+        assert torch.equal(batched[row], divprune_select(SelectionInputs(features=x[row : row + 1]), 30)[0])
 
 
 def test_divprune_keep_newlines():
@@ -115,7 +120,7 @@ def test_divprune_newline_counts_differ_between_rows():
     mask[1, 19::20] = True
     got = divprune_select(SelectionInputs(features=x, newline_mask=mask), 20, keep_newlines=True)
     for row in range(2):
-        one = SelectionInputs(features=x[row:row + 1], newline_mask=mask[row:row + 1])
+        one = SelectionInputs(features=x[row : row + 1], newline_mask=mask[row : row + 1])
         assert torch.equal(got[row], divprune_select(one, 20, keep_newlines=True)[0])
 
 
@@ -129,9 +134,10 @@ def test_the_engine_entry_point_checks_k_once_for_every_method():
 
 # --------------------------------------------------------------------------------------------- ZOO-Prune
 
+
 def small_projector(din, d, seed):
     g = gen(seed)
-    w1, w2 = torch.randn(din, 48, generator=g) / din ** 0.5, torch.randn(48, d, generator=g) / 48 ** 0.5
+    w1, w2 = torch.randn(din, 48, generator=g) / din**0.5, torch.randn(48, d, generator=g) / 48**0.5
     seen = []
 
     def project(rows):
@@ -150,7 +156,7 @@ def naive_sensitivity(pre, project, m, h, seed):
     return total / m
 
 
-@pytest.mark.parametrize("chunk_rows", [2, 7, 130, 10 ** 9])
+@pytest.mark.parametrize("chunk_rows", [2, 7, 130, 10**9])
 def test_zoo_sensitivity_chunked_matches_naive(chunk_rows):
     pre = torch.randn(2, 40, 12, generator=gen(0)) * 2
     project, _ = small_projector(12, 16, seed=1)
@@ -199,7 +205,7 @@ def test_zoo_select_matches_naive_pipeline():
         assert got[row].tolist() == naive_weighted_greedy(x[row], 20, w[row])
     # Batched equals per-row: directions are shared, nothing else couples the rows.
     for row in range(2):
-        one = SelectionInputs(features=x[row:row + 1], pre_projector=pre[row:row + 1], projector=project)
+        one = SelectionInputs(features=x[row : row + 1], pre_projector=pre[row : row + 1], projector=project)
         assert torch.equal(got[row], zoo.zoo_select(one, 20, m=8, seed=2, chunk_rows=100)[0])
 
 
@@ -227,6 +233,7 @@ def test_zoo_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------------- EntropyPrune
+
 
 def naive_entropy(queries, normalize=False):
     """Per token: -sum(l log l) / log H over the eigenvalues of the d_head x d_head covariance of the head-centred
@@ -279,30 +286,41 @@ def test_entropy_select_top_k_and_batching():
     got = entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 6, normalize=True)
     for row in range(3):
         assert got[row].tolist() == sorted(rich[row].tolist())
-        one = SelectionInputs(features=feats[row:row + 1], queries=q[row:row + 1].half())
+        one = SelectionInputs(features=feats[row : row + 1], queries=q[row : row + 1].half())
         assert torch.equal(got[row], entropy.entropy_select(one, 6, normalize=True)[0])
     for normalize in (False, True):
         want = torch.sort(naive_entropy(q.half(), normalize), dim=1, descending=True, stable=True).indices[:, :20]
-        assert torch.equal(entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 20,
-                                                  normalize=normalize), want.sort(dim=1).values)
+        assert torch.equal(
+            entropy.entropy_select(SelectionInputs(features=feats, queries=q.half()), 20, normalize=normalize),
+            want.sort(dim=1).values,
+        )
 
 
 def test_entropy_ties_go_to_earlier_tokens():
     q = torch.randn(1, 1, 4, 8, generator=gen(0)).expand(1, 10, 4, 8)
-    assert entropy.entropy_select(SelectionInputs(features=torch.zeros(1, 10, 2), queries=q), 3).tolist() == \
-        [[0, 1, 2]]
+    assert entropy.entropy_select(SelectionInputs(features=torch.zeros(1, 10, 2), queries=q), 3).tolist() == [[0, 1, 2]]
 
 
-@pytest.mark.parametrize("args,want", [
-    ((32, 2, 576, 192), 166), ((32, 2, 576, 128), 98), ((32, 2, 576, 64), 29), ((32, 0, 576, 64), 64),
-    ((28, 1, 1000, 100), 66), ((32, 2, 576, 30), 1), ((32, 2, 576, 576), 576), ((32, 2, 576, 128.5), 98),
-])
+@pytest.mark.parametrize(
+    "args,want",
+    [
+        ((32, 2, 576, 192), 166),
+        ((32, 2, 576, 128), 98),
+        ((32, 2, 576, 64), 29),
+        ((32, 0, 576, 64), 64),
+        ((28, 1, 1000, 100), 66),
+        ((32, 2, 576, 30), 1),
+        ((32, 2, 576, 576), 576),
+        ((32, 2, 576, 128.5), 98),
+    ],
+)
 def test_layer_average_keep(args, want):
     assert budgets.layer_average_keep(*args) == want
 
 
-@pytest.mark.parametrize("args", [(32, 32, 576, 64), (32, -1, 576, 64), (32, 2, 576, 0), (32, 2, 576, 600),
-                                  (0, 0, 576, 64), (32, 2, 0, 1)])
+@pytest.mark.parametrize(
+    "args", [(32, 32, 576, 64), (32, -1, 576, 64), (32, 2, 576, 0), (32, 2, 576, 600), (0, 0, 576, 64), (32, 2, 0, 1)]
+)
 def test_layer_average_keep_rejects(args):
     with pytest.raises(ValueError):
         budgets.layer_average_keep(*args)
@@ -386,6 +404,7 @@ def test_find_collapse_layer_and_cache():
 
 # --------------------------------------------------------------------------------------------- debiasing
 
+
 def planted_scores(b, n, sigma, boost, n_planted, seed):
     """Attention with an exponential recency trend, lognormal noise and planted salient tokens."""
     g = gen(seed)
@@ -423,8 +442,9 @@ def test_position_curve_fit_save_load_and_resample(tmp_path):
     debias.save_curve(path, curve)
     torch.testing.assert_close(debias.load_curve(path), curve)
     s, planted = planted_scores(4, 576, 2.0, 3.0, 24, seed=2)
-    assert recall(debias.debias_position(s, curve).topk(24).indices, planted) > \
-        recall(s.topk(24).indices, planted) + 0.2
+    assert (
+        recall(debias.debias_position(s, curve).topk(24).indices, planted) > recall(s.topk(24).indices, planted) + 0.2
+    )
     # A curve fitted at another resolution is resampled exactly (it is an exponential).
     half = curve[::2].clone()
     torch.testing.assert_close(debias._resample_curve(half, 576), curve, rtol=1e-4, atol=0)
@@ -500,12 +520,16 @@ def test_fastv_debias_curve_path_and_batching(tmp_path):
     for mode in (None, "position", "sink", "both"):
         batched = fastv_select(inputs, 24, debias=mode)
         for row in range(3):
-            one = SelectionInputs(features=inputs.features[row:row + 1], attention=inputs.attention[row:row + 1],
-                                  pad_mask=inputs.pad_mask[row:row + 1])
+            one = SelectionInputs(
+                features=inputs.features[row : row + 1],
+                attention=inputs.attention[row : row + 1],
+                pad_mask=inputs.pad_mask[row : row + 1],
+            )
             assert torch.equal(batched[row], fastv_select(one, 24, debias=mode)[0])
 
 
 # --------------------------------------------------------------------------------------------- merging
+
 
 def naive_merge(x, keep, sizes):
     n, k = x.shape[0], keep.numel()
@@ -535,7 +559,7 @@ def test_merge_matches_naive_loop():
         assert torch.equal(target[row], t)
         torch.testing.assert_close(merged[row].double(), m, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(total[row].double(), tot, rtol=1e-6, atol=1e-6)
-        one_m, one_t = merge.merge_pruned(x[row:row + 1], keep[row:row + 1], sizes[row:row + 1])
+        one_m, one_t = merge.merge_pruned(x[row : row + 1], keep[row : row + 1], sizes[row : row + 1])
         torch.testing.assert_close(one_m[0], merged[row])
     assert torch.equal(merge.merge_pruned(x, keep)[1].sum(dim=1), torch.full((2,), 60.0))
 

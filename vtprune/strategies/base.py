@@ -9,6 +9,7 @@ on groups of rows that share the same visual-token count.
 function's keyword parameters: names, defaults and annotations, which are also how values are checked), its default
 layer, what it needs from the model, its budget rule and the FLOPs its scoring costs.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -17,8 +18,9 @@ import numbers
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Optional, Union
+from typing import Annotated, Any, Union
 
 import numpy as np
 import torch
@@ -30,8 +32,20 @@ BUDGETS = ("plain", "layer_average")
 ENGINE_OPTIONS = ("merge", "budget", "units", "temporal")
 # Names a method's own options may not take: the engine's options and apply_pruner's keywords would swallow them
 # (tests/test_core.py checks this list against apply_pruner's signature).
-RESERVED_OPTIONS = ENGINE_OPTIONS + ("model", "method", "keep_ratio", "keep_tokens", "layer", "schedule", "positions",
-                                     "video_keep_ratio", "video_keep_tokens", "config", "replace", "options")
+RESERVED_OPTIONS = ENGINE_OPTIONS + (
+    "model",
+    "method",
+    "keep_ratio",
+    "keep_tokens",
+    "layer",
+    "schedule",
+    "positions",
+    "video_keep_ratio",
+    "video_keep_tokens",
+    "config",
+    "replace",
+    "options",
+)
 
 
 @dataclass(frozen=True)
@@ -39,14 +53,18 @@ class Range:
     """The interval a numeric option must lie in, declared in its annotation (``m: Annotated[int, Range(ge=1)] =
     64``) and checked with its type when the pruner is applied, so a bad value never reaches a forward."""
 
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
 
     def contains(self, value) -> bool:
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
 
     def __str__(self) -> str:
         bounds = ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
@@ -76,17 +94,17 @@ class SelectionInputs:
     """
 
     features: torch.Tensor
-    attention: Optional[torch.Tensor] = None
-    queries: Optional[torch.Tensor] = None
-    pre_projector: Optional[torch.Tensor] = None
-    projector: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    grid: Optional[list] = None
-    frames: Optional[list] = None
-    kinds: Optional[list] = None
-    pad_mask: Optional[torch.Tensor] = None
-    newline_mask: Optional[torch.Tensor] = None
-    text: Optional[torch.Tensor] = None
-    text_mask: Optional[torch.Tensor] = None
+    attention: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    pre_projector: torch.Tensor | None = None
+    projector: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grid: list | None = None
+    frames: list | None = None
+    kinds: list | None = None
+    pad_mask: torch.Tensor | None = None
+    newline_mask: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
     backends: dict = field(default_factory=dict)
 
     @property
@@ -115,8 +133,8 @@ class ScoringShape:
     head_dim: int
     seq_len: int
     projector_row: int = 0
-    projector_dims: Optional[tuple] = None
-    row_n: Optional[int] = None
+    projector_dims: tuple | None = None
+    row_n: int | None = None
 
 
 def _no_cost(shape: ScoringShape, **options) -> int:
@@ -132,15 +150,15 @@ class Method:
     needs: frozenset = frozenset()
     options: dict = field(default_factory=dict)  # option name -> default value (from the signature)
     types: dict = field(default_factory=dict)  # option name -> annotation (from the signature)
-    layer: Union[int, Callable[[Any], int]] = 0  # default layer, or adapter -> layer
+    layer: int | Callable[[Any], int] = 0  # default layer, or adapter -> layer
     min_layer: int = 0  # attention/query-scored methods need a layer before the stage
     budget: str = "plain"  # default budget convention ("layer_average": EntropyPrune's)
-    budget_cap: Optional[Callable[..., int]] = None  # (k, pad_mask [n] or None, **options) -> k
+    budget_cap: Callable[..., int] | None = None  # (k, pad_mask [n] or None, **options) -> k
     flops: Callable[..., int] = _no_cost  # (ScoringShape, **options) -> FLOPs of scoring one row
-    validate: Optional[Callable[..., None]] = None  # (**options) -> None, raises ValueError on bad values
+    validate: Callable[..., None] | None = None  # (**options) -> None, raises ValueError on bad values
     description: str = ""
     needs_if: dict = field(default_factory=dict)  # need -> (**options) -> bool: needed under those options only
-    family_options: Optional[Callable[[Any], dict]] = None  # adapter -> option defaults for that model family
+    family_options: Callable[[Any], dict] | None = None  # adapter -> option defaults for that model family
 
     def defaults_for(self, adapter=None) -> dict:
         """Option defaults that the model family behind ``adapter`` sets in place of the signature's."""
@@ -207,17 +225,30 @@ def checked_indices(name: str, out, rows: int, n: int, k: int, device=None) -> t
             wrong = picks[r][(picks[r] < 0) | (picks[r] >= n)][0]
             raise RuntimeError(f"{what} index {int(wrong)} in row {r}, out of range; a strategy must return {expected}")
         twice = picks[r, 1:][repeat[r]][0]
-        raise RuntimeError(f"{what} index {int(twice)} twice in row {r} (it would count as two kept tokens); a "
-                           f"strategy must return {expected}")
+        raise RuntimeError(
+            f"{what} index {int(twice)} twice in row {r} (it would count as two kept tokens); a "
+            f"strategy must return {expected}"
+        )
     return picks
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0, min_layer: int = 0,
-             budget: str = "plain", budget_cap=None, flops=None, validate=None, description: str = "",
-             needs_if: Optional[dict] = None, family_options: Optional[Callable[[Any], dict]] = None):
+def register(
+    name: str,
+    *,
+    needs=(),
+    layer: int | Callable[[Any], int] = 0,
+    min_layer: int = 0,
+    budget: str = "plain",
+    budget_cap=None,
+    flops=None,
+    validate=None,
+    description: str = "",
+    needs_if: dict | None = None,
+    family_options: Callable[[Any], dict] | None = None,
+):
     """Decorator adding a strategy to the registry under ``name``.
 
     The strategy's options are its keyword parameters after ``(inputs, k)``: each needs a default, and its
@@ -238,9 +269,22 @@ def register(name: str, *, needs=(), layer: Union[int, Callable[[Any], int]] = 0
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is already registered")
         options, kinds = _signature_options(name, fn)
-        _REGISTRY[name] = Method(name, fn, frozenset(needs), options, kinds, layer, min_layer, budget, budget_cap,
-                                 flops or _no_cost, validate, description or (fn.__doc__ or "").split("\n")[0],
-                                 dict(needs_if or {}), family_options)
+        _REGISTRY[name] = Method(
+            name,
+            fn,
+            frozenset(needs),
+            options,
+            kinds,
+            layer,
+            min_layer,
+            budget,
+            budget_cap,
+            flops or _no_cost,
+            validate,
+            description or (fn.__doc__ or "").split("\n")[0],
+            dict(needs_if or {}),
+            family_options,
+        )
         return fn
 
     return deco
@@ -264,14 +308,16 @@ def _signature_options(name: str, fn) -> tuple[dict, dict]:
         if p.default is p.empty:
             raise ValueError(f"strategy {name!r}: option {p.name!r} needs a default value")
         if p.name in RESERVED_OPTIONS:
-            raise ValueError(f"strategy {name!r}: an option may not be called {p.name!r}, which apply_pruner or the "
-                             f"engine takes itself (reserved: {list(RESERVED_OPTIONS)}); rename it")
+            raise ValueError(
+                f"strategy {name!r}: an option may not be called {p.name!r}, which apply_pruner or the "
+                f"engine takes itself (reserved: {list(RESERVED_OPTIONS)}); rename it"
+            )
         options[p.name] = p.default
         kinds[p.name] = hints.get(p.name, Any)
     return options, kinds
 
 
-def _members(hint) -> Optional[list]:
+def _members(hint) -> list | None:
     origin = typing.get_origin(hint)
     if origin is Union or origin is types.UnionType:
         return list(typing.get_args(hint))
@@ -291,7 +337,7 @@ def plain(value):
     return value
 
 
-def _generic_problem(value) -> Optional[str]:
+def _generic_problem(value) -> str | None:
     """What no numeric option may be, whatever its annotation: an integer beyond 64 bits (torch cannot hold it) or a
     float that is not finite."""
     if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
@@ -304,7 +350,7 @@ def _generic_problem(value) -> Optional[str]:
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
-def _problem(value, hint) -> Optional[str]:
+def _problem(value, hint) -> str | None:
     """None when ``value`` fits the annotation ``hint``, else how to name what it admits (for the error)."""
     if typing.get_origin(hint) is Annotated:
         base, *meta = typing.get_args(hint)
@@ -323,9 +369,12 @@ def _problem(value, hint) -> Optional[str]:
         if any(value is v or (type(value) is type(v) and value == v) for v in typing.get_args(hint)):
             return None
         return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
-    ok = {type(None): value is None, bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool)}
+    ok = {
+        type(None): value is None,
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+    }
     if hint in ok:
         return None if ok[hint] else _describe(hint)
     if hint is Any or not isinstance(hint, type):
@@ -334,8 +383,15 @@ def _problem(value, hint) -> Optional[str]:
 
 
 def _describe(hint) -> str:
-    return {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string",
-            torch.Tensor: "a tensor", os.PathLike: "a path"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {
+        type(None): "None",
+        bool: "True or False",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        torch.Tensor: "a tensor",
+        os.PathLike: "a path",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def get_method(name: str) -> Method:

@@ -1,10 +1,11 @@
 """Baselines: seeded random selection, uniform spatial pooling, and FastV's last-token attention."""
+
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -99,13 +100,23 @@ def _fastv_cap(k: int, pad_mask, debias=None, **_) -> int:
     return padding_cap(pad_mask[None], k) if debias in ("sink", "both") and pad_mask is not None else k
 
 
-@register("fastv", needs=("attention", "pad_mask"), layer=2, min_layer=1, budget_cap=_fastv_cap,
-          validate=_check_curve,
-          needs_if={"pad_mask": lambda debias=None, **_: debias in ("sink", "both")},
-          flops=lambda s, **_: 2 * s.heads * s.seq_len * s.head_dim * s.n // (s.row_n or s.n),
-          description="top-k by last-token attention at layer K-1")
-def fastv_select(inputs: SelectionInputs, k: int, debias: Literal[None, "position", "sink", "both"] = None,
-                 debias_curve: Optional[Union[torch.Tensor, str, os.PathLike]] = None) -> torch.Tensor:
+@register(
+    "fastv",
+    needs=("attention", "pad_mask"),
+    layer=2,
+    min_layer=1,
+    budget_cap=_fastv_cap,
+    validate=_check_curve,
+    needs_if={"pad_mask": lambda debias=None, **_: debias in ("sink", "both")},
+    flops=lambda s, **_: 2 * s.heads * s.seq_len * s.head_dim * s.n // (s.row_n or s.n),
+    description="top-k by last-token attention at layer K-1",
+)
+def fastv_select(
+    inputs: SelectionInputs,
+    k: int,
+    debias: Literal[None, "position", "sink", "both"] = None,
+    debias_curve: torch.Tensor | str | os.PathLike | None = None,
+) -> torch.Tensor:
     """FastV: the ``k`` tokens with the highest last-token attention (head mean) at layer K-1.
 
     attention: [batch, N]; pad_mask: [batch, N] or None. Returns [batch, k] (ascending). Ties break towards

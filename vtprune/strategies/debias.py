@@ -3,6 +3,7 @@
 All functions take text-to-vision attention scores [batch, N] (N visual tokens in raster order) and return
 rescaled scores of the same shape; none changes which tokens exist, only their ranking.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ def _positions(n: int, device) -> torch.Tensor:
     return torch.arange(n, device=device, dtype=torch.float32) / n
 
 
-def fit_log_trend(scores: torch.Tensor, valid: torch.Tensor | None = None,
-                  eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_log_trend(
+    scores: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Robust per-row fit of log(score + eps) ~ a + b*x with x = i/N. Returns (a [batch], b [batch]).
 
     Theil-Sen: b = median of pairwise slopes, a = median of the residual offsets. The tokens that matter
@@ -64,8 +66,9 @@ def _resample_curve(curve: torch.Tensor, n: int) -> torch.Tensor:
     return torch.exp((1 - w) * log_c[lo] + w * log_c[lo + 1])
 
 
-def debias_position(scores: torch.Tensor, mode="sample", valid: torch.Tensor | None = None,
-                    eps: float = 1e-8) -> torch.Tensor:
+def debias_position(
+    scores: torch.Tensor, mode="sample", valid: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """Divide out the recency trend of attention scores [batch, N]. Returns float32 [batch, N].
 
     mode "sample": each row's own exponential trend, fitted robustly (``fit_log_trend``), so no
@@ -121,8 +124,9 @@ def as_curve(curve) -> torch.Tensor:
     return curve.float()
 
 
-def suppress_sinks(scores: torch.Tensor, z: float = 5.0, min_ratio: float = 10.0,
-                   valid: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+def suppress_sinks(
+    scores: torch.Tensor, z: float = 5.0, min_ratio: float = 10.0, valid: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
     """Set attention-sink scores to the row median. scores: [batch, N] -> float32 [batch, N].
 
     Rule, per row in log space over the valid tokens: a sink is a token with
@@ -162,8 +166,9 @@ def padding_cap(pad_mask: torch.Tensor | None, k: int) -> int:
     return min(k, max(1, n_valid))
 
 
-def debias_scores(scores: torch.Tensor, how: str | None, curve=None,
-                  pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+def debias_scores(
+    scores: torch.Tensor, how: str | None, curve=None, pad_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Apply the debiasing named by ``how`` to scores [batch, N]. Returns float32 [batch, N].
 
     how: None (unchanged), "position" (recency trend), "sink" (padding to 0 and sinks to the median) or

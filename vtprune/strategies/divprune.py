@@ -1,4 +1,5 @@
 """DivPrune (CVPR 2025): keep the most diverse visual tokens by greedy max-min cosine distance."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,12 @@ def diversity_flops(shape: ScoringShape) -> int:
     return 2 * shape.n * shape.n * shape.d + shape.k * shape.n
 
 
-@register("divprune", needs=("newline_mask",), flops=lambda shape, **_: diversity_flops(shape),
-          description="greedy max-min diversity on cosine distance of the projected tokens")
+@register(
+    "divprune",
+    needs=("newline_mask",),
+    flops=lambda shape, **_: diversity_flops(shape),
+    description="greedy max-min diversity on cosine distance of the projected tokens",
+)
 def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False) -> torch.Tensor:
     """DivPrune: approximate Max-Min Diversity subset of ``k`` of the ``N`` tokens.
 
@@ -33,12 +38,14 @@ def divprune_select(inputs: SelectionInputs, k: int, keep_newlines: bool = False
     mask = mask.to(device=device, dtype=torch.bool)
     counts = mask.sum(dim=1)
     if int(counts.max()) > k:
-        raise ValueError(f"k={k} is smaller than the {int(counts.max())} newline tokens to keep; "
-                         f"use k >= {int(counts.max())} or keep_newlines=False")
+        raise ValueError(
+            f"k={k} is smaller than the {int(counts.max())} newline tokens to keep; "
+            f"use k >= {int(counts.max())} or keep_newlines=False"
+        )
     if bool((counts == counts[0]).all()):
         return _keep_and_select(inputs, inputs.features, mask, k)
     # Rows with different newline counts cannot share one gathered tensor; rare, so do them one by one.
-    return torch.cat([_keep_and_select(inputs, inputs.features[r:r + 1], mask[r:r + 1], k) for r in range(b)])
+    return torch.cat([_keep_and_select(inputs, inputs.features[r : r + 1], mask[r : r + 1], k) for r in range(b)])
 
 
 def _greedy(inputs: SelectionInputs, features: torch.Tensor, k: int, weights=None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """EntropyPrune (arXiv 2602.17196): keep the visual tokens whose per-head query states carry the most
 matrix entropy, pruning at the layer after the visual "entropy collapse"."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ def _spectral_entropy(gram: torch.Tensor, log_base: float, normalize: bool = Tru
     if normalize:
         total = lam.sum(dim=-1, keepdim=True)
         lam = lam / torch.where(total > 0, total, torch.ones_like(total))
-    plogp = torch.where(lam > 0, lam * torch.log(torch.where(lam > 0, lam, torch.ones_like(lam))),
-                        torch.zeros_like(lam))
+    plogp = torch.where(
+        lam > 0, lam * torch.log(torch.where(lam > 0, lam, torch.ones_like(lam))), torch.zeros_like(lam)
+    )
     return -plogp.sum(dim=-1) / log_base
 
 
@@ -58,9 +60,14 @@ def _entropy_layer(adapter) -> int:
     return COLLAPSE_LAYERS.get(getattr(adapter, "family", None), DEFAULT_COLLAPSE_LAYER)
 
 
-@register("entropy", needs=("queries",), layer=_entropy_layer, min_layer=1,
-          flops=lambda s, **_: s.n * 2 * s.heads * s.heads * s.head_dim,
-          description="top-k matrix entropy of per-head queries")
+@register(
+    "entropy",
+    needs=("queries",),
+    layer=_entropy_layer,
+    min_layer=1,
+    flops=lambda s, **_: s.n * 2 * s.heads * s.heads * s.head_dim,
+    description="top-k matrix entropy of per-head queries",
+)
 def entropy_select(inputs: SelectionInputs, k: int, normalize: bool = False) -> torch.Tensor:
     """EntropyPrune: the ``k`` tokens with the highest query-state entropy at layer K-1.
 

@@ -18,6 +18,7 @@ most salient tokens for Qwen-VL):
   from the mean of all tokens; or the token greedy restricted to the chosen cells); picks beyond the number of
   cells continue the greedy on single tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,8 @@ import torch.nn.functional as F
 from .. import ops
 from .base import Range, SelectionInputs, register
 from .divprune import diversity_flops
-from .zoo import Directions, Step
+from .zoo import Directions, Step, minmax_normalise, zoo_sensitivity
 from .zoo import _flops as zoo_flops
-from .zoo import minmax_normalise, zoo_sensitivity
 
 
 def usable_grid(grid, batch: int, n: int, frames=None):
@@ -80,10 +80,16 @@ def pool_cells(x: torch.Tensor, cell: torch.Tensor, n_cells: int) -> torch.Tenso
     return (total / count[None, :, None]).reshape(x.shape[0], n_cells, *x.shape[2:])
 
 
-def greedy_stable(dist: torch.Tensor, k: int, weights: torch.Tensor | None = None, margin: float = 0.0,
-                  init: torch.Tensor | None = None, cell: torch.Tensor | None = None,
-                  open_cells: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy max-min (``ops.greedy_maxmin_from_distance``) with a relative tie band and optional first picks.
+def maxmin_tie_band(
+    dist: torch.Tensor,
+    k: int,
+    weights: torch.Tensor | None = None,
+    margin: float = 0.0,
+    init: torch.Tensor | None = None,
+    cell: torch.Tensor | None = None,
+    open_cells: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Greedy max-min (``ops.maxmin_on_distances``) with a relative tie band and optional first picks.
 
     dist: [B, N, N]; weights: [B, N] or None (ZOO: score = weight x distance to the picked set); init: [B, j]
     picks to continue from (j <= k) or None. Returns [B, k] in pick order (``init`` first). Each step takes the
@@ -124,9 +130,17 @@ def greedy_stable(dist: torch.Tensor, k: int, weights: torch.Tensor | None = Non
     return picks
 
 
-def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tensor | None = None,
-                  smooth: int = 1, quantum: float = 0.0, margin: float = 0.0, cells: int = 1,
-                  cell_pick: str = "central") -> torch.Tensor:
+def stable_maxmin(
+    features: torch.Tensor,
+    k: int,
+    grid=None,
+    weights: torch.Tensor | None = None,
+    smooth: int = 1,
+    quantum: float = 0.0,
+    margin: float = 0.0,
+    cells: int = 1,
+    cell_pick: str = "central",
+) -> torch.Tensor:
     """Stable greedy max-min selection of ``k`` of ``N`` tokens (see the module docstring for the knobs).
 
     features: [B, N, D]; grid: (rows, cols) of each frame, N = frames * rows * cols (a video's frames one after
@@ -136,9 +150,11 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
     """
     if smooth < 1 or cells < 1 or not 0 <= quantum < math.inf or not 0 <= margin < 1 or cell_pick not in CELL_PICKS:
         # (the registered strategies' options are checked when applied; this is for direct calls)
-        raise ValueError(f"need smooth >= 1, cells >= 1, finite quantum >= 0, 0 <= margin < 1 and cell_pick in "
-                         f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
-                         f"cell_pick={cell_pick!r}")
+        raise ValueError(
+            f"need smooth >= 1, cells >= 1, finite quantum >= 0, 0 <= margin < 1 and cell_pick in "
+            f"{CELL_PICKS}; got smooth={smooth}, cells={cells}, quantum={quantum}, margin={margin}, "
+            f"cell_pick={cell_pick!r}"
+        )
     if grid is not None and smooth > 1:
         features = smooth_features(features, grid, smooth)
     dist = ops.pairwise_cosine_distance(features)
@@ -153,13 +169,13 @@ def stable_maxmin(features: torch.Tensor, k: int, grid=None, weights: torch.Tens
         if quantum > 0:
             cdist = torch.floor(cdist / quantum) * quantum
         cw = None if weights is None else pool_cells(weights.unsqueeze(-1), cell, n_cells).squeeze(-1)
-        chosen = greedy_stable(cdist, min(k, n_cells), cw, margin)  # [B, c]
+        chosen = maxmin_tie_band(cdist, min(k, n_cells), cw, margin)  # [B, c]
         if cell_pick != "greedy":
             init = best_in_cells(cell_scores(features, pooled, cell, cell_pick), cell, chosen)
         else:  # "greedy": the token greedy chooses within the chosen cells, one per cell
             open_cells = torch.zeros(chosen.shape[0], n_cells, dtype=torch.bool, device=features.device)
             open_cells.scatter_(1, chosen, True)
-    return greedy_stable(dist, k, weights, margin, init, cell, open_cells)
+    return maxmin_tie_band(dist, k, weights, margin, init, cell, open_cells)
 
 
 def cell_scores(features: torch.Tensor, pooled: torch.Tensor, cell: torch.Tensor, how: str) -> torch.Tensor:
@@ -194,8 +210,9 @@ Margin = Annotated[float, Range(ge=0, lt=1)]
 # (docs/robustness/criterion): CLIP tokens mix their neighbours, so a 2x2 cell's central token works; Qwen's merged
 # 2x2-patch tokens stay local (a central token is the background beside a small object), so Qwen-VL families choose
 # among 3x3 cells and keep each cell's most salient token.
-CELL_LAYOUTS = {family: {"cells": 3, "cell_pick": "salient"} for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-                                                                            "qwen3_vl_moe")}
+CELL_LAYOUTS = {
+    family: {"cells": 3, "cell_pick": "salient"} for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+}
 DEFAULT_CELL_LAYOUT = {"cells": 2, "cell_pick": "central"}
 
 
@@ -203,22 +220,46 @@ def _family_cells(adapter) -> dict:
     return dict(CELL_LAYOUTS.get(adapter.family, DEFAULT_CELL_LAYOUT))
 
 
-@register("divprune_stable", needs=("grid",), family_options=_family_cells,
-          flops=lambda shape, **_: diversity_flops(shape),  # + the cells' Gram, (N / cells²)² x D: not counted
-          description="DivPrune with selection that small pixel changes do not reshuffle")
-def divprune_stable_select(inputs: SelectionInputs, k: int, smooth: Size = 1, quantum: Quantum = 0.0,
-                           margin: Margin = 0.0, cells: Size = 2, cell_pick: CellPick = "central") -> torch.Tensor:
+@register(
+    "divprune_stable",
+    needs=("grid",),
+    family_options=_family_cells,
+    flops=lambda shape, **_: diversity_flops(shape),  # + the cells' Gram, (N / cells²)² x D: not counted
+    description="DivPrune with selection that small pixel changes do not reshuffle",
+)
+def divprune_stable_select(
+    inputs: SelectionInputs,
+    k: int,
+    smooth: Size = 1,
+    quantum: Quantum = 0.0,
+    margin: Margin = 0.0,
+    cells: Size = 2,
+    cell_pick: CellPick = "central",
+) -> torch.Tensor:
     """DivPrune through ``stable_maxmin``. features: [batch, N, D]. Returns [batch, k] in pick order."""
     grid = usable_grid(inputs.grid, inputs.batch, inputs.num_tokens, inputs.frames)
     return stable_maxmin(inputs.features, k, grid, None, smooth, quantum, margin, cells, cell_pick)
 
 
-@register("zoo_stable", needs=("grid", "projector", "newline_mask"), flops=zoo_flops,
-          family_options=_family_cells,
-          description="ZOO-Prune with selection that small pixel changes do not reshuffle")
-def zoo_stable_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.01, seed: int | None = 0,
-                      smooth: Size = 1, quantum: Quantum = 0.0, margin: Margin = 0.0, cells: Size = 2,
-                      cell_pick: CellPick = "central") -> torch.Tensor:
+@register(
+    "zoo_stable",
+    needs=("grid", "projector", "newline_mask"),
+    flops=zoo_flops,
+    family_options=_family_cells,
+    description="ZOO-Prune with selection that small pixel changes do not reshuffle",
+)
+def zoo_stable_select(
+    inputs: SelectionInputs,
+    k: int,
+    m: Directions = 64,
+    h: Step = 0.01,
+    seed: int | None = 0,
+    smooth: Size = 1,
+    quantum: Quantum = 0.0,
+    margin: Margin = 0.0,
+    cells: Size = 2,
+    cell_pick: CellPick = "central",
+) -> torch.Tensor:
     """ZOO-Prune through ``stable_maxmin``: sensitivity weights (``zoo_sensitivity``, min-max normalised, also
     smoothed over the grid when ``smooth > 1``) times the distance to the picked set.
 

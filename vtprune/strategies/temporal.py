@@ -1,5 +1,6 @@
 """Temporal redundancy (as efficient video sampling does): keep the video tokens that changed most since the same
 position in the previous frame; the first frame counts as all new."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,12 @@ def temporal_change(features: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.cat([first, change], dim=1).reshape(b, n)
 
 
-@register("temporal", needs=("grid",), flops=lambda s, **_: 2 * s.n * s.d,
-          description="video: drop tokens nearly unchanged from the previous frame (first frame kept first)")
+@register(
+    "temporal",
+    needs=("grid",),
+    flops=lambda s, **_: 2 * s.n * s.d,
+    description="video: drop tokens nearly unchanged from the previous frame (first frame kept first)",
+)
 def temporal_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     """The ``k`` tokens that changed most since the previous frame. Returns [batch, k] (ascending).
 
@@ -40,7 +45,7 @@ def temporal_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
         if hw is None or t * hw[0] * hw[1] != n:
             out.append(((torch.arange(k, device=inputs.features.device) + 0.5) * n / k).long())
         elif t > 1 and k > hw[0] * hw[1]:
-            score = temporal_change(inputs.features[row:row + 1], t)[0]
+            score = temporal_change(inputs.features[row : row + 1], t)[0]
             out.append(torch.sort(score, descending=True, stable=True).indices[:k].sort().values)
         else:  # one frame, or a budget within the first frame
             out.append(grid_subsample(hw[0], hw[1], k).to(inputs.features.device))

@@ -1,8 +1,10 @@
 """ZOO-Prune (arXiv 2509.24837): zeroth-order sensitivity of each token through the projector, then
 sensitivity-weighted greedy max-min diversity on the projected tokens."""
+
 from __future__ import annotations
 
-from typing import Annotated, Callable, Literal
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 import torch
 
@@ -22,9 +24,16 @@ def random_directions(m: int, dim: int, seed: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zoo_sensitivity(pre: torch.Tensor, projector: Callable[[torch.Tensor], torch.Tensor], m: int = 64,
-                    h: float = 0.01, seed: int | None = 0, chunk_rows: int = 8192, precision: str = "float32",
-                    form: str = "auto") -> torch.Tensor:
+def zoo_sensitivity(
+    pre: torch.Tensor,
+    projector: Callable[[torch.Tensor], torch.Tensor],
+    m: int = 64,
+    h: float = 0.01,
+    seed: int | None = 0,
+    chunk_rows: int = 8192,
+    precision: str = "float32",
+    form: str = "auto",
+) -> torch.Tensor:
     """Central-difference sensitivity of each token through the projector.
 
     pre: [batch, N, Din] projector inputs; projector maps [rows, Din] -> [rows, D] and accepts float32.
@@ -81,7 +90,7 @@ def _generic_norms(x: torch.Tensor, u: torch.Tensor, projector: Callable, step: 
         rows = x[torch.cat([token, token])]
         delta = u[direction]
         rows[: token.numel()] += delta
-        rows[token.numel():] -= delta
+        rows[token.numel() :] -= delta
         plus, minus = projector(rows).float().chunk(2)
         norms[start:stop] = (plus - minus).norm(dim=-1)
     return norms
@@ -93,26 +102,37 @@ def _mlp_norms(x: torch.Tensor, u: torch.Tensor, h: float, parts, step: int, dty
     lin1, act, lin2 = parts
     w1, w2 = lin1.weight.to(x.device, dtype), lin2.weight.to(x.device, dtype)  # copies only if dtype/device differ
     b1 = None if lin1.bias is None else lin1.bias.to(x.device, torch.float32)
-    v = torch.nn.functional.linear(u.to(dtype), w1).float() * h             # [m, H], no bias: it is in a
+    v = torch.nn.functional.linear(u.to(dtype), w1).float() * h  # [m, H], no bias: it is in a
     m = u.shape[0]
     norms = torch.empty(x.shape[0], m, dtype=torch.float32, device=x.device)
-    tokens = max(1, step // m)                     # whole tokens per chunk, or one token split over directions
+    tokens = max(1, step // m)  # whole tokens per chunk, or one token split over directions
     dirs = min(m, step)
     for t0 in range(0, x.shape[0], tokens):
-        a = torch.nn.functional.linear(x[t0:t0 + tokens].to(dtype), w1).float()   # [T, H]
+        a = torch.nn.functional.linear(x[t0 : t0 + tokens].to(dtype), w1).float()  # [T, H]
         if b1 is not None:
             a += b1
         for d0 in range(0, m, dirs):
-            vv = v[d0:d0 + dirs]
-            diff = act(a[:, None] + vv)                                     # [T, M', H], float32
+            vv = v[d0 : d0 + dirs]
+            diff = act(a[:, None] + vv)  # [T, M', H], float32
             diff -= act(a[:, None] - vv)
-            out = torch.nn.functional.linear(diff.to(dtype), w2)            # W2's bias cancels in the difference
-            norms[t0:t0 + tokens, d0:d0 + dirs] = out.float().norm(dim=-1)
+            out = torch.nn.functional.linear(diff.to(dtype), w2)  # W2's bias cancels in the difference
+            norms[t0 : t0 + tokens, d0 : d0 + dirs] = out.float().norm(dim=-1)
     return norms.reshape(-1)
 
 
-_ELEMENTWISE = (torch.nn.GELU, torch.nn.ReLU, torch.nn.SiLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.LeakyReLU,
-                torch.nn.ReLU6, torch.nn.Hardswish, torch.nn.Mish, torch.nn.ELU, torch.nn.Identity)
+_ELEMENTWISE = (
+    torch.nn.GELU,
+    torch.nn.ReLU,
+    torch.nn.SiLU,
+    torch.nn.Tanh,
+    torch.nn.Sigmoid,
+    torch.nn.LeakyReLU,
+    torch.nn.ReLU6,
+    torch.nn.Hardswish,
+    torch.nn.Mish,
+    torch.nn.ELU,
+    torch.nn.Identity,
+)
 
 
 def mlp_parts(projector) -> tuple[torch.nn.Linear, torch.nn.Module, torch.nn.Linear] | None:
@@ -125,8 +145,11 @@ def mlp_parts(projector) -> tuple[torch.nn.Linear, torch.nn.Module, torch.nn.Lin
     """
     if isinstance(projector, torch.nn.Sequential) and len(projector) == 3:
         first, act, second = projector
-    elif (isinstance(projector, torch.nn.Module) and type(projector).__name__.endswith("MultiModalProjector")
-          and [name for name, _ in projector.named_children()] == ["linear_1", "act", "linear_2"]):
+    elif (
+        isinstance(projector, torch.nn.Module)
+        and type(projector).__name__.endswith("MultiModalProjector")
+        and [name for name, _ in projector.named_children()] == ["linear_1", "act", "linear_2"]
+    ):
         first, act, second = projector.linear_1, projector.act, projector.linear_2
     else:
         return None
@@ -178,11 +201,21 @@ Directions = Annotated[int, Range(ge=1)]
 Step = Annotated[float, Range(gt=0)]
 
 
-@register("zoo", needs=("projector", "newline_mask"), flops=_flops,
-          description="zeroth-order projector sensitivity x greedy max-min diversity")
-def zoo_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.01, seed: int | None = 0,
-               chunk_rows: Annotated[int, Range(ge=2)] = 8192,
-               precision: Literal["float32", "bfloat16"] = "float32") -> torch.Tensor:
+@register(
+    "zoo",
+    needs=("projector", "newline_mask"),
+    flops=_flops,
+    description="zeroth-order projector sensitivity x greedy max-min diversity",
+)
+def zoo_select(
+    inputs: SelectionInputs,
+    k: int,
+    m: Directions = 64,
+    h: Step = 0.01,
+    seed: int | None = 0,
+    chunk_rows: Annotated[int, Range(ge=2)] = 8192,
+    precision: Literal["float32", "bfloat16"] = "float32",
+) -> torch.Tensor:
     """ZOO-Prune selection of ``k`` of the ``N`` tokens. Returns [batch, k] in pick order.
 
     pre_projector: [batch, N, Din] with projector mapping [*, Din] -> [*, D]. The engine groups Qwen's 2x2
@@ -191,19 +224,21 @@ def zoo_select(inputs: SelectionInputs, k: int, m: Directions = 64, h: Step = 0.
     features: [batch, N, D] projected tokens, used for the cosine distances.
 
     First pick = the most sensitive token; each next pick maximises S_j * min_{i picked} (1 - cos(z_j, z_i))
-    with S min-max normalised per row. ``seed`` fixes the random directions (None: torch's global generator). ``precision="bfloat16"`` computes the projector products of an MLP projector in
-    bfloat16 (``zoo_sensitivity``); the default float32 keeps the finite differences exact to float32.
+    with S min-max normalised per row. ``seed`` fixes the random directions (None: torch's global generator).
+    ``precision="bfloat16"`` computes the projector products of an MLP projector in bfloat16 (``zoo_sensitivity``);
+    the default float32 keeps the finite differences exact to float32.
     """
     if inputs.pre_projector is None or inputs.projector is None:
         raise ValueError("zoo needs inputs.pre_projector and inputs.projector; got None")
     b, n = inputs.batch, inputs.num_tokens
     pre = inputs.pre_projector
     if pre.dim() != 3 or pre.shape[0] != b or pre.shape[1] % n:
-        raise ValueError(f"pre_projector has shape {tuple(pre.shape)}; expected [{b}, G*{n}, Din] for features "
-                         f"of shape {tuple(inputs.features.shape)}")
+        raise ValueError(
+            f"pre_projector has shape {tuple(pre.shape)}; expected [{b}, G*{n}, Din] for features "
+            f"of shape {tuple(inputs.features.shape)}"
+        )
     pre = pre.reshape(b, n, -1)
-    sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed, chunk_rows=chunk_rows,
-                           precision=precision)
+    sens = zoo_sensitivity(pre, inputs.projector, m=m, h=h, seed=seed, chunk_rows=chunk_rows, precision=precision)
     weights = minmax_normalise(sens).to(inputs.features.device)
     if inputs.newline_mask is not None:
         # LLaVA-NeXT row separators are learned vectors with no projector input: least sensitive by definition.

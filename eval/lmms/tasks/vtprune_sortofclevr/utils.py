@@ -1,18 +1,19 @@
 """lmms-eval hooks of the ``vtprune_sortofclevr`` task: the embedded Sort-of-CLEVR-style test split.
 
-``test.jsonl`` holds the questions of ``make_split("test", 1000, seed=0)`` (eval/data.py) with each example's
+``test.jsonl`` holds the questions of ``make_split("test", 1000, seed=0)`` (eval/data/image.py) with each example's
 split, split seed and index; ``doc_to_visual`` re-creates the scene from them and renders it (no image files are
-shipped). Scoring is eval/data.py's exact match, overall and per question type.
-Regenerate the JSONL after a change of eval/data.py with ``python utils.py``.
+shipped). Scoring is eval/data/image.py's exact match, overall and per question type.
+Regenerate the JSONL after a change of eval/data/image.py with ``python utils.py``.
 
 lmms-eval loads this file by path (``!function utils.…``), not as part of a package: imports are absolute.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from vtprune.eval.lmms import docs as lmms_docs
 from vtprune.eval.data import QUESTION_TYPES, make_example, score
+from vtprune.eval.lmms import docs as lmms_docs
 from vtprune.eval.lmms.docs import doc_to_target, doc_to_text  # noqa: F401 - hooks the task YAML names
 
 N_EXAMPLES = 1000  # the first N of make_split("test", N, seed=0); --limit 500 is exactly the harness's default set

@@ -1,20 +1,21 @@
 """lmms-eval hooks of the ``vtprune_sortofclevr_video`` task: the embedded video benchmark's test split.
 
-``test.jsonl`` holds the questions of ``make_video_split("test", 600, seed=0)`` (eval/video_data.py) with each
+``test.jsonl`` holds the questions of ``make_video_split("test", 600, seed=0)`` (eval/data/video.py) with each
 example's split, split seed and index; ``doc_to_visual`` re-creates the clip from them and returns its frames as one
-video (no video files are shipped). Scoring is eval/data.py's exact match: overall, multi-frame, single-frame and
-per question type. Regenerate the JSONL after a change of eval/video_data.py with ``python video_utils.py``.
+video (no video files are shipped). Scoring is eval/data/image.py's exact match: overall, multi-frame, single-frame and
+per question type. Regenerate the JSONL after a change of eval/data/video.py with ``python video_utils.py``.
 
 lmms-eval loads this file by path (``!function video_utils.…``), not as part of a package: imports are absolute.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from vtprune.eval.lmms import docs as lmms_docs
 from vtprune.eval.data import score
-from vtprune.eval.lmms.docs import doc_to_target, doc_to_text  # noqa: F401 - hooks the task YAML names
 from vtprune.eval.data.video import MULTI_FRAME_TYPES, VIDEO_QUESTION_TYPES, make_video_example
+from vtprune.eval.lmms import docs as lmms_docs
+from vtprune.eval.lmms.docs import doc_to_target, doc_to_text  # noqa: F401 - hooks the task YAML names
 
 N_EXAMPLES = 600  # the first N of make_video_split("test", N, seed=0); --limit 300 is the harness's default set
 

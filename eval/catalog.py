@@ -27,6 +27,23 @@ def builtin_methods() -> list[str]:
     return sorted(found)
 
 
+def about(name: str) -> str:
+    """One line on what an embedded model knows (empty for other models): the demo shows it."""
+    if name in VIDEO_MODELS:
+        return (
+            "This small model was trained here on 8-frame clips of coloured circles, squares and triangles moving "
+            "on white; it answers one-word questions about which object moved, how many frames show it, which "
+            "appeared last and where it ended, and nothing else."
+        )
+    if name in EMBEDDED_MODELS:
+        return (
+            "This small model was trained here on Sort-of-CLEVR-style scenes (coloured circles, squares and "
+            "triangles on white); it answers one-word questions about shape, colour, side, count and the nearest "
+            "object, and nothing else."
+        )
+    return ""
+
+
 def model_dir(name: str) -> Path:
     return MODELS_DIR / name
 

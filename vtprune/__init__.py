@@ -6,7 +6,18 @@ vtprune.apply_pruner(model, method="divprune", keep_ratio=0.25)
 vtprune.remove_pruner(model)
 """
 
+import os as _os
+
 from ._version import __version__ as __version__
+
+# In a clone run from its root, Python imports this folder rather than the installed copy (the working directory comes
+# first on sys.path), and there the other subpackages sit beside it (patches/, cuda/, eval/: setup.py's package_dir).
+# The clone's root joins the package path so they are found as installed, whatever was pip-installed last.
+_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_ROOT, "setup.py")) and _os.path.isfile(
+    _os.path.join(_ROOT, "patches", "__init__.py")
+):
+    __path__.append(_ROOT)
 
 # The public names load on first use (PEP 562): importing torch costs seconds, which `vtprune --help` should not pay.
 _LAZY = {

@@ -94,7 +94,7 @@ def _demo(args) -> int:
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
     examples = example_scenes() if args.model in catalog.EMBEDDED_MODELS else None  # scenes of their benchmark
-    app = build_app(model, processor, examples, max_new_tokens=args.max_new_tokens)
+    app = build_app(model, processor, examples, max_new_tokens=args.max_new_tokens, about=catalog.about(args.model))
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0
 
@@ -228,7 +228,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a mistyped flag: the subcommand's usage, not the top level's
+        command = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.fn(args)
     except (ValueError, OSError) as exc:  # OSError: a checkpoint that cannot be found or read

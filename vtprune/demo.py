@@ -16,7 +16,7 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from . import api
 from .flops import count_prefill
@@ -39,7 +39,8 @@ class Comparison:
     pruned: Answer
     method: str
     stats: list = field(default_factory=list)  # vtprune.get_stats of the pruned prefill
-    overlay: Image.Image | None = None  # the (first) image with dropped tokens greyed out (single-grid models)
+    # the (first) image as the model sees it beside the same with its dropped tokens painted over (single-grid models)
+    overlay: Image.Image | None = None
     note: str = ""  # what the overlay cannot show (several crops) or how it was drawn (an image under one px a token)
     overlays: list = field(default_factory=list)  # one per image of the prompt, where its tokens form one grid
 
@@ -66,20 +67,60 @@ def kept_visual_tokens(stats: list, n_visual: int) -> torch.Tensor:
     return idx
 
 
+DROPPED = (64, 64, 64)  # a dropped token's cell: opaque, so no object colour shows through
+# Both pictures fill their boxes at one scale (a small upload would otherwise sit tiny beside a large overlay), pixels
+# kept sharp.
+PAGE_CSS = "#vt-image img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+TOP_MARGIN, VIEW_GAP, LEGEND_HEIGHT = (
+    32,
+    12,
+    34,
+)  # px above the views of ``side_by_side``, between them, and under each for its legend
+
+
 def overlay(image: Image.Image, grid: tuple[int, int], kept: torch.Tensor) -> Image.Image:
-    """``image`` (covering exactly the token grid) with every dropped token's cell greyed out and hatched."""
+    """``image`` (covering exactly the token grid) with every dropped token's cell painted over in flat dark grey and
+    hatched, so that nothing of what the model no longer sees shows through."""
     rows, cols = grid
     keep = torch.zeros(rows * cols, dtype=torch.bool)
     keep[kept] = True
     out = image.convert("RGB").copy()
-    shade = Image.new("RGB", out.size, (40, 40, 40))
-    mask = Image.new("L", out.size, 0)
-    draw = ImageDraw.Draw(mask)
     w, h = out.size
     for t in (~keep).nonzero().flatten().tolist():
         r, c = divmod(t, cols)
-        draw.rectangle((c * w / cols, r * h / rows, (c + 1) * w / cols - 1, (r + 1) * h / rows - 1), fill=170)
-    return Image.composite(shade, out, mask)
+        x0, y0 = round(c * w / cols), round(r * h / rows)
+        x1, y1 = round((c + 1) * w / cols), round((r + 1) * h / rows)
+        out.paste(_hatched((max(1, x1 - x0), max(1, y1 - y0))), (x0, y0))
+    return out
+
+
+def _hatched(size: tuple[int, int]) -> Image.Image:
+    """A dropped cell: flat dark grey with lighter diagonals, drawn within the cell."""
+    cell = Image.new("RGB", size, DROPPED)
+    draw = ImageDraw.Draw(cell)
+    w, h = size
+    step = max(4, w // 3)
+    for x in range(-h, w, step):
+        draw.line([(x, h), (x + h, 0)], fill=(140, 140, 140), width=1)
+    return cell
+
+
+def side_by_side(picture: Image.Image, pruned: Image.Image) -> Image.Image:
+    """What the model sees of an image (``picture``, above) and the same with its dropped tokens painted over (below),
+    at one scale, with a legend under each. Stacked, so a wide image still fits the page's picture box; a white band
+    on top leaves room for the page's label."""
+    w, h = picture.size
+    step = h + LEGEND_HEIGHT + VIEW_GAP
+    out = Image.new("RGB", (w, TOP_MARGIN + 2 * step - VIEW_GAP), (255, 255, 255))
+    out.paste(picture.convert("RGB"), (0, TOP_MARGIN))
+    out.paste(pruned, (0, TOP_MARGIN + step))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=15)
+    draw.text((4, TOP_MARGIN + h + 8), "what the model sees", fill=(0, 0, 0), font=font)
+    y = TOP_MARGIN + step + h + 8
+    out.paste(_hatched((16, 16)), (4, y))
+    draw.text((26, y), "dropped token (kept ones unchanged)", fill=(0, 0, 0), font=font)
+    return out
 
 
 def readable(picture: Image.Image, grid: tuple[int, int], min_side: int = OVERLAY_MIN_SIDE) -> Image.Image:
@@ -299,10 +340,16 @@ def _compare(
                 f"The image ({img.width}x{img.height} px) has fewer pixels than the {grid[0]}x{grid[1]} "
                 "token grid: the processor enlarged it, and the overlay shows that enlarged picture."
             )
-        overlays.append(overlay(readable(picture, grid), grid, unit_kept))
+        view = readable(picture, grid)
+        overlays.append(side_by_side(view, overlay(view, grid, unit_kept)))
     if clip is not None:
         video_units = [(u, k) for u, k in zip(units, kept_per_unit) if u.kind == "video"]
-        notes += [f"Video: {len(k)} of {u.length} tokens kept over {u.frames} frames." for u, k in video_units]
+        frames = len(clip)
+        notes += [
+            f"Video: {len(k)} of {u.length} tokens kept ({frames} frames, which the model sees as {u.frames} "
+            f"temporal groups of {(u.length - u.tail) // max(u.frames, 1)} tokens)."
+            for u, k in video_units
+        ]
     note = " ".join(dict.fromkeys(notes))  # the same note once
     return Comparison(original, pruned, method, stats, overlays[0] if overlays else None, note, overlays)
 
@@ -328,9 +375,10 @@ def example_scenes(n: int = 4) -> list[list]:
     return [[e.image, e.question] for e in make_split("test", n, seed=0)]
 
 
-def build_app(model, processor, examples: list | None = None, max_new_tokens: int = 32):
+def build_app(model, processor, examples: list | None = None, max_new_tokens: int = 32, about: str = ""):
     """A ``gradio.Blocks`` page: one or two images (and a video, for families that take videos) and a question in;
-    both answers, the kept-token overlays and the cost out."""
+    both answers, the kept-token overlays and the cost out. ``about``: one line on what the model knows, shown at the
+    top (the CLI gives the embedded models' from ``vtprune.eval.catalog.about``)."""
     try:
         import gradio as gr
     except ImportError as exc:  # pragma: no cover - depends on the extra
@@ -359,24 +407,27 @@ def build_app(model, processor, examples: list | None = None, max_new_tokens: in
 
     with gr.Blocks(title="vtprune: original vs pruned") as app:
         gr.Markdown("## vtprune: the same question to the original and the pruned model")
+        if about:
+            gr.Markdown(about, elem_id="vt-about")
+        # png: Gradio would store examples and uploads as lossy WebP, and the model would see another picture
+        image = _refuse_non_images(
+            gr.Image(
+                type="pil", label="image", elem_id="vt-image", format="png", height=OVERLAY_MIN_SIDE + 40, render=False
+            ),
+            gr,
+        )
+        question = gr.Textbox(label="question", elem_id="vt-question", render=False)
+        if examples:  # first on the page: one click fills the image and the question
+            gr.Examples(examples, [image, question], elem_id="vt-examples", label="examples (click one)")
         with gr.Row():
-            # png: Gradio would store examples and uploads as lossy WebP, and the model would see another picture
-            image = _refuse_non_images(
-                gr.Image(type="pil", label="image", elem_id="vt-image", format="png", height=OVERLAY_MIN_SIDE + 40), gr
-            )
-            shown = gr.Image(
+            image.render()
+            shown = gr.Image(  # no fixed height: the two stacked views keep their shape whatever the image's
                 type="pil",
-                label="visual tokens kept (dropped ones greyed)",
+                label="what the model sees, and the tokens kept (dropped ones painted over, hatched)",
                 elem_id="vt-overlay",
                 format="png",
-                height=OVERLAY_MIN_SIDE + 40,
             )
-        with gr.Row():
-            image2 = gr.Image(type="pil", label="second image (optional)", elem_id="vt-image-2", format="png")
-            shown2 = gr.Image(type="pil", label="second image: tokens kept", elem_id="vt-overlay-2", format="png")
-            takes_video = get_adapter(model).takes_videos
-            video = gr.Video(label="video (optional)", elem_id="vt-video", visible=takes_video)
-        question = gr.Textbox(label="question", elem_id="vt-question")
+        question.render()
         with gr.Row():
             method = gr.Dropdown(list_methods(), value="divprune", label="method")
             percent = gr.Slider(1, 100, value=25, step=0.5, label="visual tokens kept (%)")
@@ -386,12 +437,21 @@ def build_app(model, processor, examples: list | None = None, max_new_tokens: in
             original = gr.Textbox(label="original model", elem_id="vt-original")
             pruned = gr.Textbox(label="pruned model", elem_id="vt-pruned")
         summary = gr.Markdown(elem_id="vt-summary")
+        with gr.Row():
+            image2 = gr.Image(type="pil", label="second image (optional)", elem_id="vt-image-2", format="png")
+            shown2 = gr.Image(type="pil", label="second image: tokens kept", elem_id="vt-overlay-2", format="png")
+            takes_video = get_adapter(model).takes_videos
+            video = gr.Video(label="video (optional)", elem_id="vt-video", visible=takes_video)
         go.click(
             run, [image, question, method, percent, layer, image2, video], [original, pruned, shown, shown2, summary]
         )
-        if examples:
-            gr.Examples(examples, [image, question], elem_id="vt-examples")
     app.vtprune_run = run  # the click handler, for tests and scripting
+    launch = app.launch
+
+    def launch_with_css(*args, **kwargs):  # Gradio 6 takes page CSS at launch, not when the page is built
+        return launch(*args, **{"css": PAGE_CSS, **kwargs})
+
+    app.launch = launch_with_css
     return app
 
 

@@ -14,6 +14,12 @@ class _Record:
             raise KeyError(key)
         return getattr(self, key)
 
+    def __contains__(self, key) -> bool:
+        return key in self.__dataclass_fields__
+
+    def __iter__(self):  # as a mapping iterates: the field names
+        return iter(self.__dataclass_fields__)
+
     def keys(self):
         return self.__dataclass_fields__.keys()
 

@@ -32,6 +32,13 @@ def parse_budgets(text: str) -> list[float]:
         raise ValueError(f"budgets must be comma-separated percentages in (0, 100], got {text!r}") from None
     if not values or any(not 0 < v <= 100 for v in values):
         raise ValueError(f"budgets must be percentages in (0, 100], got {text!r}")
+    small = [v for v in values if v < 1]
+    if small:
+        # A fraction (0.25 for a quarter) would silently keep a quarter of one percent: percentages only.
+        raise ValueError(
+            f"budgets are percentages of the visual tokens kept (25 keeps a quarter); {small[0]:g} is "
+            f"below 1 %: give {100 * small[0]:g} for {small[0]:g} of the tokens"
+        )
     return values
 
 

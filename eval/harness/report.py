@@ -66,11 +66,34 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
 
 def multi_frame_rows(rows: list[dict]) -> list[dict]:
     """Video rows again with their multi-frame accuracy as ``accuracy``: the plot's extra panel per video model."""
+    from ..data.video import MULTI_FRAME_TYPES, VIDEO_QUESTION_TYPES
+
+    share = len(MULTI_FRAME_TYPES) / len(VIDEO_QUESTION_TYPES)  # the test split asks every type equally often
     return [
-        {**r, "task": f"{r.get('task') or 'video'}, multi-frame questions", "accuracy": r["acc_multi_frame"]}
+        {
+            **r,
+            "task": f"{r.get('task') or 'video'}, multi-frame questions",
+            "accuracy": r["acc_multi_frame"],
+            "n": r.get("n_multi_frame") or round(r["n"] * share),
+        }
         for r in rows
         if r.get("acc_multi_frame") is not None
     ]
+
+
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval (lower, upper) of an accuracy measured on ``n`` questions."""
+    if not n:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def series_style(i: int) -> dict:
+    """Series ``i``'s colour, line style and marker: 10 colours x 3 line styles, 12 markers, so that every series of
+    a run (17 methods in a video run) looks different from every other."""
+    return dict(color=f"C{i % 10}", linestyle=("-", "--", ":")[(i // 10) % 3], marker=MARKERS[i % len(MARKERS)])
 
 
 def write_rows(rows: list[dict], json_path: Path, csv_path: Path) -> None:
@@ -96,20 +119,21 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 MARKERS = "osD^vP*Xh<>p"  # one per method, drawn hollow and shrinking so that coincident points stay visible
 
 
-def legend_below(fig, axes, ncol: int, legend_rows: int) -> None:
+def legend_below(fig, axes, ncol: int, legend_rows: int, top: float = 1.0) -> None:
     """One legend under the panels, each label once (with a dozen methods a legend inside a panel hides its points),
-    and the panels laid out above it."""
+    and the panels laid out above it, below ``top`` (a figure title above it keeps clear of the panels' titles)."""
     handles = {}
     for ax in axes:
         for h, text in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(text, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, top))
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str):
     """Accuracy against prefill FLOPs, one line per method (from the unpruned point), one panel per model, with
-    that model's Pareto frontier. Returns the figure (already saved and closed)."""
+    that model's Pareto frontier. Every point carries its budget (% of the visual tokens kept) and a 95 % interval
+    of its accuracy (Wilson, over the panel's n questions, in its title). Returns the figure (saved and closed)."""
     import matplotlib
     import matplotlib.ticker
 
@@ -120,7 +144,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "none"))
     ncol = max(1, min(len(methods) + 2, 3 * len(models)))
     legend_rows = -(-(len(methods) + 2) // ncol)
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.8 + 0.22 * legend_rows), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 5.2 + 0.22 * legend_rows), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if label(r) == name and r.get("prefill_flops") is not None]
         base = [r for r in mine if r["method"] == "none"]
@@ -128,18 +152,39 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
             pts = sorted(base + [r for r in mine if r["method"] == method], key=lambda r: r["prefill_flops"])
             if len(pts) == len(base):
                 continue
-            ax.plot(
-                [r["prefill_flops"] / 1e9 for r in pts],
-                [100 * r["accuracy"] for r in pts],
+            x = [r["prefill_flops"] / 1e9 for r in pts]
+            y = [100 * r["accuracy"] for r in pts]
+            low, high = zip(*(wilson(r["accuracy"], r.get("n") or 0) for r in pts))
+            # (clamped: at 0 % or 100 % the interval's near end equals the point up to rounding)
+            yerr = [
+                [max(0.0, v - 100 * lo) for v, lo in zip(y, low)],
+                [max(0.0, 100 * hi - v) for v, hi in zip(y, high)],
+            ]
+            style = series_style(i)
+            ax.errorbar(
+                x,
+                y,
+                yerr=yerr,
                 label=method,
-                color=f"C{i % 10}",
-                marker=MARKERS[i % len(MARKERS)],
                 markersize=11 - 6 * i / max(1, len(methods) - 1),
                 markerfacecolor="none",
                 markeredgewidth=1.4,
                 linewidth=1,
+                elinewidth=0.8,
+                capsize=2,
                 alpha=0.9,
+                **style,
             )
+            for r, xi, yi in zip(pts, x, y):
+                if r["method"] != "none":
+                    ax.annotate(
+                        f"{r['budget_pct']:g}%",
+                        (xi, yi),
+                        textcoords="offset points",
+                        xytext=(4, 3),
+                        fontsize=6,
+                        color=style["color"],
+                    )
         for r in base:
             ax.scatter(
                 [r["prefill_flops"] / 1e9], [100 * r["accuracy"]], color="black", zorder=5, s=25, label="unpruned"
@@ -161,11 +206,14 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel("prefill GFLOPs per sample (real FLOPs, log scale)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(name)
+        ax.set_ylabel("accuracy (%), 95 % interval")
+        counts = sorted({r.get("n") for r in mine if r.get("n")})
+        ax.set_title(
+            f"{name}\n(n = {', '.join(map(str, counts))} questions per point)" if counts else name, fontsize=10
+        )
         ax.grid(True, alpha=0.3)
-    legend_below(fig, axes.flat, ncol, legend_rows)
     fig.suptitle(title)
+    legend_below(fig, axes.flat, ncol, legend_rows, top=0.93)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import vtprune
 
 from ..catalog import DEFAULT_BUDGETS, VIDEO_MODELS
-from ..data.video import make_video_split
+from ..data.video import MULTI_FRAME_TYPES, make_video_split
 from ..models import load_embedded
 from .grid import check_methods, configs, parse_method, run_grid
 from .predict import predict_video, video_accuracy
@@ -41,6 +41,8 @@ def video_scores(preds: list[str], examples) -> dict:
     """``accuracy`` (overall), ``acc_multi_frame``, ``acc_single_frame`` and ``acc_<question type>``."""
     res = video_accuracy(preds, examples)
     out = {"accuracy": res.pop("overall"), "n": res.pop("n")}
+    multi = [e for e in examples if e.qtype in MULTI_FRAME_TYPES]
+    out["n_multi_frame"] = len(multi)  # what the multi-frame accuracy is a share of (the plot's interval)
     out.update({f"acc_{k}": v for k, v in res.items()})
     return out
 

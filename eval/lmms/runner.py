@@ -137,6 +137,14 @@ def run_lmms(
     lm.keep_loaded = True  # simple_evaluate would otherwise free the model after the first configuration
     includes = [str(TASKS_DIR)] + [str(p) for p in _as_list(include_path)]
     task_manager = TaskManager(verbosity, include_path=includes)
+    # lmms-eval's own CLI logs an unknown task and exits 0; here it is an error before any model work.
+    unknown = [t for t in task_list if t not in task_manager.all_tasks]
+    if unknown:
+        close = {t: task_manager.match_tasks([t]) or [] for t in unknown}
+        raise ValueError(
+            f"lmms-eval task(s) {unknown} not found in lmms-eval's tasks or {includes}"
+            + "".join(f"; did you mean {m[:3]} for {t!r}?" for t, m in close.items() if m)
+        )
     out_dir = Path(output_dir) if output_dir is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

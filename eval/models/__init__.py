@@ -34,6 +34,11 @@ def load_embedded(name: str, dtype: torch.dtype = torch.float32):
         # differently); the video model was trained through its video processor, which it keeps
         processor.image_processor = AutoImageProcessor.from_pretrained(d, local_files_only=True, backend="pil")
     model = AutoModelForImageTextToText.from_pretrained(d, local_files_only=True, dtype=dtype)
+    # An answer ends with </s>; a new "question" turn is never part of one: stop there too (the models were trained on
+    # several question turns per sequence, and a free-form question can otherwise run on to max_new_tokens).
+    tok = processor.tokenizer
+    stops = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("question")) if i is not None and i != tok.unk_token_id]
+    model.generation_config.eos_token_id = stops
     model.eval()
     return model, processor
 

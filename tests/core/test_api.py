@@ -229,3 +229,18 @@ def test_config_object_equals_keywords():
     assert torch.equal(m(**batch).logits, via_config)
     with pytest.raises(ValueError, match="not both"):
         vtprune.apply_pruner(m, config=vtprune.PrunerConfig(), keep_ratio=0.3, replace=True)
+
+
+@torch.no_grad()
+def test_stats_records_answer_in_and_iterate_like_mappings():
+    from helpers import cached_model
+
+    model = cached_model("llava", "sdpa")
+    vtprune.apply_pruner(model, method="pool", keep_ratio=0.5)
+    try:
+        model(**make_batch("llava", 1))
+        stats = vtprune.get_stats(model)[0]
+    finally:
+        vtprune.remove_pruner(model)
+    assert "units" in stats and "nope" not in stats and 0 not in stats
+    assert list(stats) == list(stats.keys()) and dict(stats.units[0][0].as_dict())["kind"] == "image"

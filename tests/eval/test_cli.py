@@ -23,11 +23,19 @@ from vtprune.eval.catalog import is_available
         (["--budgets", "half"], "budgets must be comma-separated percentages"),
         (["--methods", "divprune,nope"], "unknown method(s) ['nope']; available: ["),
         (["--models", "gpt"], "unknown embedded model(s) ['gpt']"),
+        (["--budgets", "0.25"], "0.25 is below 1 %: give 25 for 0.25 of the tokens"),
     ],
 )
 def test_bad_arguments_name_the_value(argv, message, capsys, tmp_path):
     assert main(["eval", "--output", str(tmp_path), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_mistyped_flag_shows_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--budgetz", "25"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: vtprune eval" in err and "unrecognized arguments: --budgetz 25" in err
 
 
 @needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")

@@ -59,19 +59,21 @@ def test_keep_all_gives_the_original_answer_and_cost(embedded):
         assert c.pruned.visual_tokens == c.original.visual_tokens
 
 
-def test_overlay_greys_exactly_the_dropped_cells(embedded):
+def test_overlay_paints_over_exactly_the_dropped_cells(embedded):
+    """Dropped cells show nothing of the picture (only the flat grey and its hatching); kept cells are untouched."""
     model, processor = embedded
     e = make_split("test", 1, seed=0)[0]
     c = compare(model, processor, e.image, e.question, method="divprune", keep_ratio=0.25, max_new_tokens=1)
     kept = kept_visual_tokens(c.stats, c.original.visual_tokens)
     rows = 12 if model.config.model_type == "llava" else 10
     cols = c.original.visual_tokens // rows
-    white = Image.new("RGB", c.overlay.size, (255, 255, 255))
-    marked = torch.from_numpy(np.array(overlay(white, (rows, cols), kept)))[..., 0]
-    h, w = c.overlay.size[1] // rows, c.overlay.size[0] // cols
-    centres = marked[h // 2 :: h, w // 2 :: w][:rows, :cols].flatten()
-    assert torch.equal((centres == 255).nonzero().flatten(), kept)
-    assert len(kept) == c.pruned.visual_tokens
+    red = Image.new("RGB", (cols * 8, rows * 8), (220, 30, 30))
+    cells = np.array(overlay(red, (rows, cols), kept)).reshape(rows, 8, cols, 8, 3).transpose(0, 2, 1, 3, 4)
+    cells = cells.reshape(rows * cols, 64, 3)
+    no_colour = ((cells[..., 0] == cells[..., 1]) & (cells[..., 1] == cells[..., 2])).all(axis=1)
+    untouched = (cells == (220, 30, 30)).all(axis=(1, 2))
+    assert torch.equal(torch.from_numpy(untouched).nonzero().flatten(), kept)
+    assert (no_colour == ~untouched).all() and len(kept) == c.pruned.visual_tokens
 
 
 def test_kept_tokens_compose_across_stages():
@@ -198,14 +200,21 @@ def test_compare_two_images_and_a_video():
     assert [u.kind for u in units] == ["image", "image", "video"]
     assert [u.tokens_after for u in units] == [int(u.tokens_before * r + 0.5) for u, r in zip(units, (0.5, 0.5, 0.25))]
     assert len(c.overlays) == 2 and c.overlay is c.overlays[0]
-    from vtprune.demo import readable
+    from vtprune.demo import LEGEND_HEIGHT, TOP_MARGIN, VIEW_GAP, readable
 
     for img, shown, unit in zip(images, c.overlays, units):
-        plain = np.asarray(readable(img, _grid_of(unit, img, shown)))
-        changed = (np.asarray(shown) != plain).any(-1).mean()
-        # The cells greyed out on this image's overlay are exactly its own dropped share.
+        # The composite: what the model sees, and under it at the same scale the same with dropped cells painted.
+        w, h = shown.size[0], (shown.size[1] - TOP_MARGIN + VIEW_GAP) // 2 - LEGEND_HEIGHT - VIEW_GAP
+        top, step = TOP_MARGIN, h + LEGEND_HEIGHT + VIEW_GAP
+        seen, pruned = shown.crop((0, top, w, top + h)), shown.crop((0, top + step, w, top + step + h))
+        assert np.array_equal(np.asarray(seen), np.asarray(readable(img, _grid_of(unit, img, seen))))
+        changed = (np.asarray(pruned) != np.asarray(seen)).any(-1).mean()
+        # The cells painted over on this image's view are exactly its own dropped share.
         assert abs(changed - (1 - unit.tokens_after / unit.tokens_before)) < 0.02
-    assert f"{units[2].tokens_after} of {units[2].tokens_before} tokens kept over 3 frames" in c.note
+    assert (
+        f"{units[2].tokens_after} of {units[2].tokens_before} tokens kept (3 frames, which the model sees as 3 "
+        "temporal groups" in c.note
+    )
     with pytest.raises(ValueError, match="takes no videos"):
         compare(cached_model("llava", "sdpa"), cached_processor("llava"), images[0], "what ?", video=clip, prompt="x")
 

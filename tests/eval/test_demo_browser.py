@@ -34,10 +34,12 @@ pytestmark = needs(MISSING is None, f"the browser test needs {MISSING}")
 @pytest.fixture(scope="module")
 def served():
     from vtprune.demo import build_app, example_scenes
+    from vtprune.eval import catalog
     from vtprune.eval.models import load_embedded
 
     model, processor = load_embedded("qwen2_5_vl-tiny-sortofclevr")
-    app = build_app(model, processor, example_scenes(2), max_new_tokens=3)
+    about = catalog.about("qwen2_5_vl-tiny-sortofclevr")
+    app = build_app(model, processor, example_scenes(2), max_new_tokens=3, about=about)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -76,6 +78,10 @@ def test_example_compare_shows_both_answers_and_the_overlay(page, served, tmp_pa
 
     _, model, processor = served
     e = make_split("test", 2, seed=0)[1]
+    # What the model knows is said first, and the examples are in view without scrolling (viewport 1280 x 1100).
+    assert "Sort-of-CLEVR" in page.locator("#vt-about").inner_text()
+    examples = page.locator("#vt-examples").bounding_box()
+    assert examples["y"] + examples["height"] < 1100 and examples["y"] < page.locator("#vt-image").bounding_box()["y"]
     page.locator("#vt-examples").get_by_text(e.question).click()
     page.locator("#vt-image img").wait_for(state="visible")  # the example is loaded before we ask
     assert page.locator(FIELD.format("vt-question")).input_value() == e.question

@@ -488,3 +488,28 @@ def test_video_task_matches_the_harness_and_runs_in_the_real_cli(tmp_path):
     assert res["n-samples"]["vtprune_sortofclevr_video"]["effective"] == 6
     assert task["acc_single_frame,none"] == 1.0  # the two single-frame controls of the six: the model answers them
     assert res["throughput"]["avg_kept_visual_tokens"] == 150 and res["throughput"]["avg_visual_tokens"] == 600
+
+
+@requires_lmms
+def test_the_eval_wrapper_exits_non_zero_on_an_unknown_task(tmp_path, capsys):
+    """lmms-eval's own CLI logs an unknown task and exits 0; `vtprune eval --model` says so and exits 2."""
+    from vtprune.cli import main
+
+    argv = [
+        "eval",
+        "--model",
+        "llava-tiny-sortofclevr",
+        "--tasks",
+        "vtprune_sortofclever",
+        "--limit",
+        "2",
+        "--methods",
+        "random",
+        "--budgets",
+        "50",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lmms-eval task(s) ['vtprune_sortofclever'] not found" in err and not (tmp_path / "out").exists()

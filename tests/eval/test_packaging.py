@@ -1,4 +1,5 @@
-"""A plain (non-editable) install must give the same import namespace as the source tree."""
+"""A plain (non-editable) install must give the same import namespace as the source tree, and a clone must still run
+its tests after one (the README's installs in any order)."""
 
 import importlib.util
 import subprocess
@@ -67,6 +68,15 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "divprune" in out.stdout
+    # The README's order (pip install -e ".[test]", then pip install ".[demo]", which replaces the editable install):
+    # from the clone's root Python imports the clone's vtprune/ folder first, which must still find patches/, cuda/
+    # and eval/ beside it; the tests then run as after the editable install.
+    clone = "import vtprune.patches, vtprune.eval.models, vtprune.cuda; print(vtprune.patches.__file__)"
+    out = subprocess.run([str(py), "-c", clone], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and str(ROOT / "patches") in out.stdout, out.stderr
+    tests = [str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/core/test_units.py", "-k", "remainder"]
+    out = subprocess.run(tests, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and " passed" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 def _setup_kwargs() -> dict:

@@ -54,3 +54,16 @@ def test_readme_python_example_runs(tmp_path):
     answer, expected = re.fullmatch(r".+ -> (.*) \(expected (.+)\)", answer_line).groups()
     assert answer.strip() == expected  # the pruned model still answers this scene right
     assert "[144] -> [36]" in out.stdout  # the comment's "keep 36 of the 144 visual tokens"
+
+
+@needs(is_available("qwen2_5_vl-tiny-sortofclevr-video"), "the embedded video model's weights are missing")
+def test_readme_video_example_runs(tmp_path):
+    example = next(b for b in re.findall(r"```python\n(.+?)\n```", README, flags=re.S) if '-video")' in b)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer, expected = re.search(r" -> (.*) \(expected (.+)\)", out.stdout).groups()
+    assert answer.strip() == expected  # a quarter of every frame still answers this clip right
+    assert "video 4 temporal groups: 600 -> 150" in out.stdout  # the 8 frames are 4 groups of 150 tokens

@@ -79,7 +79,36 @@ def test_plot_draws_each_models_frontier_and_keeps_coincident_methods_visible(tm
         front = lines["Pareto frontier"]
         expected = frontier([(4 * scale, 60.0), (7 * scale, 80.0), (10 * scale, 90.0), (12 * scale, 50.0)])
         assert list(zip(front.get_xdata(), front.get_ydata())) == expected
-        pool, rand = lines["pool"], lines["random"]
+        series = {c.get_label(): c.lines[0] for c in ax.containers}  # errorbar: the data line, then the bars
+        pool, rand = series["pool"], series["random"]
         assert list(pool.get_xydata().tolist()) == list(rand.get_xydata().tolist())  # they coincide ...
         assert pool.get_marker() != rand.get_marker() and pool.get_markersize() != rand.get_markersize()
         assert pool.get_markerfacecolor() == "none"  # ... and hollow markers of two sizes show both
+
+
+def test_every_series_of_a_video_run_has_its_own_style():
+    from vtprune.eval.harness.report import series_style
+
+    styles = [tuple(sorted(series_style(i).items())) for i in range(30)]
+    assert len(set(styles)) == 30 and len({s["color"] for s in map(dict, styles[:10])}) == 10
+
+
+def test_wilson_interval_and_the_multi_frame_panels_n():
+    from vtprune.eval.harness.report import multi_frame_rows, wilson
+
+    low, high = wilson(0.9, 20)
+    assert 0.69 < low < 0.71 and 0.97 < high < 0.98  # 18 of 20: the interval a 20-question run carries
+    assert wilson(1.0, 20)[1] == 1.0 and wilson(0.5, 0) == (0.0, 1.0)
+    video = {"model": "v", "method": "none", "accuracy": 0.8, "acc_multi_frame": 0.7, "n": 300}
+    assert multi_frame_rows([video])[0]["n"] == 200  # 4 of the 6 question types when the run did not record it
+    assert multi_frame_rows([{**video, "n_multi_frame": 150}])[0]["n"] == 150
+
+
+def test_plot_labels_budgets_and_n(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = pareto_plot([{**r, "n": 20} for r in _rows()], tmp_path / "p.png", "t")
+    ax = fig.axes[0]
+    assert "n = 20" in ax.get_title()
+    assert "25%" in [t.get_text() for t in ax.texts]

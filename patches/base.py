@@ -105,9 +105,61 @@ class Adapter:
         """The linear layer whose output is decoder layer ``layer``'s query states [B, L, heads * head_dim]."""
         return self.attention(layer).q_proj
 
+    def key_projection(self, layer: int) -> torch.nn.Module:
+        """The linear layer whose output is decoder layer ``layer``'s key states [B, L, kv_heads * head_dim]."""
+        return self.attention(layer).k_proj
+
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) of the language model's rotary embedding at ``position_ids``."""
         return self.language_model.rotary_emb(hidden, position_ids)
+
+    # ------------------------------------------------------------------ the vision tower
+    # A tower layer's attention, read by methods such as VisionZip: inside the tower (a tower stage, which also saves
+    # the tower's later layers) where the family allows one, else mapped onto the prompt's visual tokens for a
+    # layer-0 stage (``tower_rows``).
+    tower_refusal: str | None = "its tower's output is not one token per patch of a single grid"
+    tower_scores = False  # tower_layers, tower_attention, tower_feature_layer and tower_rows are given
+
+    @property
+    def supports_tower_stage(self) -> bool:
+        """A stage can run inside the tower (tower_refusal says why not)."""
+        return self.tower_refusal is None
+
+    @property
+    def tower_layers(self):
+        """The vision tower's encoder layers, in order."""
+        raise NotImplementedError(f"{type(self).__name__} has no tower stage")
+
+    def tower_attention(self, layer: int) -> torch.nn.Module:
+        return self.tower_layers[layer].self_attn
+
+    @property
+    def tower_feature_layer(self) -> int:
+        """The tower layer whose output the model reads its image features from."""
+        raise NotImplementedError(f"{type(self).__name__} has no tower stage")
+
+    @property
+    def tower_prefix_tokens(self) -> int:
+        """Tokens the tower runs before the patches ([CLS]: 1), which the model does not place in the prompt."""
+        return 0
+
+    @property
+    def tower_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patches of one image at the tower."""
+        raise NotImplementedError(f"{type(self).__name__} has no tower stage")
+
+    def tower_rows(self, captured: list, call: dict) -> dict:
+        """{kind: [tokens of that kind in the batch, in placement order (newlines excluded), C]} from per-tower-token
+        rows ``captured`` (one [runs, T, C] per capture, in the order the tower ran): what the tower's token became
+        in the prompt. Here, where the projector's inputs are the tower's tokens: the prefix ([CLS]) is dropped as the
+        model's feature strategy does, then the rows go where ``projector_rows`` puts the projector's inputs."""
+        strategy = getattr(self.model.config, "vision_feature_select_strategy", "full")
+        drop = self.tower_prefix_tokens if strategy == "default" else 0
+        return self.projector_rows([c[:, drop:] for c in captured], call)
+
+    def encode_images(self, kwargs: dict) -> dict:
+        """{"image": ...} the ``mm_encoder_outputs`` the body would compute from the call's pixels itself."""
+        raise NotImplementedError(f"{type(self).__name__} has no tower stage")
 
     # ------------------------------------------------------------------ where the visual tokens are
     @classmethod
@@ -247,6 +299,18 @@ class Cost:
     def projector_rows_run(cls, config, pixel_values=None, image_grid_thw=None, image_sizes=None, **videos) -> int:
         """How many rows the model runs through its projector for one batch of images (and videos)."""
         raise NotImplementedError(f"{cls.__name__} has no projector row count")
+
+    @classmethod
+    def tower_head_dim(cls, config) -> int:
+        vc = config.vision_config
+        return vc.hidden_size // vc.num_attention_heads
+
+    @classmethod
+    def tower_capture_flops(cls, config, layer: int, **call) -> int:
+        """What reading tower layer ``layer``'s attention costs on one batch (``vtprune.capture.tower_attention``):
+        the [CLS] query against every key where the tower has a [CLS], else every query against every key of its
+        attention block (the QKᵀ half of that layer's attention)."""
+        raise NotImplementedError(f"{cls.__name__} has no tower capture count")
 
 
 # The word-level vocabulary of the tiny test models (vtprune.testing): the special tokens come first so the

@@ -33,12 +33,26 @@ class ClipCost(Cost):
         if n == 0:
             return 0
         vc = config.vision_config
-        e, inter, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
+        e, p = vc.hidden_size, vc.patch_size
         patches = (height // p) * (width // p)
-        t = patches + cls.tower_cls_tokens
         conv = 2 * patches * vc.num_channels * p * p * e
-        layer = 2 * t * e * 4 * e + 4 * t * t * e + 2 * 2 * t * e * inter
-        return n * (conv + vc.num_hidden_layers * layer)
+        return n * (conv + vc.num_hidden_layers * cls.tower_layer_flops(config, patches + cls.tower_cls_tokens))
+
+    @classmethod
+    def tower_capture_flops(cls, config, layer: int, pixel_values=None, image_sizes=None, **extra) -> int:
+        n, height, width = cls.crops(config, pixel_values, image_sizes, **extra)
+        if n == 0:
+            return 0
+        e, p = config.vision_config.hidden_size, config.vision_config.patch_size
+        tokens = (height // p) * (width // p) + cls.tower_cls_tokens
+        return n * 2 * e * tokens * (1 if cls.tower_cls_tokens else tokens)
+
+    @classmethod
+    def tower_layer_flops(cls, config, tokens: int) -> int:
+        """One tower layer on ``tokens`` tokens of one image: q/k/v/o, QKᵀ and AV, fc1 and fc2."""
+        vc = config.vision_config
+        e = vc.hidden_size
+        return 2 * tokens * e * 4 * e + 4 * tokens * tokens * e + 2 * 2 * tokens * e * vc.intermediate_size
 
     @classmethod
     def projector_dims(cls, config) -> tuple:
@@ -118,10 +132,48 @@ class LlavaTiny(Tiny):
         )
 
 
-class LlavaAdapter(Adapter):
+class TowerAccess:
+    """The tower accessors of the LLaVA families: a CLIP (or SigLIP) encoder whose layer's output is the features."""
+
+    tower_scores = True
+
+    @property
+    def tower_layers(self):
+        tower = self.body.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 flattened CLIPVisionModel
+
+    @property
+    def tower_feature_layer(self) -> int:
+        # hidden_states[0] is the embeddings: entry i is the output of layer i - 1
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise NotImplementedError("a vision-tower stage needs one vision_feature_layer, got a list")
+        return (layer if layer >= 0 else len(self.tower_layers) + 1 + layer) - 1
+
+    @property
+    def tower_prefix_tokens(self) -> int:
+        tower = self.body.vision_tower
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        return 1 if hasattr(embeddings, "class_embedding") else 0  # CLIP's [CLS]; SigLIP has none
+
+
+class LlavaAdapter(TowerAccess, Adapter):
     """LLaVA-1.5: a fixed square grid of CLIP patches per image."""
 
     family = "llava"
+
+    @property
+    def tower_refusal(self) -> str | None:
+        if self.model.config.vision_feature_select_strategy != "default":
+            return "its feature strategy places the tower's [CLS] in the prompt, which a tower stage would drop"
+        return None
+
+    @property
+    def tower_grid(self) -> tuple[int, int]:
+        return self.side, self.side
+
+    def encode_images(self, kwargs):
+        return {"image": self.body.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True)}
 
     @functools.cached_property
     def side(self) -> int:  # read on every prefill; the tower's geometry does not change under a patch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, Family, Unit, as_rows
-from .llava import _NORM, ClipCost, LlavaTiny
+from .llava import _NORM, ClipCost, LlavaTiny, TowerAccess
 
 _PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # the tiny test model's anyres grid
 
@@ -67,8 +67,12 @@ class LlavaNextTiny(LlavaTiny):
         )
 
 
-class LlavaNextAdapter(Adapter):
+class LlavaNextAdapter(TowerAccess, Adapter):
     family = "llava_next"
+    tower_refusal = (
+        "its anyres crops are unpadded and packed with newline tokens after the tower "
+        "(pack_image_features), which needs every crop's whole grid"
+    )
 
     def newline_mask(self, embeds, vis):
         newline = self.body.image_newline.to(embeds.dtype)

@@ -15,6 +15,11 @@ def _thw_rows(*grids) -> list:
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     position_kind = "mrope"
+    tower_refusal = (
+        "its tower merges every 2x2 patches after its last block and, in Qwen2.5-VL, attends within "
+        "windows: tokens could leave only at the merger's input, which saves the merger alone; score "
+        "with the method at layer 0 instead"
+    )
 
     def _grids(self, call, kind: str) -> list:
         """(t, h, w) per image or video of the batch, in order, after the 2x2 merge."""
@@ -63,6 +68,41 @@ class Qwen2VLAdapter(Adapter):
     def _merged_order(self, thw, device):
         return slice(None)  # Qwen2-VL merges patches already in raster order
 
+    # ------------------------------------------------------------------ tower attention (a layer-0 stage)
+    tower_scores = True
+
+    @property
+    def tower_layers(self):
+        return self.body.visual.blocks
+
+    def tower_attention(self, layer: int) -> torch.nn.Module:
+        return self.tower_layers[layer].attn
+
+    @property
+    def tower_feature_layer(self) -> int:
+        return len(self.tower_layers) - 1  # the merger reads the last block's output
+
+    def tower_rows(self, captured, call):
+        """The tower attends frame by frame (window by window in Qwen2.5-VL's windowed blocks): the captures, in run
+        order, are the images' patches then the videos'; each token is the mean of its 2x2 merged patches."""
+        rows = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured])
+        group = self.model.config.vision_config.spatial_merge_size**2
+        out, start = {}, 0
+        for kind in ("image", "video"):
+            thw = call.get(f"{kind}_grid_thw")
+            if thw is None:
+                continue
+            patches = int(torch.as_tensor(thw).prod(-1).sum())
+            part = rows[start : start + patches]
+            start += patches
+            out[kind] = part.view(-1, group, part.shape[-1]).mean(1)[self._merged_order(thw, part.device)]
+        if start != rows.shape[0]:
+            raise RuntimeError(
+                f"vtprune: the tower attention captured covers {rows.shape[0]} patches, but the call's grid_thw "
+                f"describe {start}"
+            )
+        return out
+
 
 class Qwen2VLCost(Cost):
     @classmethod
@@ -93,6 +133,15 @@ class Qwen2VLCost(Cost):
             total += 2 * n * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * e
             total += sum(2 * n * e * 4 * e + cls._mlp(vc, n, e) + attn for attn in cls._attention(vc, t, h, w))
         return total
+
+    @classmethod
+    def tower_head_dim(cls, config) -> int:
+        return cls._dims(config.vision_config)[0] // config.vision_config.num_heads
+
+    @classmethod
+    def tower_capture_flops(cls, config, layer: int, image_grid_thw=None, video_grid_thw=None, **_) -> int:
+        vc = config.vision_config
+        return sum(cls._attention(vc, t, h, w)[layer] // 2 for t, h, w in _thw_rows(image_grid_thw, video_grid_thw))
 
     @classmethod
     def projector_dims(cls, config) -> tuple:

@@ -145,6 +145,16 @@ class _GuardedGenerate:
             if getattr(gen_cfg, key, None) is not None:
                 raise NotImplementedError(f"vtprune does not support generation_config.{key}")
         pruner = get_pruner(model)
+        expand = max(
+            kwargs.get("num_beams") or gen_cfg.num_beams or 1,
+            kwargs.get("num_return_sequences") or gen_cfg.num_return_sequences or 1,
+        )
+        if pruner.has_tower_stage and expand > 1:
+            # generate() would split the shortened image features by the prompt's (full) placeholder counts
+            raise NotImplementedError(
+                "vtprune: a stage inside the vision tower does not support num_beams or "
+                "num_return_sequences > 1; prune at layer 0 or later for beam search"
+            )
         pruner.set_generate_call({k: kwargs.get(k) for k in CALL_KEYS})
         try:
             return type(model).generate(model, *args, **kwargs)

@@ -10,7 +10,7 @@ import torch
 
 from .stage import Captured, TokenFlags
 
-PHASES = ("idle", "early", "prefill", "decode")
+PHASES = ("idle", "tower", "early", "prefill", "decode")
 CALL_ATTR = "_vtprune_call"  # on a KV cache a pruned prefill filled: that call's CallState, for its decode steps
 
 
@@ -31,7 +31,7 @@ class CallState:
     "prefill" (the language model's prefill, stages running) or "decode" (steps after the prefill)."""
 
     call: dict  # input_ids and the image metadata of this call
-    phase: str = "idle"
+    phase: str = "idle"  # "tower": the body dropped the placeholders a tower stage left out; the prefill comes
     outputs: dict = field(default_factory=dict)  # layer -> StageOutput
     stats: list = field(default_factory=list)  # StageStats, one per stage that ran
     captured: Captured = field(default_factory=Captured)
@@ -59,9 +59,16 @@ class ThreadState(threading.local):
         self.generate_call: dict = {}
         self.pre_projector: list = []  # projector inputs of this call, one per projector run, in run order
         self.call_projector: list = []  # the projector inputs a generate() call's later prefills score with
+        self.pre_tower: list = []  # a tower layer's [attention | keys] per run, for a layer-0 stage (as pre_projector)
+        self.call_tower: list = []  # as call_projector
         self.paused = 0
         self.selecting = False  # inside a stage: a strategy running the projector must not be captured
         self.lm_prefill = False  # the language model's current call is a prefill (its output cache gets tagged)
+        self.tower_armed = False  # a pruned call is encoding its images: the tower stage chooses
+        self.tower_capture = None  # (attention [images, T], keys [images, T, d], seconds) of the tower layer
+        self.tower_kept: list = []  # per tower run of this encoding, its images' kept patches [images, k]
+        self.call_tower_kept: list = []  # the kept patches a generate() call's prefills compact with
+        self.tower_seconds = 0.0
 
 
 def max_position(pos: torch.Tensor) -> torch.Tensor:

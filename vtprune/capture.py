@@ -1,13 +1,16 @@
-"""Scores that in-LLM stages read at layer K-1, without forcing eager attention on the model.
+"""Attention scores that stages read, without forcing eager attention on the model.
 
-The last query's attention row is computed in O(H·L·d) inside a registered attention function that then calls
-the real implementation (sdpa, eager or flash), so outputs are unchanged. Only the one attention module at layer
-K-1 is pointed at it, through a copied config on that module instance.
+Inside registered attention functions that then call the real implementation (sdpa, eager or flash), so outputs are
+unchanged: the last query's attention row at the language model's layer K-1, computed in O(H·L·d); and a vision-tower
+layer's attention to each patch (the [CLS] query's row where the tower has one, else the mean over all queries,
+computed block by block) with its key states. Only the chosen attention module is pointed at them, through a
+copied config on that module instance.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 import time
 
 import torch
@@ -15,14 +18,34 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 CAPTURE_IMPL = "vtprune_capture"
+TOWER_CAPTURE_IMPL = "vtprune_tower_capture"
 
 
 def _eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.models.llama.modeling_llama import eager_attention_forward
+    # The eager attention of the module's own model file (a CLIP layer has no grouped heads, a Llama layer has).
+    fn = sys.modules[type(module).__module__].eager_attention_forward
+    return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
-    return eager_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+
+def _inner(module, query, key, value, attention_mask, **kwargs):
+    inner = module._vtprune_inner_impl
+    fn = _eager if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def tower_attention(query: torch.Tensor, key: torch.Tensor, scaling: float, cls: int, block: int = 256):
+    """The attention each token receives at a tower layer, mean over heads: [B, T] float32. With a [CLS] token
+    (``cls`` = 1), the [CLS] query's softmax row; without one, the mean over all queries of their softmax rows
+    (``block`` queries at a time, so the T x T matrix never exists whole). query, key: [B, H, T, d] (no mask: tower
+    attention is full)."""
+    k = key.float()
+    if cls:
+        return ((query[:, :, :1].float() @ k.transpose(-1, -2)) * scaling).softmax(-1)[:, :, 0].mean(1)
+    total = torch.zeros(key.shape[0], key.shape[2], dtype=torch.float32, device=key.device)
+    for start in range(0, query.shape[2], block):
+        probs = ((query[:, :, start : start + block].float() @ k.transpose(-1, -2)) * scaling).softmax(-1)
+        total += probs.sum(2).mean(1)
+    return total / query.shape[2]
 
 
 def last_query_attention(
@@ -71,16 +94,26 @@ def _capture_forward(module, query, key, value, attention_mask, **kwargs):
             query, key, attention_mask, kwargs.get("scaling") or module.scaling, sink.attention_segments()
         )
         sink.record_attention(probs, time.perf_counter() - t0)
-    inner = module._vtprune_inner_impl
-    fn = _eager if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-    return fn(module, query, key, value, attention_mask, **kwargs)
+    return _inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def _tower_capture_forward(module, query, key, value, attention_mask, **kwargs):
+    sink = getattr(module, "_vtprune_sink", None)
+    if sink is not None and sink.wants_tower_attention():
+        t0 = time.perf_counter()
+        scaling = kwargs.get("scaling") or module.scale
+        attention = tower_attention(query, key, scaling, sink.tower_cls)
+        sink.record_tower_attention(attention, key.float().mean(1), time.perf_counter() - t0)
+    return _inner(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(CAPTURE_IMPL, _capture_forward)
+AttentionInterface.register(TOWER_CAPTURE_IMPL, _tower_capture_forward)
 
 
-def attach(attn_module, sink):
-    """Point ``attn_module`` at the capturing function; returns the callable that undoes exactly that."""
+def attach(attn_module, sink, impl_name: str = CAPTURE_IMPL):
+    """Point ``attn_module`` at a capturing function (``CAPTURE_IMPL`` the language model's last-query row,
+    ``TOWER_CAPTURE_IMPL`` a tower layer's attention and keys); returns the callable that undoes exactly that."""
     original = attn_module.config
     impl = original._attn_implementation or "eager"
     if impl not in ("eager", "sdpa") and not impl.startswith("flash_attention"):
@@ -88,7 +121,7 @@ def attach(attn_module, sink):
             f"attention-scored stages support eager, sdpa and flash attention, got attn_implementation={impl!r}"
         )
     cfg = copy.copy(original)
-    cfg._attn_implementation_internal = CAPTURE_IMPL
+    cfg._attn_implementation_internal = impl_name
     attn_module.config = cfg
     attn_module._vtprune_inner_impl = impl
     attn_module._vtprune_sink = sink

@@ -1,4 +1,5 @@
-"""The ``vtprune`` command line: ``eval`` (accuracy vs FLOPs), ``demo``, ``models``, ``methods``, ``tasks-path``.
+"""The ``vtprune`` command line: ``eval`` (accuracy vs FLOPs), ``bench`` (wall time and memory), ``demo``, ``models``,
+``methods``, ``tasks-path``.
 
 Only the standard library and ``vtprune.eval.catalog`` are imported up front; torch, transformers and Gradio are
 imported inside the subcommand that needs them, so ``--help`` and ``--version`` answer at once.
@@ -123,6 +124,12 @@ def _methods(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
 def _robustness(args) -> int:
     from .eval.robustness import run
 
@@ -216,6 +223,18 @@ def _parser() -> argparse.ArgumentParser:
         help="print the lmms-eval task folder (for lmms-eval --include_path)",
         description="The folder holding the vtprune_sortofclevr lmms-eval tasks.",
     ).set_defaults(fn=_tasks_path)
+    be = sub.add_parser(
+        "bench",
+        help="time to first token, prefill and decode speed and peak memory, unpruned vs each method",
+        description="Wall time and memory of pruning, measured side by side: the unpatched model and each method "
+        "on the same batch, interleaved round by round after warm-up, medians and spread; a table, and JSON "
+        "with --json.",
+        epilog=f"embedded models: {models}",
+    )
+    from . import bench
+
+    bench.add_arguments(be)
+    be.set_defaults(fn=_bench)
     ro = sub.add_parser(
         "robustness",
         help="how stable each method's selection is under pixel noise and patches",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .strategies.base import BUDGETS, ENGINE_OPTIONS, get_method, plain
+from .strategies.base import BUDGETS, ENGINE_OPTIONS, TOWER, get_method, plain
 
 DEFAULT_METHOD = "divprune"
 DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is given
@@ -94,6 +94,8 @@ class PrunerConfig:
             if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
                 raise ValueError(f"schedule must be a non-empty list of stages, got {self.schedule!r}")
             raw = [_as_stage(s) for s in self.schedule]
+        if adapter is not None:  # methods that prune at several layers become their stages (PyramidDrop)
+            raw = [part for s in raw for part in _expanded(s, len(adapter.layers))]
         return [_validated(s, adapter) for s in raw]
 
     def resolved_stages(self, adapter) -> list[StageConfig]:
@@ -108,6 +110,13 @@ class PrunerConfig:
 
 _NUMBERS = ("layer", "keep_ratio", "keep_tokens", "video_keep_ratio", "video_keep_tokens")
 _STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options", "video_keep_ratio", "video_keep_tokens")
+
+
+def _expanded(stage: StageConfig, num_layers: int) -> list[StageConfig]:
+    method = get_method(stage.method) if isinstance(stage.method, str) else None
+    if method is None or method.expand is None or stage.layer is not None:
+        return [stage]
+    return method.expand(stage, num_layers)
 
 
 def _as_stage(item: Any) -> StageConfig:
@@ -155,10 +164,12 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"{prefix}keep_tokens must be an integer >= 1, got {tokens!r}")
     if stage.layer is not None and (
-        isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer < 0
+        isinstance(stage.layer, bool) or not isinstance(stage.layer, int) or stage.layer < TOWER
     ):
-        raise ValueError(f"layer must be an integer >= 0, got {stage.layer!r}")
-    engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip"}
+        raise ValueError(
+            f"layer must be an integer >= 0, or {TOWER} for a stage inside the vision tower; got {stage.layer!r}"
+        )
+    engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip", "tower_layer": None}
     engine.update({k: plain(stage.options[k]) for k in stage.options if k in ENGINE_OPTIONS})
     rest = {**method.defaults_for(adapter), **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
     options = {**engine, **method.check(rest)}
@@ -167,6 +178,11 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
     for key, allowed in (("budget", BUDGETS), ("units", UNIT_MODES), ("temporal", TEMPORAL_MODES)):
         if options[key] not in allowed:
             raise ValueError(f"{key} must be one of {list(allowed)}, got {options[key]!r}")
+    tower_layer = options["tower_layer"]
+    if tower_layer is not None and (
+        isinstance(tower_layer, bool) or not isinstance(tower_layer, int) or tower_layer < 0
+    ):
+        raise ValueError(f"tower_layer must be an integer >= 0 (a vision-tower layer) or None, got {tower_layer!r}")
     return replace(stage, options=options)
 
 
@@ -188,8 +204,17 @@ def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter
             f"{type(adapter.model).__name__} gives visual tokens {adapter.position_kind} positions, "
             "so use positions='original'"
         )
-    for s in stages:
-        min_layer = get_method(s.method).min_layer
+    for i, s in enumerate(stages):
+        method = get_method(s.method)
+        if s.layer == TOWER or "tower_attention" in method.needs:
+            _check_tower_stage(s, method, i, adapter)
+            continue
+        if s.options["tower_layer"] is not None:
+            raise ValueError(
+                f"tower_layer is for a stage inside the vision tower (layer={TOWER}); method "
+                f"{s.method!r} runs at layer {s.layer}"
+            )
+        min_layer = method.min_layer
         if s.layer < min_layer:
             raise ValueError(
                 f"method {s.method!r} scores tokens with layer K-1 and needs layer >= {min_layer}, got layer={s.layer}"
@@ -206,3 +231,37 @@ def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter
     layers = [s.layer for s in stages]
     if layers != sorted(set(layers)):
         raise ValueError(f"schedule stages must be at strictly increasing layers, got {layers}")
+
+
+def _check_tower_stage(stage: StageConfig, method, index: int, adapter) -> None:
+    """A stage inside the vision tower: the first of the schedule, on a family whose tower allows it, at a tower layer
+    the model's features come from or before, with a method that scores with what the tower provides."""
+    name = type(adapter.model).__name__
+    if stage.layer not in (TOWER, 0):
+        raise ValueError(
+            f"method {stage.method!r} scores with the vision tower's attention: it runs inside the tower "
+            f"(layer={TOWER}) or on the language model's input (layer=0), got layer={stage.layer}"
+        )
+    if index != 0:
+        raise ValueError(f"a stage reading the vision tower (layer={stage.layer}) must be the schedule's first")
+    if stage.layer == TOWER and not adapter.supports_tower_stage:
+        hint = " (layer=0, its default here, reads the tower's attention on the prompt's tokens)"
+        raise NotImplementedError(
+            f"a stage inside the vision tower (layer={TOWER}) is supported on LLaVA-1.5; {name} "
+            f"({adapter.family}) is not: {adapter.tower_refusal}" + (hint if adapter.tower_scores else "")
+        )
+    if stage.layer == 0 and "tower_attention" in method.needs and not adapter.tower_scores:
+        raise NotImplementedError(f"{name} ({adapter.family}) is not: its tower's attention is not located")
+    last = adapter.tower_feature_layer
+    layer = stage.options["tower_layer"]
+    if layer is not None and not 0 <= layer <= last:
+        raise ValueError(
+            f"tower_layer must be in [0, {last}] for {name} (the model reads its image features after "
+            f"tower layer {last}), got tower_layer={layer}"
+        )
+    lacking = {"attention", "queries", "keys", "projector", "text"} & set(method.needs)
+    if lacking and stage.layer == TOWER:
+        raise ValueError(
+            f"method {stage.method!r} needs {sorted(lacking)}, which a stage inside the vision tower "
+            "does not have; run it at layer 0 or later"
+        )

@@ -105,10 +105,10 @@ def _hatched(size: tuple[int, int]) -> Image.Image:
     return cell
 
 
-def side_by_side(picture: Image.Image, pruned: Image.Image) -> Image.Image:
+def side_by_side(picture: Image.Image, pruned: Image.Image, merged: bool = False) -> Image.Image:
     """What the model sees of an image (``picture``, above) and the same with its dropped tokens painted over (below),
-    at one scale, with a legend under each. Stacked, so a wide image still fits the page's picture box; a white band
-    on top leaves room for the page's label."""
+    at one scale, with a legend under each (``merged``: the dropped tokens were merged into the kept ones). Stacked,
+    so a wide image still fits the page's picture box; a white band on top leaves room for the page's label."""
     w, h = picture.size
     step = h + LEGEND_HEIGHT + VIEW_GAP
     out = Image.new("RGB", (w, TOP_MARGIN + 2 * step - VIEW_GAP), (255, 255, 255))
@@ -119,7 +119,8 @@ def side_by_side(picture: Image.Image, pruned: Image.Image) -> Image.Image:
     draw.text((4, TOP_MARGIN + h + 8), "what the model sees", fill=(0, 0, 0), font=font)
     y = TOP_MARGIN + step + h + 8
     out.paste(_hatched((16, 16)), (4, y))
-    draw.text((26, y), "dropped token (kept ones unchanged)", fill=(0, 0, 0), font=font)
+    legend = "merged into a kept token" if merged else "dropped token (kept ones unchanged)"
+    draw.text((26, y), legend, fill=(0, 0, 0), font=font)
     return out
 
 
@@ -341,7 +342,8 @@ def _compare(
                 "token grid: the processor enlarged it, and the overlay shows that enlarged picture."
             )
         view = readable(picture, grid)
-        overlays.append(side_by_side(view, overlay(view, grid, unit_kept)))
+        merged = any(s.merged for s in stats)
+        overlays.append(side_by_side(view, overlay(view, grid, unit_kept), merged))
     if clip is not None:
         video_units = [(u, k) for u, k in zip(units, kept_per_unit) if u.kind == "video"]
         frames = len(clip)

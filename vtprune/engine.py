@@ -31,9 +31,10 @@ from .masks import cache_of
 from .patches.base import CALL_KEYS
 from .prefill import PrefillSteps
 from .strategies.base import get_method
+from .tower import TowerSteps
 
 
-class Pruner(PrefillSteps, DecodeSteps):
+class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
     """The configuration and hooks of one patched model instance. Per-call state lives in ``CallState``."""
 
     def __init__(self, model, adapter, cfg: PrunerConfig):
@@ -74,7 +75,7 @@ class Pruner(PrefillSteps, DecodeSteps):
             Hook(a.language_model, "pre", self._lm_hook),
             Hook(a.language_model, "post", self._lm_output_hook, with_kwargs=False),
         ]
-        if self.stages[0].layer == 0:  # only a layer-0 stage can run in the body hook (_early_prefill)
+        if self.stages[0].layer <= 0:  # a layer-0 or tower stage can run in the body hook
             items.append(Hook(a.body, "post", self._body_output_hook, with_kwargs=False))
         first = min((s.layer for s in self.stages if s.layer > 0), default=None)
         if first is not None:
@@ -94,8 +95,11 @@ class Pruner(PrefillSteps, DecodeSteps):
                         with_kwargs=False,
                     )
                 )
+            if "keys" in method.needs:
+                items.append(Hook(a.key_projection(stage.layer - 1), "post", self._keys_hook, with_kwargs=False))
         if "projector" in self._needs:
             items.append(Hook(a.projector_module(), "pre", self._projector_hook, with_kwargs=False))
+        items += self._tower_items()
         items.append(Patch(self._install_adapter))
         return items
 
@@ -125,6 +129,10 @@ class Pruner(PrefillSteps, DecodeSteps):
         projector inputs captured before are not this call's."""
         self._local.generate_call = call
         self._local.pre_projector, self._local.call_projector = [], []
+        self._local.pre_tower, self._local.call_tower = [], []
+        self._local.tower_kept, self._local.call_tower_kept, self._local.tower_seconds = [], [], 0.0
+        # generate() encodes the images before its prefill: the tower stage chooses then
+        self._local.tower_armed = self.has_tower_stage and call.get("pixel_values") is not None
 
     @contextlib.contextmanager
     def paused(self):
@@ -171,6 +179,11 @@ class Pruner(PrefillSteps, DecodeSteps):
         if state is not None and state.phase == "prefill":
             state.captured.queries = output.view(*output.shape[:2], heads, -1)
 
+    def _keys_hook(self, module, args, output):
+        state = self._live()
+        if state is not None and state.phase == "prefill":
+            state.captured.keys = output
+
     def _projector_hook(self, module, args):
         # Images are encoded before the prefill (inside generate(), or in the body's forward).
         if not (self._local.paused or self._local.selecting):
@@ -199,8 +212,11 @@ class Pruner(PrefillSteps, DecodeSteps):
             call = {key: kwargs.get(key) if kwargs.get(key) is not None else gen.get(key) for key in CALL_KEYS}
             call["input_ids"] = kwargs.get("input_ids", args[0] if args else None)
             self._local.state = CallState(call=call)
+            if self.has_tower_stage:
+                return self._tower_prefill(self._local.state, args, kwargs)
             if not kwargs.get("mm_encoder_outputs"):
-                self._local.pre_projector = []  # this forward encodes its images itself, after this hook
+                # this forward encodes its images itself, after this hook
+                self._local.pre_projector, self._local.pre_tower = [], []
                 return None
             return self._early_prefill(self._local.state, args, kwargs)
         encoded = kwargs.get("mm_encoder_outputs") or {}

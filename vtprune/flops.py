@@ -28,6 +28,8 @@ family's ``Cost`` (``vtprune.patches``) knows its tower's and projector's shapes
 
 from __future__ import annotations
 
+from .strategies.base import TOWER
+
 
 def _cost(config):
     """The FLOPs model of the model's family, which knows its vision tower and projector."""
@@ -162,15 +164,22 @@ def scoring_flops(
     projector_row: int = 0,
     projector_dims: tuple | None = None,
     row_n: int | None = None,
+    tower_cls: int = 0,
+    tower_head_dim: int = 0,
+    text_len: int = 0,
     **options,
 ) -> int:
     """A method's own selection cost for one row: ``n`` visual tokens in, ``k`` kept, feature width ``d``, as the
     method declared it (``register(..., flops=...)``; 0 when it declared none). ``options`` are the method's
-    (e.g. zoo's ``m``); missing ones take the method's defaults."""
-    from .strategies.base import ScoringShape, get_method
+    (e.g. zoo's ``m``); missing ones take the method's defaults. At a tower stage ``d``, ``heads``, ``head_dim`` and
+    ``seq_len`` are the tower's, ``tower_cls`` its tokens before the patches."""
+    from .strategies.base import ENGINE_OPTIONS, ScoringShape, get_method
 
     spec = get_method(method)
-    shape = ScoringShape(n, k, d, heads, head_dim, seq_len, projector_row, projector_dims, row_n)
+    shape = ScoringShape(
+        n, k, d, heads, head_dim, seq_len, projector_row, projector_dims, row_n, tower_cls, tower_head_dim, text_len
+    )
+    options = {key: v for key, v in options.items() if key not in ENGINE_OPTIONS}
     return int(spec.flops(shape, **{**spec.options, **options}))
 
 
@@ -191,12 +200,69 @@ def _stage_options(model) -> dict:
     return {} if pruner is None else {s.layer: method_options(s) for s in pruner.stages}
 
 
+def _instruction_lengths(config, batch) -> list[int]:
+    """Per row, the text tokens a text-reading method gets: those after the row's last visual token, else all."""
+    import torch
+
+    from .patches import adapter_class
+
+    ids = batch["input_ids"]
+    vis = adapter_class(config).placeholder_mask(config, ids)
+    mask = batch.get("attention_mask")
+    text = ~vis & (torch.ones_like(vis) if mask is None else mask.bool())
+    last = torch.where(vis, torch.arange(ids.shape[1]), -1).amax(1, keepdim=True)
+    after = (text & (torch.arange(ids.shape[1]) > last)).sum(1)
+    return torch.where(after > 0, after, text.sum(1)).tolist()
+
+
+def _tower_layer(st) -> int | None:
+    return st["tower_layer"] if "tower_layer" in st else None  # stats saved before it existed lack it
+
+
+def _tower_capture(config, st, images: dict) -> int:
+    """Reading the tower's attention for a stage scored by it (0 for other stages): runs inside the tower."""
+    from .strategies.base import get_method
+
+    if _tower_layer(st) is None or "tower_attention" not in get_method(st["method"]).needs:
+        return 0
+    return _cost(config).tower_capture_flops(config, st["tower_layer"], **images)
+
+
+def _tower_stage(config, st, calls: list, opts: dict) -> tuple[dict, int]:
+    """What a stage inside the vision tower saves ({"vision", "projector"}: its images' later tower layers and
+    projector rows on k instead of N patches) and what its scoring costs, per strategy call (one per image)."""
+    cost = _cost(config)
+    vc = config.vision_config
+    heads = vc.num_attention_heads
+    prefix, layers, after = cost.tower_cls_tokens, vc.num_hidden_layers, st["tower_layer"]
+    saved = {"vision": 0, "projector": 0}
+    scoring = 0
+    for n, k in (call for row in calls for call in row):
+        per_layer = cost.tower_layer_flops(config, prefix + n) - cost.tower_layer_flops(config, prefix + k)
+        saved["vision"] += (layers - 1 - after) * per_layer
+        saved["projector"] += (n - k) * projector_row_flops(config)
+        scoring += scoring_flops(
+            st["method"],
+            n,
+            k,
+            vc.hidden_size,
+            heads=heads,
+            head_dim=vc.hidden_size // heads,
+            seq_len=prefix + n,
+            tower_cls=prefix,
+            tower_head_dim=cost.tower_head_dim(config),
+            **opts,
+        )
+    return saved, scoring
+
+
 def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     """FLOPs of one ``model(**batch)`` prefill (``model`` may also be just its config), pruned as ``stats``
     (``vtprune.get_stats(model)`` of that run) says, or unpruned when ``stats`` is None.
 
     batch: the processor output (input_ids [B, L], pixel_values, image_grid_thw / image_sizes).
-    Returns {"vision", "projector", "llm" (decoder layers), "lm_head", "scoring", "total",
+    Returns {"vision", "projector", "llm" (decoder layers), "lm_head", "scoring", "scoring_in_tower" (the part of
+    "scoring" that runs inside the vision tower: reading its attention, and a tower stage's choice), "total",
     "attention_causal_saving" (what a causal-skipping kernel would not compute, not subtracted),
     "cache_len_per_layer" (prefill KV length per decoder layer, for ``decode_step_flops``),
     "tokens_per_stage" (list: the input, then one entry per stage with seq_len and per-row token counts)}.
@@ -216,14 +282,23 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
     options = _stage_options(model)
     tokens = [{"layer": 0, "method": None, "seq_len": length, "visual": visual_counts(config, input_ids)}]
     seq_lens = {0: length}
-    scoring, cur = 0, length
+    scoring, cur, in_tower = 0, length, 0
+    text_lens = _instruction_lengths(config, batch)
     for st in sorted(stats or [], key=lambda s: s["layer"]):
+        capture = _tower_capture(config, st, images)
+        scoring, in_tower = scoring + capture, in_tower + capture
         before, after = list(st["tokens_before"]), list(st["tokens_after"])
         opts = options.get(st["layer"], {})
         proj = dict(projector_row=projector_row_flops(config), projector_dims=_cost(config).projector_dims(config))
+        if _tower_layer(st) is not None:
+            proj["tower_head_dim"] = _cost(config).tower_head_dim(config)
         # Scoring runs once per strategy call: per image/video (or frame), not over the row's tokens at once.
         calls = st["selections"] if "selections" in st.keys() else [[(n, k)] for n, k in zip(before, after)]
-        for row, row_n in zip(calls, before):
+        if st["layer"] == TOWER:
+            saved, tower_scoring = _tower_stage(config, st, calls, opts)
+            vision, projector = vision - saved["vision"], projector - saved["projector"]
+            scoring, in_tower, calls = scoring + tower_scoring, in_tower + tower_scoring, []
+        for row, row_n, text_len in zip(calls, before, text_lens):
             for n, k in row:
                 scoring += scoring_flops(
                     st["method"],
@@ -234,13 +309,14 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
                     head_dim=hd,
                     seq_len=cur,
                     row_n=row_n,
+                    text_len=text_len,
                     **proj,
                     **opts,
                 )
         # Each row keeps its non-visual slots (text, padding, earlier dummies) and its kept visual tokens;
         # rows are then right-aligned to the longest one.
         cur = max(cur - n + k for n, k in zip(before, after))
-        seq_lens[st["layer"]] = cur
+        seq_lens[max(st["layer"], 0)] = cur  # a tower stage shortens what the language model starts from
         tokens.append(
             {
                 "layer": st["layer"],
@@ -258,6 +334,7 @@ def count_prefill(model, batch, stats=None, logits_to_keep: int = 0) -> dict:
         "llm": llm["layers"],
         "lm_head": llm["lm_head"],
         "scoring": scoring,
+        "scoring_in_tower": in_tower,
         "total": total,
         "attention_causal_saving": llm["attention"] - llm["attention_causal"],
         "cache_len_per_layer": lengths_per_layer(tc.num_hidden_layers, seq_lens),

@@ -22,12 +22,13 @@ class Hook:
     when: str
     fn: Callable
     with_kwargs: bool = True
+    prepend: bool = False  # before the module's other hooks (transformers records hidden states with hooks)
 
     def install(self) -> Callable[[], None]:
         if self.when == "pre":
-            handle = self.module.register_forward_pre_hook(self.fn, with_kwargs=self.with_kwargs)
+            handle = self.module.register_forward_pre_hook(self.fn, with_kwargs=self.with_kwargs, prepend=self.prepend)
         else:
-            handle = self.module.register_forward_hook(self.fn, with_kwargs=self.with_kwargs)
+            handle = self.module.register_forward_hook(self.fn, with_kwargs=self.with_kwargs, prepend=self.prepend)
         return handle.remove
 
 

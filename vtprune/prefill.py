@@ -24,7 +24,7 @@ class PrefillSteps:
         the shorter sequence (the embeddings, mask and positions compacting the full one would give, bit for bit:
         dummy slots hold the same dropped tokens), and neither embeds nor scatters the dropped tokens."""
         stage, method = self.stages[0], self.methods[0]
-        if args or stage.layer != 0 or stage.options["merge"] or "text" in method.needs:
+        if args or stage.layer != 0 or stage.options["merge"] or method.merges or "text" in method.needs:
             return None
         rows = self.adapter.encoded_rows(kwargs)
         input_ids = state.call["input_ids"]
@@ -57,7 +57,7 @@ class PrefillSteps:
         if state.phase == "early":  # the body hook pruned already; the language model runs on the short sequence
             state.phase = "prefill"
             return None
-        if state.pruned:  # the language model run again on the same body call (uncached re-entry): start over
+        if state.phase in ("prefill", "decode"):  # the language model run again on one body call: start over
             state = self._local.state = CallState(call=state.call)
         input_ids = state.call.get("input_ids")
         if input_ids is None or input_ids.shape[:2] != embeds.shape[:2]:
@@ -74,11 +74,11 @@ class PrefillSteps:
         if not bool(vis.any()):
             return None
         newline = None
-        if self._needs & {"newline_mask", "projector"}:
+        if self._needs & {"newline_mask", "projector", "tower_attention"}:
             # Newline flags are read by strategies that ask for them and keep newline slots out of projector rows.
             newline = self.adapter.newline_mask(embeds, vis)
         pos = self._begin(state, kwargs, vis, newline, embeds.device)
-        if self.stages[0].layer != 0:
+        if self._stage_at(0) is None:
             return (), dict(kwargs, attention_mask=self._lm_mask(state, embeds), position_ids=pos)
         result = self._layer0(state, input_ids, vis, newline, embeds)
         new_embeds, new_pos, _, backend = ops.compact(result.hidden, result.index, pos, with_backend=True)
@@ -88,6 +88,10 @@ class PrefillSteps:
         )
         kwargs.update(self.adapter.after_compact(self._compaction(state, 0, result.index, kwargs)))
         return (), kwargs
+
+    def _stage_at(self, layer: int):
+        """The index of the stage at decoder layer ``layer``, or None."""
+        return next((i for i, s in enumerate(self.stages) if s.layer == layer), None)
 
     def _lm_mask(self, state: CallState, embeds):
         return language_model_mask(self.adapter.text_config, embeds, state.flags.mask, state.flags.segment)
@@ -105,12 +109,16 @@ class PrefillSteps:
                 f"{type(mask).__name__} with shape {tuple(getattr(mask, 'shape', ()))}"
             )
         b, length = vis.shape
-        state.phase, state.prompt_len = "prefill", length
+        if state.phase != "tower":  # after a tower stage the prompt is the one before its placeholders were dropped
+            state.prompt_len = length
         mask = mask.long() if mask is not None else torch.ones(b, length, dtype=torch.long, device=device)
         needs = self._needs
-        state.units = self._units(state.call, vis)
+        state.units = state.units or self._units(state.call, vis)
         pos = kwargs.get("position_ids")
-        segment = None if pos is None else packed_segments(self.adapter.mask_positions(pos), kwargs, b)
+        if state.phase == "tower" and state.flags is not None:  # the tower compaction found them on the full prompt
+            segment = state.flags.segment
+        else:
+            segment = None if pos is None else packed_segments(self.adapter.mask_positions(pos), kwargs, b)
         state.flags = TokenFlags(
             vis=vis,
             mask=mask,
@@ -121,7 +129,7 @@ class PrefillSteps:
         )
         if pos is None:
             pos = self.adapter.default_positions(b, length, 0, device)
-        state.next_pos = max_position(pos) + 1
+        state.next_pos, state.phase = max_position(pos) + 1, "prefill"
         return pos
 
     def _units(self, call: dict, vis: torch.Tensor) -> list:
@@ -136,14 +144,23 @@ class PrefillSteps:
     def _layer0(self, state: CallState, input_ids, vis, newline, hidden, visual=None):
         """The layer-0 stage, on the full sequence's ``hidden`` or on the ``visual`` rows alone (``stage.prune``),
         after recording the projector rows it reads."""
-        captured, self._local.pre_projector = self._local.pre_projector, []
-        if captured:  # generate(use_cache=False) runs every step as a prefill on the images it encoded once
-            self._local.call_projector = captured
-        elif self._local.generate_call:
-            captured = self._local.call_projector
+        captured, tower = self._this_call("projector"), self._this_call("tower")
         if "projector" in self._needs and captured:
             self._capture_projector(state, captured, input_ids, vis, newline)
-        return self._choose(state, 0, hidden, visual)
+        if "tower_attention" in self._needs and tower:
+            self._capture_tower(state, tower, input_ids, vis, newline)
+        return self._choose(state, self._stage_at(0), hidden, visual)
+
+    def _this_call(self, what: str) -> list:
+        """What the hooks captured while this call encoded its images (``pre_<what>``), or, for the later prefills
+        of a generate() call that encoded them once, what its first prefill found (``call_<what>``)."""
+        captured = getattr(self._local, f"pre_{what}")
+        setattr(self._local, f"pre_{what}", [])
+        if captured:  # generate(use_cache=False) runs every step as a prefill on the images it encoded once
+            setattr(self._local, f"call_{what}", captured)
+        elif self._local.generate_call:
+            captured = getattr(self._local, f"call_{what}")
+        return captured
 
     def _record_layer0(self, state: CallState, stats, backend: str, new_pos):
         """Keep the layer-0 stage's stats (with the backend that built the short sequence); returns the kept
@@ -156,7 +173,25 @@ class PrefillSteps:
 
     def _capture_projector(self, state: CallState, captured: list, input_ids, vis, newline):
         """Projector inputs as one table, and each visual token's row in it (-1 for newline slots)."""
-        rows = self.adapter.projector_rows(captured, state.call)
+        table, index = self._token_table(
+            self.adapter.projector_rows(captured, state.call), input_ids, vis, newline, "projector rows"
+        )
+        state.captured.pre_projector, state.captured.pre_index = table, index
+        state.captured.projector = self.projector()
+
+    def _capture_tower(self, state: CallState, captured: list, input_ids, vis, newline):
+        """A tower layer's attention and keys, per visual token of the sequence (zeros on newline slots)."""
+        rows = self.adapter.tower_rows([c for c, _ in captured], state.call)
+        table, index = self._token_table(rows, input_ids, vis, newline, "tower-layer rows")
+        if table is None:
+            return
+        per_token = table[index.clamp_min(0)].masked_fill((index < 0)[..., None], 0.0)  # [B, L, 1 + d]
+        state.captured.tower_attention, state.captured.tower_keys = per_token[..., 0], per_token[..., 1:]
+        state.captured.score_time_s += sum(seconds for _, seconds in captured)
+
+    def _token_table(self, rows: dict, input_ids, vis, newline, what: str):
+        """({kind: rows in token order} as one table [rows, C], each visual token's row in it [B, L], -1 for newline
+        slots and other tokens)."""
         ids = self.adapter.visual_token_ids(self.model.config)
         index = torch.full_like(input_ids, -1)
         table, offset = [], 0
@@ -167,15 +202,13 @@ class PrefillSteps:
             flat = mine.flatten()
             if int(flat.sum()) != kind_rows.shape[0]:
                 raise RuntimeError(
-                    f"vtprune: {kind_rows.shape[0]} projector rows were captured for the {kind}s but "
+                    f"vtprune: {kind_rows.shape[0]} {what} were captured for the {kind}s but "
                     f"the prompt holds {int(flat.sum())} of their tokens"
                 )
             index.view(-1)[flat] = offset + torch.arange(kind_rows.shape[0], device=input_ids.device)
             table.append(kind_rows)
             offset += kind_rows.shape[0]
-        state.captured.pre_projector = torch.cat(table).to(input_ids.device) if table else None
-        state.captured.pre_index = index
-        state.captured.projector = self.projector()
+        return (torch.cat(table).to(input_ids.device) if table else None), index
 
     def _choose(self, state: CallState, i: int, hidden, visual=None):
         """Stage ``i`` on the current sequence (``stage.prune``); the call state moves on to its output."""
@@ -194,6 +227,8 @@ class PrefillSteps:
             )
         finally:
             self._local.selecting = False
+        if "tower_attention" in self.methods[i].needs:
+            result.stats = replace(result.stats, tower_layer=self.tower_layer)
         state.flags = result.flags
         state.outputs[stage.layer] = StageOutput(stage.layer, kept_mask=state.flags.mask)
         state.captured = Captured()  # scores are aligned to the sequence before this stage

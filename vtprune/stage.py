@@ -12,9 +12,9 @@ import torch
 
 from .budgets import Item, plan_items
 from .config import StageConfig
-from .merge import merge_pruned
+from .merge import apply_plan, merge_pruned
 from .stats import StageStats, UnitStats
-from .strategies.base import ENGINE_OPTIONS, Method, SelectionInputs
+from .strategies.base import ENGINE_OPTIONS, Merged, Method, SelectionInputs
 
 
 @dataclass
@@ -47,9 +47,12 @@ class Captured:
 
     attention: torch.Tensor | None = None  # [B, L_cur]
     queries: torch.Tensor | None = None  # [B, L_cur, H, d_head]
+    keys: torch.Tensor | None = None  # [B, L_cur, Hkv * d_head]
     pre_projector: torch.Tensor | None = None  # [projector rows of the batch, Din]
     pre_index: torch.Tensor | None = None  # [B, L_cur] long: each token's row of pre_projector (-1: none)
     projector: Callable | None = None
+    tower_attention: torch.Tensor | None = None  # [B, L_cur] float32: a tower layer's attention to each token
+    tower_keys: torch.Tensor | None = None  # [B, L_cur, d] that layer's keys (mean over heads)
     score_time_s: float = 0.0  # spent computing ``attention`` at layer K-1: FastV's scoring, counted as choosing
 
 
@@ -99,12 +102,13 @@ def prune(
     D] in sequence order, row after row: what a layer-0 stage sees before the body has built the sequence. Not
     with merging or methods that read the text tokens.
     """
-    if visual is not None and (hidden is not None or stage.options["merge"] or "text" in method.needs):
+    merge = stage.options["merge"] or method.merges
+    if visual is not None and (hidden is not None or merge or "text" in method.needs):
         raise ValueError("prune: visual= replaces hidden, without merging or text tokens")
     t0 = time.perf_counter()
     counts = flags.vis.sum(1).tolist()
     items = plan_items(stage, method, flags, units, num_layers, counts)
-    choice = _Choice(flags, hidden, stage.options["merge"])
+    choice = _Choice(flags, hidden, merge)
     source = _Source(hidden, visual, flags, cap, counts, "text" in method.needs)
     backends: dict = {}
     for (n, k), group in sorted(_groups(items).items()):
@@ -114,7 +118,7 @@ def prune(
         choice.apply(group, rows, positions, picks, inputs.features, backends)
     index, new_flags = choice.layout()
     stats = _stats(
-        stage, flags, units, counts, items, choice.chosen, time.perf_counter() - t0 + cap.score_time_s, backends
+        stage, flags, units, counts, items, choice.chosen, time.perf_counter() - t0 + cap.score_time_s, backends, merge
     )
     return Pruned(index, choice.merged, new_flags, stats)
 
@@ -135,7 +139,7 @@ class _Source:
         self.hidden, self.visual, self.flags, self.cap = hidden, visual, flags, cap
         self.row_start = [sum(counts[:r]) for r in range(len(counts))]  # each row's first token in ``visual``
         self.vis_pos = [flags.vis[r].nonzero().flatten() for r in range(len(counts))]
-        self.text, self.text_mask = _text_tokens(hidden, flags) if text else (None, None)
+        self.text = text
 
     def inputs(self, group: list[Item], n: int, backends: dict):
         """(SelectionInputs of the group's items, their rows [G], their tokens' positions [G, n])."""
@@ -146,12 +150,19 @@ class _Source:
             features = take(self.hidden)
         else:
             features = _stack([self.visual[self.row_start[it.row] + it.start :][:n] for it in group])
-        text = None if self.text is None else self.text[rows]
+        text = text_mask = text_keys = None
+        if self.text:
+            take_text = _text_taker(self.flags, rows, positions)
+            text, text_mask = take_text(self.hidden)
+            if self.cap.keys is not None:
+                text_keys, _ = take_text(self.cap.keys)
         return (
             SelectionInputs(
                 features=features,
                 attention=take(self.cap.attention),
                 queries=take(self.cap.queries),
+                keys=take(self.cap.keys),
+                text_keys=text_keys,
                 pre_projector=_pre_rows(self.cap, rows, positions),
                 projector=self.cap.projector,
                 grid=[it.grid for it in group],
@@ -159,8 +170,10 @@ class _Source:
                 kinds=[it.kind for it in group],
                 pad_mask=take(self.flags.pad),
                 newline_mask=take(self.flags.newline),
+                tower_attention=take(self.cap.tower_attention),
+                tower_keys=take(self.cap.tower_keys),
                 text=text,
-                text_mask=None if text is None else self.text_mask[rows],
+                text_mask=text_mask,
                 backends=backends,
             ),
             rows,
@@ -200,10 +213,18 @@ class _Choice:
         self.chosen: list = []  # (item, its picks into its own tokens, ascending)
 
     def apply(self, group, rows, positions, picks, features, backends: dict) -> None:
+        """picks: [G, k] ascending, or a strategy's ``Merged`` plan."""
+        plan = picks if isinstance(picks, Merged) else None
+        picks = picks.keep if plan is not None else picks
         kept_pos = positions.gather(1, picks)
         if self.merge:
             sizes = self.sizes[rows[:, None], positions]
-            merged, sizes, backends["merge"] = merge_pruned(features, picks, sizes, with_backend=True)
+            if plan is not None:
+                merged, sizes, backends["merge"] = apply_plan(
+                    features, picks, plan.target, plan.rule, sizes, with_backend=True
+                )
+            else:
+                merged, sizes, backends["merge"] = merge_pruned(features, picks, sizes, with_backend=True)
             self.merged[rows[:, None], kept_pos] = merged
             self.sizes[rows[:, None], kept_pos] = sizes
         if len(group) == 1:
@@ -229,6 +250,7 @@ def _stats(
     chosen: list,
     seconds: float,
     backends: dict,
+    merged: bool,
 ) -> StageStats:
     b = len(counts)
     row_kept = [[] for _ in range(b)]
@@ -246,7 +268,7 @@ def _stats(
         selections=[[(it.n, it.k) for it in items if it.row == r] for r in range(b)],
         select_time_s=seconds,
         budget=stage.options["budget"],
-        merged=stage.options["merge"],
+        merged=merged,
         backend=backends,
     )
 
@@ -277,10 +299,22 @@ def _unit_stats(flags: TokenFlags, units: list, row_kept: list, counts: list) ->
     return out
 
 
-def _text_tokens(hidden: torch.Tensor, flags: TokenFlags):
-    """Each row's text tokens (valid, non-visual), left padded: ([B, T, D], mask [B, T] bool)."""
-    index, valid = keep_layout(~flags.vis & flags.mask.bool())
-    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])), valid
+def _text_taker(flags: TokenFlags, rows: torch.Tensor, positions: torch.Tensor):
+    """A function giving, from a per-token tensor [B, L, D], each item's instruction: the text tokens (valid,
+    non-visual) of its row after its last visual token (all of the row's, when none follows), left padded, as
+    ([G, T, D], mask [G, T] bool). In a packed row, only those of the item's own sample."""
+    keep = (~flags.vis & flags.mask.bool())[rows]
+    if flags.segment is not None:
+        segment = flags.segment[rows]
+        keep &= segment == segment.gather(1, positions[:, :1])
+    after = keep & (torch.arange(keep.shape[1], device=keep.device) > positions[:, -1:])
+    keep = torch.where(after.any(1, keepdim=True), after, keep)
+    index, valid = keep_layout(keep)
+
+    def take(t: torch.Tensor):
+        return t[rows].gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])), valid
+
+    return take
 
 
 def _pre_rows(cap: Captured, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -305,12 +339,16 @@ def _check_needs(method: Method, inputs: SelectionInputs, stage: StageConfig):
     missing = {
         "attention": inputs.attention is None,
         "queries": inputs.queries is None,
+        "keys": inputs.keys is None,
         "projector": inputs.projector is None or inputs.pre_projector is None,
         "text": inputs.text is None,
+        "tower_attention": inputs.tower_attention is None or inputs.tower_keys is None,
     }
     for need, absent in missing.items():
         if need in method.needs and absent:
-            where = {"projector": "the projector inputs", "text": "the text tokens"}.get(
-                need, f"{need} from layer {stage.layer - 1}"
-            )
+            where = {
+                "projector": "the projector inputs",
+                "text": "the text tokens",
+                "tower_attention": "the vision tower's attention",
+            }.get(need, f"{need} from layer {stage.layer - 1}")
             raise RuntimeError(f"method {method.name!r} needs {where}, which were not captured on this call")

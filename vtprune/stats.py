@@ -51,7 +51,9 @@ class StageStats(_Record):
     ``units="joint"``: what scoring costs are counted on); select_time_s: wall time of choosing (budgets,
     scoring, selection, merging; scoring includes the last-token attention row computed at layer K-1 for
     attention-scored methods); budget: "plain" or "layer_average"; merged: whether pruned tokens were merged
-    into kept ones; backend: the path each op ran ({"greedy": "torch", "compact": "triton", ...}).
+    into kept ones; backend: the path each op ran ({"greedy": "torch", "compact": "triton", ...}); tower_layer:
+    for a stage inside the vision tower (``layer`` -1), the tower layer after which it chose; for a layer-0 stage
+    scored by the tower's attention, the tower layer it was read at.
     """
 
     layer: int
@@ -65,3 +67,4 @@ class StageStats(_Record):
     budget: str
     merged: bool
     backend: dict
+    tower_layer: int | None = None  # the tower layer a tower-scored stage chose after / read

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import statistics
+import sys
 import time
 from collections.abc import Iterable
 
@@ -173,6 +174,22 @@ def run_embedded(
     return run_grid(models, load_embedded, todo, examples, batch_size, progress, unit="q", desc="vtprune eval")
 
 
+def refusal(model, method: str | None, budget: float) -> str | None:
+    """Why ``apply_pruner`` refuses ``method`` at ``budget`` % on ``model`` (None: it takes it)."""
+    if method is None:
+        return None
+    from vtprune.patches import get_adapter
+
+    name, options = parse_method(method)
+    try:
+        vtprune.PrunerConfig(method=name, keep_ratio=budget / 100.0, options=options).resolved_stages(
+            get_adapter(model)
+        )
+    except (ValueError, NotImplementedError) as exc:
+        return str(exc)
+    return None
+
+
 def run_grid(
     models,
     load,
@@ -200,6 +217,22 @@ def run_grid(
             for method, budget in todo:
                 if bar is not None:
                     bar.set_postfix_str(f"{name.split('-')[0]} {method or 'unpruned'} {budget:g}%")
+                reason = refusal(model, method, budget)
+                if reason is not None:  # this budget cannot be reached on this model (e.g. pdrop's layer average)
+                    rows.append(
+                        {
+                            "model": name,
+                            **(extra or {}),
+                            "method": method,
+                            "budget_pct": budget,
+                            "keep_ratio": budget / 100.0,
+                            "skipped": reason,
+                        }
+                    )
+                    print(f"vtprune eval: skipped {method} at {budget:g} % on {name}: {reason}", file=sys.stderr)
+                    if bar is not None:
+                        bar.update(len(examples))
+                    continue
                 row = evaluate_config(model, processor, examples, method, budget, batch_size, bar, **evaluate_kwargs)
                 rows.append({"model": name, **(extra or {}), **row})
     finally:

@@ -24,6 +24,8 @@ def _pct(value) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown: the results (FLOPs in GFLOPs per sample), then the latencies apart, marked as indicative.
     Video rows add their multi-frame and single-frame accuracies."""
+    skipped = [r for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     video = any("acc_multi_frame" in r for r in rows)
     extra = " multi-frame | single-frame |" if video else ""
     lines = [
@@ -52,6 +54,9 @@ def table(rows: list[dict]) -> str:
             f"| {label(r)} | {r['method']} | {r['budget_pct']:g} % | {'-' if ms is None else f'{ms:.1f}'} | "
             f"{'-' if speed is None else f'{speed:.2f}x'} |"
         )
+    if skipped:
+        lines += ["", "Not run (the method refuses this budget on this model):", ""]
+        lines += [f"- {label(r)} {r['method']} at {r['budget_pct']:g} %: {r['skipped']}" for r in skipped]
     return "\n".join(lines)
 
 
@@ -60,7 +65,8 @@ def write_results(rows: list[dict], output: Path, title: str = "accuracy vs pref
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "results.json", "csv": output / "results.csv", "plot": output / "pareto.png"}
     write_rows(rows, paths["json"], paths["csv"])
-    pareto_plot(rows + multi_frame_rows(rows), paths["plot"], title)
+    ran = [r for r in rows if "skipped" not in r]
+    pareto_plot(ran + multi_frame_rows(ran), paths["plot"], title)
     return paths
 
 

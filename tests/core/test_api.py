@@ -138,7 +138,7 @@ def test_renumber_gives_contiguous_positions():
         (dict(keep_ratio=0.5, keep_tokens=4), "not both"),
         (dict(method="nope"), "unknown method 'nope'; available methods: \\[.*'divprune'.*'random'"),
         (dict(layer=9), "layer must be in \\[0, 3\\] for this model \\(4 decoder layers\\), got layer=9"),
-        (dict(layer=-1), "layer must be an integer >= 0, got -1"),
+        (dict(layer=-2), "layer must be an integer >= 0, or -1 for a stage inside the vision tower; got -2"),
         (dict(method="fastv", layer=0), "needs layer >= 1, got layer=0"),
         (dict(method="random", sed=3), "unknown option\\(s\\) \\['sed'\\] for method 'random'; allowed: \\['seed'\\]"),
         (dict(positions="shuffle"), "positions must be one of \\['original', 'renumber'\\], got 'shuffle'"),

@@ -13,18 +13,27 @@ import pytest
 import torch
 
 import vtprune
-from helpers import cached_model, cached_processor, continuation, make_batch, packed_pair
+from helpers import cached_model, cached_processor, continuation, first_ratio, make_batch, packed_pair, refusal
 from vtprune.budgets import ratio_keep
-from vtprune.testing import tiny_batch, tiny_images
+from vtprune.testing import FAMILIES, tiny_batch, tiny_images
 
 METHODS = vtprune.list_methods()
 RATIO = 0.5
 GEN = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 
 
-@pytest.fixture(params=METHODS)
-def method(request):
-    return request.param
+# Every (family, method) pair the method applies to; the others are refused by name (test_refused_pairs_say_why).
+PAIRS = [(f, m) for f in FAMILIES for m in METHODS if refusal(cached_model(f, "sdpa"), m) is None]
+REFUSED = [(f, m) for f in FAMILIES for m in METHODS if (f, m) not in PAIRS]
+each_pair = pytest.mark.parametrize("family,method", PAIRS)
+
+
+@pytest.mark.parametrize("family,method", REFUSED)
+def test_refused_pairs_say_why(family, method):
+    model = cached_model(family, "sdpa")
+    with pytest.raises(NotImplementedError, match=f"{type(model).__name__}.*is not: its"):
+        vtprune.apply_pruner(model, method=method)
+    assert not vtprune.is_patched(model)
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +61,12 @@ def stage_layer(model) -> int:
     return vtprune.get_pruner(model).stages[0].layer
 
 
-def check_budget(model, batch, ratio=RATIO, cache=None, fed=0):
-    """The first stage kept ratio_keep(ratio, n) tokens of every unit, as distinct valid indices; the cache (when
-    given) holds the text, padding and kept tokens from the stage's layer on, and the ``fed`` tokens since."""
-    stats = vtprune.get_stats(model)[0]
+def check_budget(model, batch, cache=None, fed=0):
+    """The first stage kept ratio_keep(its keep ratio, n) tokens of every unit, as distinct valid indices; the cache
+    (when given) holds, from each stage's layer on, the text, padding and tokens that stage kept, and the ``fed``
+    tokens since."""
+    all_stats = vtprune.get_stats(model)
+    stats, ratio = all_stats[0], first_ratio(model)
     for r, units in enumerate(stats.units):
         want = [ratio_keep(ratio, u.tokens_before) for u in units]
         assert [u.tokens_after for u in units] == want, (r, stats.tokens_before)
@@ -63,15 +74,19 @@ def check_budget(model, batch, ratio=RATIO, cache=None, fed=0):
         kept = stats.kept_indices[r][: sum(want)]
         assert len(set(kept.tolist())) == sum(want) and int(kept.max()) < stats.tokens_before[r]
     if cache is not None:
-        length = batch["input_ids"].shape[1]
-        short = max(length - n + k for n, k in zip(stats.tokens_before, stats.tokens_after))
+        lengths, cur = {}, batch["input_ids"].shape[1]
+        for st in all_stats:  # rows are right-aligned to the longest after each stage
+            cur = max(cur - n + k for n, k in zip(st.tokens_before, st.tokens_after))
+            lengths[max(st.layer, 0)] = cur
         for i, layer in enumerate(cache.layers):
-            assert layer.keys.shape[-2] == (short if i >= stats.layer else length) + fed, i
+            at = [length for first, length in sorted(lengths.items()) if first <= i]
+            assert layer.keys.shape[-2] == (at[-1] if at else batch["input_ids"].shape[1]) + fed, i
 
 
 # ------------------------------------------------------------------------------------------- autograd, train mode
 
 
+@each_pair
 def test_autograd_and_train_mode(family, method):
     model = _use(cached_model(family, "sdpa"))
     batch = make_batch(family, 2)
@@ -93,6 +108,7 @@ def test_autograd_and_train_mode(family, method):
 # ------------------------------------------------------------------------------------------- no KV cache
 
 
+@each_pair
 @torch.no_grad()
 def test_generate_without_cache(family, method):
     model = _use(cached_model(family, "sdpa"))
@@ -113,6 +129,7 @@ def test_generate_without_cache(family, method):
 # ------------------------------------------------------------------------------------------- bfloat16
 
 
+@each_pair
 @torch.no_grad()
 def test_bfloat16_weights(family, method):
     model = _use(_bf16(family))
@@ -127,6 +144,7 @@ def test_bfloat16_weights(family, method):
 # ------------------------------------------------------------------------------------------- packed samples
 
 
+@each_pair
 @torch.no_grad()
 def test_packed_samples_stay_apart(family, method):
     """Two samples in one row, no mask, positions restarting: keep-all is the stock model's packed forward; pruned,
@@ -140,11 +158,13 @@ def test_packed_samples_stay_apart(family, method):
     logits, stats = [], []
     for batch in (first, other):
         logits.append(model(**batch, use_cache=False).logits)
-        stats.append(vtprune.get_stats(model)[0])
+        stats.append(vtprune.get_stats(model))
         check_budget(model, batch)
-    (a, _), (b, _) = stats[0].units[0], stats[1].units[0]  # unit 0 is the first sample's image
-    assert a.kind == b.kind == "image" and torch.equal(a.kept_indices, b.kept_indices)
-    n = make_batch(family, 2)["attention_mask"][0].sum() - a.tokens_before + a.tokens_after  # its kept length
+    n = make_batch(family, 2)["attention_mask"][0].sum()
+    for mine, theirs in zip(*stats, strict=True):  # every stage: unit 0 is the first sample's image
+        (a, _), (b, _) = mine.units[0], theirs.units[0]
+        assert a.kind == b.kind == "image" and torch.equal(a.kept_indices, b.kept_indices)
+        n -= a.tokens_before - a.tokens_after  # the first sample's kept length after the last stage
     torch.testing.assert_close(logits[0][:, :n], logits[1][:, :n], rtol=0, atol=1e-5)
     assert not torch.allclose(logits[0][:, n:], logits[1][:, n:])  # the second samples did differ
 
@@ -152,6 +172,7 @@ def test_packed_samples_stay_apart(family, method):
 # ------------------------------------------------------------------------------------------- continued generation
 
 
+@each_pair
 @torch.no_grad()
 def test_generation_continued_from_the_returned_cache(family, method):
     """generate() for 2 tokens, then generate(past_key_values=that cache) on the prompt + those tokens for 2 more,
@@ -182,6 +203,7 @@ def test_generation_continued_from_the_returned_cache(family, method):
 # ------------------------------------------------------------------------------------------- long thin grids
 
 
+@each_pair
 @torch.no_grad()
 def test_long_thin_grids_keep_exact_budgets(family, method):
     """A tall and a wide image in one batch (Qwen: 14 x 1 and 1 x 14 merged tokens), a budget far below the long
@@ -191,5 +213,8 @@ def test_long_thin_grids_keep_exact_budgets(family, method):
     ref = model(**batch).logits
     vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
     assert torch.equal(model(**batch).logits, ref)
-    vtprune.apply_pruner(model, method=method, keep_ratio=0.15, replace=True)
-    check_budget(model, batch, ratio=0.15, cache=model(**batch, use_cache=True).cache)
+    # PyramidDrop's keep_ratio is a layer average (at least 1/4 here, the first layer keeping all): its drops' own
+    # share is the tight budget.
+    budget = dict(ratio=0.15) if method == "pdrop" else dict(keep_ratio=0.15)
+    vtprune.apply_pruner(model, method=method, replace=True, **budget)
+    check_budget(model, batch, cache=model(**batch, use_cache=True).cache)

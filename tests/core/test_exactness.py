@@ -15,11 +15,12 @@ def visual_count(model, batch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("layer", [0, 2])
-def test_keep_all_is_bit_identical(model, n, layer):
+@pytest.mark.parametrize("method,layer", [("random", 0), ("fastv", 2), ("visionzip", None)])
+def test_keep_all_is_bit_identical(model, n, method, layer):
+    """``visionzip`` runs inside the vision tower on LLaVA-1.5, on the LLM input elsewhere."""
     batch = make_batch(model.config.model_type, n)
     ref = model(**batch).logits
-    vtprune.apply_pruner(model, method="random" if layer == 0 else "fastv", keep_ratio=1.0, layer=layer)
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0, layer=layer)
     out = model(**batch).logits
     stats = vtprune.get_stats(model)
     assert stats[0]["tokens_after"] == visual_count(model, batch).tolist()  # the gather path really ran
@@ -27,8 +28,10 @@ def test_keep_all_is_bit_identical(model, n, layer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["pool", "divprune"])
+@pytest.mark.parametrize("method", ["pool", "divprune", "visionzip", "vispruner"])
 def test_cached_equals_uncached(model, method):
+    """Methods that read the text (cdpruner, dart, fastv, pdrop) choose again at every uncached step, from the
+    prompt plus the tokens generated so far: only text-blind methods keep the same tokens."""
     batch = make_batch(model.config.model_type, 2)
     vtprune.apply_pruner(model, method=method, keep_ratio=0.4)
     cached = model.generate(**batch, use_cache=True, **GEN)
@@ -39,7 +42,19 @@ def test_cached_equals_uncached(model, method):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method,layer", [("pool", 0), ("divprune", 0), ("fastv", 2), ("random", 1)])
+@pytest.mark.parametrize(
+    "method,layer",
+    [
+        ("pool", 0),
+        ("divprune", 0),
+        ("fastv", 2),
+        ("random", 1),
+        ("visionzip", None),
+        ("vispruner", None),
+        ("cdpruner", 0),
+        ("dart", 2),
+    ],
+)
 def test_batched_equals_per_sample(model, method, layer):
     family = model.config.model_type
     batch = make_batch(family, 2)

@@ -116,7 +116,10 @@ def test_text_need_receives_the_text_hidden_states():
         h.remove()
         vtprune.remove_pruner(model)
         vtprune.unregister("test_text")
-    text = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
+    # The instruction: the text after the image (the chat template's question and the assistant's turn).
+    vis = batch["input_ids"] == model.config.image_token_id
+    after = torch.arange(vis.shape[1]) > torch.where(vis, torch.arange(vis.shape[1]), -1).amax(1, keepdim=True)
+    text = after & batch["attention_mask"].bool()
     for r in range(2):
         want = lm_in["inputs_embeds"][r][text[r]]
         assert torch.equal(seen["text"][r][seen["mask"][r]], want)
@@ -183,7 +186,7 @@ def _generate_and_keep(model, batch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method,layer", [("divprune", 0), ("fastv", 2)])
+@pytest.mark.parametrize("method,layer", [("divprune", 0), ("fastv", 2), ("visionzip", None)])
 def test_threads_on_one_patched_model_do_not_see_each_other(family, method, layer):
     model = tiny_model(family)  # its own instance: other tests share the cached ones
     proc = cached_processor(family)

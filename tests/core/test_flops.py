@@ -31,6 +31,11 @@ SETUPS = {
         dict(method="fastv", layer=2, keep_ratio=0.5),
     ],
     "entropy1": [dict(method="entropy", layer=1, keep_ratio=0.5)],
+    # inside the tower on LLaVA-1.5 (the tower's later layers run on the kept patches), at layer 0 elsewhere
+    "visionzip": [dict(method="visionzip", keep_ratio=0.5)],
+    "vispruner+dart2": [dict(method="vispruner", keep_ratio=0.5), dict(method="dart", layer=2, keep_ratio=0.5)],
+    "cdpruner0": [dict(method="cdpruner", layer=0, keep_ratio=0.5)],
+    "pdrop": [dict(method="pdrop", keep_ratio=0.5)],
 }
 
 

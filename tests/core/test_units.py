@@ -143,7 +143,7 @@ def test_video_keep_all_is_bit_identical(vfamily, attn, layer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["pool", "divprune", "temporal"])
+@pytest.mark.parametrize("method", ["pool", "divprune", "temporal", "visionzip", "vispruner"])
 def test_video_cached_equals_uncached(vfamily, method):
     model = cached_model(vfamily, "sdpa")
     batch = make_video_batch(vfamily, 2)
@@ -160,7 +160,9 @@ def test_video_cached_equals_uncached(vfamily, method):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method,layer", [("pool", 0), ("divprune", 0), ("zoo", 0), ("fastv", 2)])
+@pytest.mark.parametrize(
+    "method,layer", [("pool", 0), ("divprune", 0), ("zoo", 0), ("fastv", 2), ("visionzip", 0), ("dart", 2)]
+)
 def test_video_batched_equals_per_sample(vfamily, method, layer):
     model = cached_model(vfamily, "sdpa")
     batch = make_video_batch(vfamily, 2)

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from benchmarks import bench_prefill
+from helpers import needs
+from vtprune.eval.catalog import is_available
 
 
 def test_method_specs():
@@ -43,3 +45,45 @@ def test_stage_overhead_rows(pixels):
         lo, hi = r["overhead_iqr_s"]
         assert lo <= r["overhead_s"] <= hi and r["choosing_s"] > 0
     assert "| fastv | 2 |" in bench_overhead.table(rows)
+
+
+# ------------------------------------------------------------------------------------------- vtprune bench
+
+
+@needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")
+def test_vtprune_bench_writes_a_row_per_variant_and_batch(tmp_path, capsys):
+    """The command runs end to end (no timing is asserted): a row per variant and batch size, every run recorded,
+    and the KV cache each variant leaves is the prompt's text plus its kept visual tokens."""
+    import json
+
+    from vtprune import cli
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--methods", "visionzip,dart:image_pivots=2", "--batch-sizes", "1,2", "--rounds", "2"]
+    assert cli.main(argv + ["--warmup", "0", "--new-tokens", "3", "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [(r["batch_size"], r["variant"]) for r in result["rows"]] == [
+        (b, v) for b in (1, 2) for v in ("unpruned", "visionzip", "dart:image_pivots=2")
+    ]
+    for raw in result["raw"].values():
+        assert all(len(runs["ttft"]) == len(runs["decode"]) == 2 for runs in raw.values())
+    rows = {(r["batch_size"], r["variant"]): r for r in result["rows"]}
+    assert rows[(1, "unpruned")]["ttft_speedup"] == 1.0 and rows[(1, "unpruned")]["flops_ratio"] == 1.0
+    # visionzip keeps 16 of 144 visual tokens from the tower on: the cache holds 128 tokens fewer in every layer
+    prompt = rows[(1, "unpruned")]["prompt_tokens"]
+    base, zipped = rows[(1, "unpruned")]["cache_mib"], rows[(1, "visionzip")]["cache_mib"]
+    assert zipped / base == pytest.approx((prompt - 128) / prompt, rel=1e-9)
+    assert rows[(1, "visionzip")]["flops_ratio"] < rows[(1, "dart:image_pivots=2")]["flops_ratio"] < 1
+    assert "| 2 | visionzip |" in printed and "KV cache MiB" in printed
+
+
+def test_vtprune_bench_refuses_bad_settings(capsys):
+    from vtprune import cli
+
+    assert cli.main(["bench", "--methods", "nope"]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert cli.main(["bench", "--methods", "dart", "--new-tokens", "1"]) == 2
+    assert "--new-tokens must be >= 2" in capsys.readouterr().err
+    assert cli.main(["bench", "--methods", "dart", "--batch-sizes", "0"]) == 2
+    assert "--batch-sizes must be positive" in capsys.readouterr().err

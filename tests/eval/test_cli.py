@@ -39,6 +39,26 @@ def test_a_mistyped_flag_shows_the_subcommands_usage(capsys):
 
 
 @needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")
+def test_eval_reports_a_budget_the_method_refuses_and_goes_on(tmp_path, capsys):
+    """PyramidDrop's budget is a layer average: on a 4-layer LLM its three drops keep every token in layer 0, so
+    5.5 % cannot be reached; that configuration is reported, with the reason, and the others still run."""
+    import json
+
+    out = tmp_path / "run"
+    argv = ["eval", "--models", "llava-tiny-sortofclevr", "--methods", "pdrop", "--budgets", "50,5.5"]
+    assert main(argv + ["--limit", "4", "--output", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["budget_pct"], "skipped" in r) for r in rows] == [
+        ("none", 100.0, False),
+        ("pdrop", 50.0, False),
+        ("pdrop", 5.5, True),
+    ]
+    assert "layer average is at least 0.250" in rows[-1]["skipped"]
+    assert "Not run" in captured.out and "skipped pdrop at 5.5 %" in captured.err
+
+
+@needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")
 def test_eval_writes_table_json_csv_plot(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -26,10 +26,19 @@ import numpy as np
 import torch
 
 # What a strategy may ask the engine to provide, beyond ``features``.
-NEEDS = ("attention", "queries", "projector", "grid", "pad_mask", "newline_mask", "text")
+NEEDS = ("attention", "queries", "keys", "projector", "grid", "pad_mask", "newline_mask", "text", "tower_attention")
+TOWER = -1  # the ``layer`` of a stage inside the vision tower
+
+
+def tower_or_input(adapter) -> int:
+    """The default layer of a method scored by the tower's attention: inside the tower where the family allows a
+    stage there (which also saves the tower's later layers), else the language model's input."""
+    return TOWER if adapter is None or adapter.supports_tower_stage else 0
+
+
 BUDGETS = ("plain", "layer_average")
 # Options every method accepts: they change what the engine does around the selection, not the selection.
-ENGINE_OPTIONS = ("merge", "budget", "units", "temporal")
+ENGINE_OPTIONS = ("merge", "budget", "units", "temporal", "tower_layer")
 # Names a method's own options may not take: the engine's options and apply_pruner's keywords would swallow them
 # (tests/test_core.py checks this list against apply_pruner's signature).
 RESERVED_OPTIONS = ENGINE_OPTIONS + (
@@ -78,6 +87,8 @@ class SelectionInputs:
     features:      [batch, N, D] hidden states of the visual tokens (projected embeddings at layer 0).
     attention:     [batch, N] last-token attention to each visual token at layer K-1, mean over heads.
     queries:       [batch, N, H, d_head] query states of the visual tokens at layer K-1.
+    keys:          [batch, N, Hkv * d_head] key states (before the rotary embedding) of the visual tokens at layer
+                   K-1; with "text" also needed, text_keys [batch, T, Hkv * d_head] are the text tokens' (as ``text``).
     pre_projector: [batch, N_pre, D_v] vision features entering the projector (LLaVA: N_pre == N;
                    Qwen: N_pre == 4 * N, the 2x2 patch groups in merger order).
     projector:     module mapping pre-projector rows to projected rows ([*, group * D_v] -> [*, D]) in float32,
@@ -88,14 +99,21 @@ class SelectionInputs:
     kinds:         one "image" / "video" per row (what the row's tokens are).
     pad_mask:      [batch, N] bool, True for tokens that are mostly image padding (LLaVA pad-to-square).
     newline_mask:  [batch, N] bool, True for LLaVA-NeXT row-separator tokens.
-    text:          [batch, T, D] hidden states of the row's text tokens (prompt order, left padded), or None.
+    text:          [batch, T, D] hidden states of the instruction: the row's text tokens after the row's visual
+                   tokens of this call (all its text when none follows; a packed row: its own sample's), prompt
+                   order, left padded; or None.
     text_mask:     [batch, T] bool, False on the left padding of ``text``.
+    tower_attention: [batch, N] (tower stages) the attention the visual tokens receive at the tower layer: the [CLS]
+                   query's row where the tower has a [CLS] token, else the mean over all queries; mean over heads.
+    tower_keys:    [batch, N, d_head] (tower stages) the tower layer's key states, mean over heads.
     backends:      filled by strategies with the path each op ran ({"greedy": "torch"}); the engine reports it.
     """
 
     features: torch.Tensor
     attention: torch.Tensor | None = None
     queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    text_keys: torch.Tensor | None = None
     pre_projector: torch.Tensor | None = None
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None
     grid: list | None = None
@@ -105,6 +123,8 @@ class SelectionInputs:
     newline_mask: torch.Tensor | None = None
     text: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
+    tower_attention: torch.Tensor | None = None
+    tower_keys: torch.Tensor | None = None
     backends: dict = field(default_factory=dict)
 
     @property
@@ -116,6 +136,19 @@ class SelectionInputs:
         return self.features.shape[1]
 
 
+@dataclass
+class Merged:
+    """A strategy's choice that merges, instead of indices alone: ``keep`` [rows, k] the kept tokens; ``target``
+    [rows, N] the slot (a column of ``keep``) each token joins, -1 for a dropped token, each kept token in its own
+    slot; ``rule`` how a slot combines its tokens: "mean" (size-weighted average, ToMe's) or "add_mean" (the kept token
+    plus the mean of the others, VisionZip's contextual tokens). The engine checks it and merges the stage's
+    features accordingly (``vtprune.merge.apply_plan``); methods that return one declare ``merges=True``."""
+
+    keep: torch.Tensor
+    target: torch.Tensor
+    rule: str = "mean"
+
+
 @dataclass(frozen=True)
 class ScoringShape:
     """The shapes a method's scoring cost depends on, for one row.
@@ -123,7 +156,10 @@ class ScoringShape:
     n visual tokens in, k kept, hidden width d (one strategy call: an image, a video or a frame); heads /
     head_dim of the language model; seq_len the row's sequence length at the stage; projector_row the FLOPs of
     one projector row and projector_dims its layer widths (d_in, d_hidden, d_out) where the adapter knows them;
-    row_n the row's visual tokens entering the stage (for costs paid once per row, shared out by n / row_n).
+    row_n the row's visual tokens entering the stage (for costs paid once per row, shared out by n / row_n); at a
+    stage inside the vision tower, d / heads / head_dim / seq_len are the tower's and tower_cls its [CLS] tokens;
+    tower_head_dim is the width of the tower's keys (a head's) wherever the stage runs; text_len the instruction
+    tokens a method reading the text gets (the row's text after its last visual token, else all its text).
     """
 
     n: int
@@ -135,6 +171,9 @@ class ScoringShape:
     projector_row: int = 0
     projector_dims: tuple | None = None
     row_n: int | None = None
+    tower_cls: int = 0
+    tower_head_dim: int = 0
+    text_len: int = 0
 
 
 def _no_cost(shape: ScoringShape, **options) -> int:
@@ -159,6 +198,8 @@ class Method:
     description: str = ""
     needs_if: dict = field(default_factory=dict)  # need -> (**options) -> bool: needed under those options only
     family_options: Callable[[Any], dict] | None = None  # adapter -> option defaults for that model family
+    merges: bool = False  # the strategy may return a ``Merged`` plan
+    expand: Callable | None = None  # (stage, num_layers) -> stages: a method that prunes at several layers
 
     def defaults_for(self, adapter=None) -> dict:
         """Option defaults that the model family behind ``adapter`` sets in place of the signature's."""
@@ -190,10 +231,11 @@ class Method:
             self.validate(**merged)
         return merged
 
-    def select(self, inputs: SelectionInputs, k: int, **options) -> torch.Tensor:
+    def select(self, inputs: SelectionInputs, k: int, **options):
         """The strategy as the engine runs it: ``0 <= k <= N`` checked, ``k == 0`` answered without a call,
-        gradients off (choosing never needs them), and the output checked (``checked_indices``). Returns [batch,
-        k] long, ascending."""
+        gradients off (choosing never needs them), and the output checked (``checked_indices``, ``checked_plan``).
+        Returns [batch, k] long, ascending, or a checked ``Merged`` whose ``keep`` is so and ``target`` numbers
+        slots in that order."""
         n = inputs.num_tokens
         if not 0 <= k <= n:
             raise ValueError(f"method {self.name!r}: budget k={k} is out of range; allowed: 0 <= k <= N={n}")
@@ -201,7 +243,40 @@ class Method:
             return torch.empty(inputs.batch, 0, dtype=torch.long, device=inputs.features.device)
         with torch.no_grad():
             out = self.fn(inputs, k, **options)
+        if isinstance(out, Merged):
+            if not self.merges:
+                raise RuntimeError(f"method {self.name!r} returned a merge plan but was registered without merges=True")
+            return checked_plan(self.name, out, inputs.batch, n, k, inputs.features.device)
         return checked_indices(self.name, out, inputs.batch, n, k, inputs.features.device)
+
+
+def checked_plan(name: str, plan: Merged, rows: int, n: int, k: int, device=None) -> Merged:
+    """``checked_indices`` for a merge plan's ``keep`` (then sorted, and ``target``'s slots renumbered to match), and
+    ``target``: an integer tensor [rows, N] with values in [-1, k), each kept token in its own slot; ``rule`` known."""
+    from ..merge import MERGE_RULES
+
+    what = f"method {name!r} returned a merge plan whose"
+    if plan.rule not in MERGE_RULES:
+        raise RuntimeError(f"{what} rule is {plan.rule!r}; allowed: {list(MERGE_RULES)}")
+    target = plan.target
+    if not torch.is_tensor(target) or target.dtype == torch.bool or target.is_floating_point():
+        raise RuntimeError(f"{what} target is not an integer tensor [rows, N] = [{rows}, {n}]")
+    if tuple(target.shape) != (rows, n):
+        raise RuntimeError(f"{what} target has shape {list(target.shape)}; expected [{rows}, {n}]")
+    if not torch.is_tensor(plan.keep) or plan.keep.is_floating_point() or tuple(plan.keep.shape) != (rows, k):
+        checked_indices(name, plan.keep, rows, n, k, device)  # raises with the reason
+    raw = plan.keep.to(device=device, dtype=torch.long)
+    keep = checked_indices(name, raw, rows, n, k, device)
+    target = target.to(device=device, dtype=torch.long)
+    if bool(((target < -1) | (target >= k)).any()):
+        raise RuntimeError(f"{what} target holds a slot outside [-1, {k})")
+    order = raw.argsort(dim=-1)  # slot s of the sorted keep was the strategy's slot order[:, s]
+    renumber = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=order.device).expand_as(order))
+    target = torch.where(target >= 0, renumber.gather(1, target.clamp_min(0)), target)
+    own = target.gather(1, keep)
+    if not torch.equal(own, torch.arange(k, device=own.device).expand_as(own)):
+        raise RuntimeError(f"{what} target does not put every kept token in its own slot")
+    return Merged(keep, target, plan.rule)
 
 
 def checked_indices(name: str, out, rows: int, n: int, k: int, device=None) -> torch.Tensor:
@@ -248,6 +323,8 @@ def register(
     description: str = "",
     needs_if: dict | None = None,
     family_options: Callable[[Any], dict] | None = None,
+    merges: bool = False,
+    expand: Callable | None = None,
 ):
     """Decorator adding a strategy to the registry under ``name``.
 
@@ -258,6 +335,10 @@ def register(
     gives the scoring FLOPs of one row (default 0). ``validate(**options)`` checks ranges. ``needs_if``: {need:
     predicate(**options)} for needs used only under some options, so the engine does not compute them otherwise.
     ``family_options(adapter)``: option defaults of a model family (options the user sets still win).
+    ``merges=True``: the strategy may return a ``Merged`` plan instead of indices. ``layer=TOWER`` (-1): the stage
+    runs inside the vision tower (``tower_layer`` option), on the tower's hidden states. ``expand(stage,
+    num_layers)``: a stage of this method given no layer becomes these stages (PyramidDrop's drops), on the
+    schedule machinery.
     """
     unknown = (set(needs) | set(needs_if or ())) - set(NEEDS)
     if unknown:
@@ -284,6 +365,8 @@ def register(
             description or (fn.__doc__ or "").split("\n")[0],
             dict(needs_if or {}),
             family_options,
+            merges,
+            expand,
         )
         return fn
 

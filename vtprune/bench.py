@@ -187,8 +187,30 @@ def parse_methods(text: str, keep_ratio: float) -> dict:
     variants = {BASE: None}
     for spec in specs:
         name, options = parse_method(spec.replace(";", ","))
-        variants[spec] = dict(method=name, keep_ratio=keep_ratio, **options)
+        # PyramidDrop's ``ratio`` is each drop's share: it replaces the budget
+        budget = {} if "ratio" in options else {"keep_ratio": keep_ratio}
+        variants[spec] = dict(method=name, **budget, **options)
     return variants
+
+
+def refused(model, variants: dict) -> dict:
+    """{variant: why apply_pruner refuses it on ``model``} (a budget out of a method's reach, a family it does not
+    take)."""
+    from .config import PrunerConfig
+    from .patches import get_adapter
+
+    out = {}
+    for name, settings in variants.items():
+        if settings is None:
+            continue
+        options = {k: v for k, v in settings.items() if k not in ("method", "keep_ratio")}
+        try:
+            PrunerConfig(
+                method=settings["method"], keep_ratio=settings.get("keep_ratio"), options=options
+            ).resolved_stages(get_adapter(model))
+        except (ValueError, NotImplementedError) as exc:
+            out[name] = str(exc)
+    return out
 
 
 def load(model_name: str, device: str, dtype: str):
@@ -265,6 +287,12 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     variants = parse_methods(args.methods, args.keep_ratio)
     model, processor, build_prompt = load(args.model, args.device, args.dtype)
+    skipped = refused(model, variants)
+    for name, reason in skipped.items():
+        print(f"vtprune bench: not run: {name}: {reason}", file=sys.stderr)
+        del variants[name]
+    if len(variants) == 1:
+        raise ValueError("no method given runs on this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     image = None
     if args.image is not None:
         from PIL import Image
@@ -296,7 +324,7 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             settings = {k: v for k, v in vars(args).items() if k != "fn"}  # fn: the CLI's handler
-            json.dump({"settings": settings, "rows": rows, "raw": raw_all}, f, indent=1)
+            json.dump({"settings": settings, "rows": rows, "raw": raw_all, "not_run": skipped}, f, indent=1)
         print(f"wrote {os.path.abspath(args.json)}")
     return 0
 

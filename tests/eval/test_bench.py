@@ -87,3 +87,13 @@ def test_vtprune_bench_refuses_bad_settings(capsys):
     assert "--new-tokens must be >= 2" in capsys.readouterr().err
     assert cli.main(["bench", "--methods", "dart", "--batch-sizes", "0"]) == 2
     assert "--batch-sizes must be positive" in capsys.readouterr().err
+
+
+@needs(is_available("llava-tiny-sortofclevr"), "the embedded LLaVA model's weights are missing")
+def test_vtprune_bench_says_which_methods_cannot_run(capsys):
+    """PyramidDrop's layer average cannot reach 11 % on a 4-layer LLM: the variant is named, with the reason."""
+    from vtprune import cli
+
+    assert cli.main(["bench", "--methods", "pdrop", "--keep-ratio", "0.11", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not run: pdrop: pdrop drops at layers [1, 2, 3] of 4" in err and "no method given runs" in err

@@ -49,7 +49,8 @@ setup(
         "eval": EVAL + SHARED,
         "lmms": LMMS + SHARED,
         "demo": DEMO + SHARED,
-        "test": ["pytest>=8", "playwright>=1.40", "ruff>=0.6"] + EVAL + LMMS + DEMO + SHARED,
+        # torchcodec: transformers decodes video files with it (FFmpeg's libraries come from the system)
+        "test": ["pytest>=8", "playwright>=1.40", "ruff>=0.6", "torchcodec>=0.8"] + EVAL + LMMS + DEMO + SHARED,
         "flash": ["flash-attn>=2.6"],
         "triton": ["triton>=3.0"],
     },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import torch
 
@@ -154,6 +155,13 @@ class _GuardedGenerate:
             raise NotImplementedError(
                 "vtprune: a stage inside the vision tower does not support num_beams or "
                 "num_return_sequences > 1; prune at layer 0 or later for beam search"
+            )
+        if pruner.decode_stage is not None and not kwargs.get("use_cache", getattr(gen_cfg, "use_cache", True)):
+            warnings.warn(
+                "vtprune: use_cache=False runs no decoding steps on a cache, so the decode stage "
+                f"(decode_keep_ratio={pruner.decode_stage[0]}) does nothing in this generate(); only the prefill "
+                "stages apply",
+                stacklevel=2,
             )
         pruner.set_generate_call({k: kwargs.get(k) for k in CALL_KEYS})
         try:

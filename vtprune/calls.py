@@ -44,6 +44,9 @@ class CallState:
     extra: dict = field(default_factory=dict)  # the adapter's own per-call scratch (Adapter.after_compact)
     dropped: int = 0  # tokens the layer-0 stage removed: a cache filled by this call is that much shorter
     encoded: dict | None = None  # the call's own mm_encoder_outputs, put back into the body's output
+    decode_attention: torch.Tensor | None = None  # [B, cache] this decode step's last-token attention at K-1
+    decode_mask: torch.Tensor | None = None  # [B, cache] this step's 2D mask from the decode stage's layer on
+    decode_kept: list | None = None  # per row, the visual tokens the last decode step attended to from layer K
 
     @property
     def pruned(self) -> bool:

@@ -88,7 +88,7 @@ def last_query_attention(
 
 def _capture_forward(module, query, key, value, attention_mask, **kwargs):
     sink = getattr(module, "_vtprune_sink", None)
-    if sink is not None and sink.wants_attention():
+    if sink is not None and sink.wants_attention(module):
         t0 = time.perf_counter()
         probs = last_query_attention(
             query, key, attention_mask, kwargs.get("scaling") or module.scaling, sink.attention_segments()

@@ -12,6 +12,7 @@ DEFAULT_KEEP_RATIO = 0.25  # what apply_pruner(model) keeps when no budget is gi
 POSITIONS = ("original", "renumber")
 UNIT_MODES = ("each", "joint")  # each image/video chosen on its own, or one selection over the sample's units
 TEMPORAL_MODES = ("clip", "frame")  # a video chosen over the whole clip, or with a budget per frame
+DEFAULT_DECODE_LAYER = 3  # DyCoke's: decode steps attend to their chosen visual tokens from this layer on
 
 
 @dataclass
@@ -104,6 +105,13 @@ class PrunerConfig:
             s if s.layer is not None else replace(s, layer=get_method(s.method).default_layer(adapter))
             for s in self.stages(adapter)
         ]
+        last = len(adapter.layers) - 1
+        stages = [
+            replace(s, options={**s.options, "decode_layer": min(DEFAULT_DECODE_LAYER, last)})
+            if s.options["decode_keep_ratio"] is not None and s.options["decode_layer"] is None
+            else s
+            for s in stages
+        ]
         validate_against_model(self, stages, adapter)
         return stages
 
@@ -169,7 +177,17 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
         raise ValueError(
             f"layer must be an integer >= 0, or {TOWER} for a stage inside the vision tower; got {stage.layer!r}"
         )
-    engine = {"merge": False, "budget": method.budget, "units": "each", "temporal": "clip", "tower_layer": None}
+    engine = {
+        "merge": False,
+        "budget": method.budget,
+        "units": "each",
+        "temporal": "clip",
+        "tower_layer": None,
+        "decode_keep_ratio": None,
+        "decode_layer": None,
+    }
+    if method.decode is not None and "decode_keep_ratio" not in stage.options:
+        engine["decode_keep_ratio"], engine["decode_layer"] = method.decode
     engine.update({k: plain(stage.options[k]) for k in stage.options if k in ENGINE_OPTIONS})
     rest = {**method.defaults_for(adapter), **{k: v for k, v in stage.options.items() if k not in ENGINE_OPTIONS}}
     options = {**engine, **method.check(rest)}
@@ -183,7 +201,25 @@ def _validated(stage: StageConfig, adapter=None) -> StageConfig:
         isinstance(tower_layer, bool) or not isinstance(tower_layer, int) or tower_layer < 0
     ):
         raise ValueError(f"tower_layer must be an integer >= 0 (a vision-tower layer) or None, got {tower_layer!r}")
+    _check_decode(options)
     return replace(stage, options=options)
+
+
+def _check_decode(options: dict) -> None:
+    ratio, layer = options["decode_keep_ratio"], options["decode_layer"]
+    if ratio is None:
+        if layer is not None:
+            raise ValueError(
+                f"decode_layer={layer!r} was given without decode_keep_ratio: the decode stage needs the share of "
+                "visual tokens each decoding step attends to, a number in (0, 1]"
+            )
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"decode_keep_ratio must be a number in (0, 1] or None, got {ratio!r}")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+        raise ValueError(
+            f"decode_layer must be an integer >= 1 (it scores with layer decode_layer-1), or None, got {layer!r}"
+        )
 
 
 def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter) -> None:
@@ -231,6 +267,22 @@ def validate_against_model(cfg: PrunerConfig, stages: list[StageConfig], adapter
     layers = [s.layer for s in stages]
     if layers != sorted(set(layers)):
         raise ValueError(f"schedule stages must be at strictly increasing layers, got {layers}")
+    decoding = [s for s in stages if s.options["decode_keep_ratio"] is not None]
+    if len(decoding) > 1:
+        raise ValueError(
+            f"one decode stage per pruner: stages {[s.method for s in decoding]} each set decode_keep_ratio "
+            "(a method such as dycoke brings one: give the others none)"
+        )
+    if decoding:
+        layer = decoding[0].options["decode_layer"]
+        # Decode steps read layer decode_layer-1's cache, which must hold the last stage's sequence.
+        floor = max(layers[-1] + 1, 1)
+        if not floor <= layer < num_layers:
+            raise ValueError(
+                f"decode_layer must be in [{floor}, {num_layers - 1}] for this model ({num_layers} decoder "
+                f"layers, last stage at layer {layers[-1]}): the decode stage scores with layer decode_layer-1, "
+                f"after every prefill stage; got decode_layer={layer}"
+            )
 
 
 def _check_tower_stage(stage: StageConfig, method, index: int, adapter) -> None:

@@ -1,10 +1,16 @@
 """The decode side of the engine: every step after a pruned prefill gets the mask of the kept prompt plus the new
-tokens, positions in the original numbering, and (continuing a returned cache) only the tokens it has not seen."""
+tokens, positions in the original numbering, and (continuing a returned cache) only the tokens it has not seen.
+
+The decode stage (DyCoke's dynamic KV pruning; ``decode_keep_ratio``, ``decode_layer`` = K): at every decoding step,
+the step's last token's attention at layer K-1 (captured as FastV's is at prefill) picks the visual tokens it attends
+to from layer K on; the others are masked out of this step only. The cache keeps every entry, so a later step may pick
+a token an earlier one left out, and the cache and masks never disagree."""
 
 from __future__ import annotations
 
 import torch
 
+from .budgets import ratio_keep
 from .calls import CallState, max_position
 from .masks import layer_mask
 
@@ -79,3 +85,49 @@ class DecodeSteps:
                 pos = (state.next_pos - q)[:, None] + torch.arange(q, device=hidden.device)
             pos = pos - output.shift[:, None]
             output.overrides.update(position_embeddings=self.adapter.rotary(hidden, pos), position_ids=pos)
+
+    # ---------------------------------------------------------------- the decode stage
+    def _decode_stage_hook(self, layer_idx: int, module, args, kwargs):
+        """Pre-hook of decoder layers K.. on decode steps: the step's mask without the visual tokens it left out."""
+        state = self._live()
+        if state is None or state.phase != "decode" or not state.pruned:
+            return None
+        ratio, first = self.decode_stage
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if layer_idx == first:
+            state.decode_mask = self._decode_choice(state, ratio)
+        if state.decode_mask is None:  # every visual token kept: the step's own mask, untouched
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = layer_mask(
+            self.adapter.text_config, layer_idx, hidden, state.decode_mask, kwargs, state.flags.segment
+        )
+        kwargs.pop("hidden_states", None)
+        return (hidden,), kwargs
+
+    def _decode_choice(self, state: CallState, ratio: float):
+        """The 2D mask [B, prompt + fed] of this step from layer K on: each row keeps round(ratio * its visual
+        tokens) by the step's last-token attention at layer K-1 (ties to the earlier token); None when that is
+        all of them."""
+        probs, state.decode_attention = state.decode_attention, None
+        if probs is None:
+            raise RuntimeError("vtprune: the decode stage found no attention captured at layer decode_layer-1")
+        output = _stage_output(state)
+        vis = state.flags.vis & output.kept_mask.bool()  # [B, P]: the cache's visual entries, as prefill left them
+        n = vis.sum(1)
+        keep = torch.tensor([ratio_keep(ratio, int(c)) for c in n], device=n.device)
+        if bool((keep >= n).all()):
+            return None
+        score = probs[:, : vis.shape[1]].float().masked_fill(~vis, float("-inf"))
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices
+        places = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, places)
+        dropped = vis & (rank >= keep[:, None])
+        prompt = output.kept_mask * (~dropped).long()
+        state.decode_kept = (vis & ~dropped).sum(1).tolist()
+        return torch.cat([prompt, state.new_cols], dim=1)
+
+
+def _stage_output(state: CallState):
+    """The last prefill stage's output: the sequence every layer from it on (the decode stage's) holds."""
+    return state.outputs[max(state.outputs)]

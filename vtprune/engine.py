@@ -44,6 +44,20 @@ class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
         # Per-token flags are computed on each prefill only for methods that read them under their options:
         # LLaVA's padding flags cost more than FastV's choosing, and only its "sink" debiasing reads them.
         self._needs = set().union(*(m.needs_for(s.options) for s, m in zip(self.stages, self.methods)))
+        # (keep ratio, layer K) of the decode stage, or None; the attention modules stages capture at prefill.
+        self.decode_stage = next(
+            (
+                (s.options["decode_keep_ratio"], s.options["decode_layer"])
+                for s in self.stages
+                if s.options.get("decode_keep_ratio") is not None
+            ),
+            None,
+        )
+        self._prefill_capture = {
+            id(adapter.attention(s.layer - 1))
+            for s, m in zip(self.stages, self.methods)
+            if s.layer > 0 and "attention" in m.needs
+        }
         self._undo: list = []
         self._local = ThreadState()
         self._warned_embeds = False
@@ -97,6 +111,14 @@ class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
                 )
             if "keys" in method.needs:
                 items.append(Hook(a.key_projection(stage.layer - 1), "post", self._keys_hook, with_kwargs=False))
+        if self.decode_stage is not None:
+            k = self.decode_stage[1]
+            if id(a.attention(k - 1)) not in self._prefill_capture:  # one capturing function per module
+                items.append(Patch(functools.partial(capture.attach, a.attention(k - 1), self)))
+            # After the stages' own layer hooks, so the step's mask they rebuild is the one narrowed here.
+            items += [
+                Hook(a.layers[i], "pre", functools.partial(self._decode_stage_hook, i)) for i in range(k, len(a.layers))
+            ]
         if "projector" in self._needs:
             items.append(Hook(a.projector_module(), "pre", self._projector_hook, with_kwargs=False))
         items += self._tower_items()
@@ -162,17 +184,30 @@ class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
         return copy.deepcopy(module, memo={id(self): self}).float()
 
     # ---------------------------------------------------------------- capture callbacks
-    def wants_attention(self) -> bool:
+    def wants_attention(self, module=None) -> bool:
+        """Whether ``module`` (a captured attention) computes its last-query row now: at prefill for the stages
+        that score with it, on decode steps for the decode stage."""
         state = self._live()
-        return state is not None and state.phase == "prefill"
+        if state is None:
+            return False
+        if state.phase == "prefill":
+            return module is None or id(module) in self._prefill_capture
+        return (
+            state.phase == "decode"
+            and self.decode_stage is not None
+            and module is self.adapter.attention(self.decode_stage[1] - 1)
+        )
 
     def attention_segments(self) -> torch.Tensor | None:
         """[B, L] packed-sample ids of the sequence whose attention is being captured (None: one sample per row)."""
         return self._local.state.flags.segment
 
     def record_attention(self, probs: torch.Tensor, seconds: float = 0.0):
-        captured = self._local.state.captured
-        captured.attention, captured.score_time_s = probs, seconds
+        state = self._local.state
+        if state.phase == "decode":
+            state.decode_attention = probs
+            return
+        state.captured.attention, state.captured.score_time_s = probs, seconds
 
     def _queries_hook(self, heads: int, module, args, output):
         state = self._live()

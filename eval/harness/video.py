@@ -4,8 +4,8 @@ The video model answers the test clips of ``eval/data/video.py`` (multi-frame qu
 under every method at every budget, with the same rows as the image benchmark (``eval/harness/grid.py``) plus the
 multi-frame and single-frame accuracies.  A budget is the share of the clip's video tokens kept.  Every method runs
 twice: choosing over the whole clip (``temporal="clip"``, the default) and with a budget per frame
-(``temporal="frame"``, spec ``"<method>:temporal=frame"``); ``temporal`` itself compares frames, so it runs over
-the clip only.
+(``temporal="frame"``, spec ``"<method>:temporal=frame"``); the video methods (``temporal``, ``vidcom2``,
+``fastvid``, ``holitom``, ``dycoke``) read the clip's frames themselves, so they run over the clip only.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .predict import predict_video, video_accuracy
 
 DEFAULT_VIDEO_LIMIT = 300  # test clips per configuration (50 per question type, 200 multi-frame)
 PER_FRAME = "temporal=frame"
-CLIP_ONLY = ("temporal",)  # methods whose per-frame form is meaningless (no previous frame inside one frame)
+# Methods that compare frames or share the budget among them: inside one frame there is nothing for them to do.
+CLIP_ONLY = ("temporal", "vidcom2", "fastvid", "holitom", "dycoke")
 
 
 def video_specs(methods: Iterable[str] | None = None) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 import vtprune
 from helpers import cached_model, cached_processor, continuation, first_ratio, make_batch, packed_pair, refusal
 from vtprune.budgets import ratio_keep
+from vtprune.strategies import get_method
 from vtprune.testing import FAMILIES, tiny_batch, tiny_images
 
 METHODS = vtprune.list_methods()
@@ -26,6 +27,11 @@ GEN = dict(do_sample=False, return_dict_in_generate=True, output_logits=True)
 PAIRS = [(f, m) for f in FAMILIES for m in METHODS if refusal(cached_model(f, "sdpa"), m) is None]
 REFUSED = [(f, m) for f in FAMILIES for m in METHODS if (f, m) not in PAIRS]
 each_pair = pytest.mark.parametrize("family,method", PAIRS)
+
+
+def keep_all(method):
+    """apply_pruner's options that keep every token of ``method``: with a decode stage (DyCoke's), every step's too."""
+    return {"decode_keep_ratio": 1.0} if get_method(method).decode else {}
 
 
 @pytest.mark.parametrize("family,method", REFUSED)
@@ -187,7 +193,7 @@ def test_generation_continued_from_the_returned_cache(family, method):
         )
 
     ref = two_then_two()
-    vtprune.apply_pruner(model, method=method, keep_ratio=1.0)
+    vtprune.apply_pruner(model, method=method, keep_ratio=1.0, **keep_all(method))
     out = two_then_two()
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))

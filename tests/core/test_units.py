@@ -143,7 +143,9 @@ def test_video_keep_all_is_bit_identical(vfamily, attn, layer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("method", ["pool", "divprune", "temporal", "visionzip", "vispruner"])
+@pytest.mark.parametrize(
+    "method", ["pool", "divprune", "temporal", "visionzip", "vispruner", "vidcom2", "fastvid", "holitom"]
+)
 def test_video_cached_equals_uncached(vfamily, method):
     model = cached_model(vfamily, "sdpa")
     batch = make_video_batch(vfamily, 2)
@@ -161,7 +163,19 @@ def test_video_cached_equals_uncached(vfamily, method):
 
 @torch.no_grad()
 @pytest.mark.parametrize(
-    "method,layer", [("pool", 0), ("divprune", 0), ("zoo", 0), ("fastv", 2), ("visionzip", 0), ("dart", 2)]
+    "method,layer",
+    [
+        ("pool", 0),
+        ("divprune", 0),
+        ("zoo", 0),
+        ("fastv", 2),
+        ("visionzip", 0),
+        ("dart", 2),
+        ("vidcom2", 0),
+        ("fastvid", 0),
+        ("holitom", 0),
+        ("dycoke", 0),
+    ],
 )
 def test_video_batched_equals_per_sample(vfamily, method, layer):
     model = cached_model(vfamily, "sdpa")
@@ -239,6 +253,57 @@ def test_video_pruned_equals_oracle_on_kept_tokens(vfamily, method):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("method", ["fastvid", "holitom"])
+@pytest.mark.parametrize("family", [f for f in VIDEO_FAMILIES if f.startswith("qwen")])
+def test_merged_video_tokens_take_their_kept_tokens_mrope_ids(family, method):
+    """A merged video token takes the (t, h, w) M-RoPE id of the token it was merged into (the segment's density
+    peak, which the plan keeps); its embedding is the plan's mean over the tokens joined to it. The plan is
+    recomputed here from the video's own embeddings, so a stage that merged something else would fail."""
+    from vtprune.strategies import get_method
+
+    model = cached_model(family, "sdpa")
+    batch = make_video_batch(family, 2, frames=4)
+    lm = model.model.language_model
+    seen = {}
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    try:
+        model(**batch)
+        full = dict(seen)
+        handle.remove()
+        vtprune.apply_pruner(model, method=method, keep_ratio=1.0, video_keep_ratio=0.3)
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+        model(**batch)
+        stats = vtprune.get_stats(model)[0]
+        pruned = dict(seen)
+    finally:
+        handle.remove()
+        if vtprune.is_patched(model):
+            vtprune.remove_pruner(model)
+    vis = vis_mask(model, batch)
+    video_id = get_adapter(model).visual_token_ids(model.config)["video"]
+    for i in range(2):
+        image, video = stats["units"][i]
+        assert (image.kind, video.kind) == ("image", "video") and video.tokens_after < video.tokens_before
+        at = (batch["input_ids"][i] == video_id).nonzero().flatten()  # the video's tokens in the prompt
+        assert len(at) == video.tokens_before
+        feats = full["inputs_embeds"][i, at][None]
+        per = video.tokens_before // video.frames
+        sel = SelectionInputs(features=feats, grid=[(1, per)], frames=[video.frames], kinds=["video"])
+        plan = get_method(method).select(sel, video.tokens_after)
+        assert torch.equal(plan.keep[0], video.kept_indices)
+        target = plan.target[0]
+        want = torch.stack([feats[0, target == s].mean(0) for s in range(video.tokens_after)])
+        keep = batch["attention_mask"][i].bool() & ~vis[i]
+        keep[vis[i].nonzero().flatten()] = True  # the image keeps all its tokens
+        keep[at] = False
+        keep[at[plan.keep[0]]] = True
+        n = int(keep.sum())
+        got = pruned["inputs_embeds"][i, -n:][(batch["input_ids"][i] == video_id)[keep]]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        assert torch.equal(pruned["position_ids"][..., i, -n:], full["position_ids"][..., i, keep])
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("layer", [0, 2])
 def test_video_cache_holds_text_plus_kept(vfamily, layer):
     model = cached_model(vfamily, "sdpa")
@@ -305,6 +370,10 @@ def test_video_flops_match_the_flop_counter(vfamily):
             None,
             [dict(method="pool", layer=0, keep_ratio=0.5)],
             [dict(method="divprune", layer=0, keep_ratio=0.5), dict(method="fastv", layer=2, keep_ratio=0.5)],
+            # The video methods' Gram matrices are per unit too; a later stage sees no grid and falls back.
+            [dict(method="vidcom2", layer=0, keep_ratio=0.5), dict(method="fastvid", layer=2, keep_ratio=0.5)],
+            [dict(method="holitom", layer=0, keep_ratio=0.3)],
+            [dict(method="dycoke", layer=0, keep_ratio=0.6)],
         ):
             check_prefill(model, batch, schedule, patched)
     finally:

@@ -38,7 +38,7 @@ def tower_or_input(adapter) -> int:
 
 BUDGETS = ("plain", "layer_average")
 # Options every method accepts: they change what the engine does around the selection, not the selection.
-ENGINE_OPTIONS = ("merge", "budget", "units", "temporal", "tower_layer")
+ENGINE_OPTIONS = ("merge", "budget", "units", "temporal", "tower_layer", "decode_keep_ratio", "decode_layer")
 # Names a method's own options may not take: the engine's options and apply_pruner's keywords would swallow them
 # (tests/test_core.py checks this list against apply_pruner's signature).
 RESERVED_OPTIONS = ENGINE_OPTIONS + (
@@ -200,6 +200,7 @@ class Method:
     family_options: Callable[[Any], dict] | None = None  # adapter -> option defaults for that model family
     merges: bool = False  # the strategy may return a ``Merged`` plan
     expand: Callable | None = None  # (stage, num_layers) -> stages: a method that prunes at several layers
+    decode: tuple | None = None  # (keep ratio, layer): the decode stage a method brings unless the user sets one
 
     def defaults_for(self, adapter=None) -> dict:
         """Option defaults that the model family behind ``adapter`` sets in place of the signature's."""
@@ -325,6 +326,7 @@ def register(
     family_options: Callable[[Any], dict] | None = None,
     merges: bool = False,
     expand: Callable | None = None,
+    decode: tuple | None = None,
 ):
     """Decorator adding a strategy to the registry under ``name``.
 
@@ -338,7 +340,8 @@ def register(
     ``merges=True``: the strategy may return a ``Merged`` plan instead of indices. ``layer=TOWER`` (-1): the stage
     runs inside the vision tower (``tower_layer`` option), on the tower's hidden states. ``expand(stage,
     num_layers)``: a stage of this method given no layer becomes these stages (PyramidDrop's drops), on the
-    schedule machinery.
+    schedule machinery. ``decode=(keep_ratio, layer)``: the decode stage (``decode_keep_ratio``, ``decode_layer``)
+    a stage of this method brings by default (DyCoke's KV pruning while decoding).
     """
     unknown = (set(needs) | set(needs_if or ())) - set(NEEDS)
     if unknown:
@@ -367,6 +370,7 @@ def register(
             family_options,
             merges,
             expand,
+            decode,
         )
         return fn
 

@@ -122,9 +122,9 @@ _STAGE_KEYS = ("method", "layer", "keep_ratio", "keep_tokens", "options", "video
 
 def _expanded(stage: StageConfig, num_layers: int) -> list[StageConfig]:
     method = get_method(stage.method) if isinstance(stage.method, str) else None
-    if method is None or method.expand is None or stage.layer is not None:
+    if method is None or method.expand is None:
         return [stage]
-    return method.expand(stage, num_layers)
+    return method.expand(stage, num_layers)  # a stage given its layer is the method's to keep whole or refuse
 
 
 def _as_stage(item: Any) -> StageConfig:

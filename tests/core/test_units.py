@@ -304,6 +304,37 @@ def test_merged_video_tokens_take_their_kept_tokens_mrope_ids(family, method):
 
 
 @torch.no_grad()
+def test_holitom_inside_the_llm_is_a_second_merging_stage(vfamily):
+    """``inner_layer``: HoliTom's merging inside the LLM follows its merging before it, as FastV-scored merging into
+    the most similar kept token at that layer; each row of a padded batch equals the row alone."""
+    model = cached_model(vfamily, "sdpa")
+    batch = make_video_batch(vfamily, 2, frames=4)
+    ref = model(**batch).logits
+    # Qwen2.5-VL's windowed tower is not batch-invariant on videos (see above): merge plans may then differ.
+    slack = max(
+        (ref[i, -a.shape[1] :] - a[0]).abs().max().item()
+        for i, a in ((i, model(**row(batch, i)).logits) for i in range(2))
+    )
+    vtprune.apply_pruner(model, method="holitom", keep_ratio=0.5, inner_layer=2, inner_keep=0.5)
+    try:
+        stages = [(s.method, s.layer, s.keep_ratio, s.options["merge"]) for s in vtprune.get_pruner(model).stages]
+        both = model(**batch).logits
+        stats = vtprune.get_stats(model)
+        for i in range(2 if slack <= 1e-6 else 0):
+            alone = model(**row(batch, i)).logits
+            torch.testing.assert_close(both[i, -alone.shape[1] :], alone[0], rtol=0, atol=2e-5)
+    finally:
+        vtprune.remove_pruner(model)
+    assert stages == [("holitom", 0, 0.5, False), ("fastv", 2, 0.5, True)]
+    assert [s.merged for s in stats] == [True, True]
+    assert stats[1].tokens_before == stats[0].tokens_after
+    for units in stats[1].units:  # each image and video keeps its own half
+        assert [u.tokens_after for u in units] == [int(u.tokens_before * 0.5 + 0.5) for u in units]
+    with pytest.raises(ValueError, match="leave layer unset, or write the two stages as a schedule"):
+        vtprune.apply_pruner(model, method="holitom", layer=2, inner_layer=3)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("layer", [0, 2])
 def test_video_cache_holds_text_plus_kept(vfamily, layer):
     model = cached_model(vfamily, "sdpa")

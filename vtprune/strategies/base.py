@@ -339,9 +339,10 @@ def register(
     ``family_options(adapter)``: option defaults of a model family (options the user sets still win).
     ``merges=True``: the strategy may return a ``Merged`` plan instead of indices. ``layer=TOWER`` (-1): the stage
     runs inside the vision tower (``tower_layer`` option), on the tower's hidden states. ``expand(stage,
-    num_layers)``: a stage of this method given no layer becomes these stages (PyramidDrop's drops), on the
-    schedule machinery. ``decode=(keep_ratio, layer)``: the decode stage (``decode_keep_ratio``, ``decode_layer``)
-    a stage of this method brings by default (DyCoke's KV pruning while decoding).
+    num_layers)``: the stages a stage of this method becomes (PyramidDrop's drops, HoliTom's merging inside the
+    LLM), on the schedule machinery; it sees the user's layer (None when not given) and may refuse.
+    ``decode=(keep_ratio, layer)``: the decode stage (``decode_keep_ratio``, ``decode_layer``) a stage of this
+    method brings by default (DyCoke's KV pruning while decoding).
     """
     unknown = (set(needs) | set(needs_if or ())) - set(NEEDS)
     if unknown:

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ScoringShape, SelectionInputs, register
-from .vidcom2 import shares
-from .video import video_rows
+from .video import shares, video_rows
 
 WINDOW = 4
 

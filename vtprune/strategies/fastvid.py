@@ -8,8 +8,7 @@ from typing import Annotated
 import torch
 
 from .base import Merged, Range, ScoringShape, SelectionInputs, register
-from .vidcom2 import shares
-from .video import density_peaks, distances, nearest, segments, video_rows
+from .video import distances, merge_into_peaks, segments, video_rows
 
 
 def _flops(shape: ScoringShape, **_) -> int:
@@ -44,20 +43,8 @@ def fastvid_select(
         if shape is not None:
             t, per = shape
             parts = [(a * per, b * per) for a, b in segments(x.view(t, per, -1), threshold, cuts)]
-        keep, target = [], torch.full((n,), -1, dtype=torch.long, device=x.device)
-        for (start, end), budget in zip(parts, shares(k, [end - start for start, end in parts])):
-            if budget == 0:  # a segment left without a token: its tokens join the nearest kept of the clip later
-                continue
-            block = dist[start:end, start:end]
-            centres = density_peaks(block, budget, neighbours)
-            first = sum(map(len, keep))
-            target[start:end] = first + nearest(block, centres)
-            target[centres + start] = first + torch.arange(budget, device=x.device)  # each peak its own slot
-            keep.append((centres + start).tolist())
-        kept = torch.tensor([i for part in keep for i in part], device=x.device)
-        orphans = (target < 0).nonzero().flatten()
-        if orphans.numel():
-            target[orphans] = nearest(dist[orphans], kept)
+        pools = [torch.arange(start, end, device=x.device) for start, end in parts]
+        kept, target = merge_into_peaks(dist, pools, k, neighbours)
         keeps.append(kept)
         targets.append(target)
     return Merged(torch.stack(keeps), torch.stack(targets), rule="mean")

@@ -4,14 +4,14 @@ tokens left are clustered and merged into their density peaks (spatial merging).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from .base import Merged, Range, ScoringShape, SelectionInputs, register
-from .vidcom2 import shares
-from .video import density_peaks, distances, nearest, segments, video_rows
+from .video import distances, merge_into_peaks, segments, video_rows
 
 
 def temporal_groups(frames: torch.Tensor, parts: list, k: int, threshold: float) -> torch.Tensor:
@@ -37,6 +37,24 @@ def temporal_groups(frames: torch.Tensor, parts: list, k: int, threshold: float)
     return rep
 
 
+def _expand(stage, num_layers: int) -> list:
+    """With ``inner_layer``, HoliTom's merging inside the LLM follows as a second stage: at that layer the tokens the
+    last instruction token attends to most keep ``inner_keep`` of what is left, and every other token is merged
+    into its most similar kept one (``fastv`` with ``merge=True``)."""
+    options = dict(stage.options)
+    inner, share = options.pop("inner_layer", None), options.pop("inner_keep", 0.5)
+    if inner is None:
+        return [replace(stage, options=options)]
+    if stage.layer not in (None, 0):
+        raise ValueError(
+            f"holitom with inner_layer={inner} merges before the LLM (layer 0) and again at inner_layer; got "
+            f"layer={stage.layer}: leave layer unset, or write the two stages as a schedule"
+        )
+    outer = replace(stage, layer=0, options=options)
+    merge = replace(stage, method="fastv", layer=inner, keep_ratio=share, keep_tokens=None, options={"merge": True})
+    return [outer, replace(merge, video_keep_ratio=None, video_keep_tokens=None)]
+
+
 def _flops(shape: ScoringShape, **_) -> int:
     # One Gram matrix of the clip's tokens gives every distance the density peaks and merges read (the temporal
     # cosines are elementwise).
@@ -48,6 +66,7 @@ def _flops(shape: ScoringShape, **_) -> int:
     needs=("grid",),
     merges=True,
     flops=_flops,
+    expand=_expand,
     description="video: segments, static positions merged over time, the rest merged into density peaks",
 )
 def holitom_select(
@@ -57,11 +76,14 @@ def holitom_select(
     cuts: Annotated[int, Range(ge=0)] = 7,
     merge_threshold: Annotated[float, Range(ge=-1, le=1)] = 0.8,
     neighbours: Annotated[int, Range(ge=1)] = 5,
+    inner_layer: Annotated[int, Range(ge=1)] | None = None,
+    inner_keep: Annotated[float, Range(gt=0, le=1)] = 0.5,
 ) -> Merged:
     """HoliTom on each row that is an unpruned video grid (``frames`` > 1): ``segments``, ``temporal_groups``
     (``merge_threshold``), then in each segment its share of ``k`` (by its tokens left) as density peaks of the
     tokens left, every token merged into its group's nearest peak (size-weighted mean: a temporal group counts its
-    frames). Other rows: the density peaks of the row. features: [batch, N, D]. Returns a ``Merged`` plan."""
+    frames). Other rows: the density peaks of the row. ``inner_layer`` / ``inner_keep``: HoliTom's merging inside the
+    LLM as a second stage (``_expand``). features: [batch, N, D]. Returns a ``Merged`` plan."""
     n, keeps, targets = inputs.num_tokens, [], []
     for row in range(inputs.batch):
         x = inputs.features[row]
@@ -75,21 +97,7 @@ def holitom_select(
             parts = [(a * per, b * per) for a, b in cuts_]
         alive = rep == torch.arange(n, device=x.device)
         pools = [alive[a:b].nonzero().flatten() + a for a, b in parts]
-        target = torch.full((n,), -1, dtype=torch.long, device=x.device)
-        kept = []
-        for pool, budget in zip(pools, shares(k, [len(p) for p in pools])):
-            if budget == 0:
-                continue
-            block = dist[pool][:, pool]
-            centres = density_peaks(block, budget, neighbours)
-            target[pool] = len(kept) + nearest(block, centres)
-            target[pool[centres]] = len(kept) + torch.arange(budget, device=x.device)
-            kept += pool[centres].tolist()
-        kept_t = torch.tensor(kept, device=x.device)
-        orphans = alive & (target < 0)  # a segment whose share was 0: its tokens join the clip's nearest peak
-        if orphans.any():
-            idx = orphans.nonzero().flatten()
-            target[idx] = nearest(dist[idx], kept_t)
+        kept_t, target = merge_into_peaks(dist, pools, k, neighbours)
         target = target[rep]  # a temporally merged token goes where its group's representative goes
         keeps.append(kept_t)
         targets.append(target)

@@ -46,7 +46,10 @@ def ratio_for_average(layers: list[int], num_layers: int, target: float) -> floa
 
 def _expand(stage, num_layers: int) -> list:
     """A ``pdrop`` stage with no layer given becomes one stage per drop. Its ``keep_ratio`` (when given) is the
-    layer-averaged share PyramidDrop's papers report, from which lambda is solved; ``ratio`` sets lambda itself."""
+    layer-averaged share PyramidDrop's papers report, from which lambda is solved; ``ratio`` sets lambda itself.
+    A stage given its layer is one drop there."""
+    if stage.layer is not None:
+        return [stage]
     options = dict(stage.options)
     drops, ratio = options.pop("drops", 3), options.pop("ratio", None)
     if stage.keep_tokens is not None:

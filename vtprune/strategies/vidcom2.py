@@ -3,28 +3,13 @@ keeps its tokens that are most unique against both the frame and the whole clip.
 
 from __future__ import annotations
 
-import math
 from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 
 from .base import Range, ScoringShape, SelectionInputs, register
-from .video import video_rows
-
-
-def shares(total: int, weights: list[float]) -> list[int]:
-    """``total`` split by ``weights`` (positive): floors of the quotas, then one more to the largest remainders
-    (ties to the earlier part); equal shares when every weight underflowed to 0."""
-    whole = sum(weights)
-    if whole <= 0:
-        weights, whole = [1.0] * len(weights), float(len(weights))
-    quotas = [total * w / whole for w in weights]
-    parts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
+from .video import shares, video_rows
 
 
 def frame_budgets(frames: torch.Tensor, k: int, per_frame: int, temperature: float) -> list[int]:

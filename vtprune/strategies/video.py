@@ -3,8 +3,24 @@ joining tokens to their nearest kept one."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def shares(total: int, weights: list[float]) -> list[int]:
+    """``total`` split by ``weights`` (positive): floors of the quotas, then one more to the largest remainders
+    (ties to the earlier part); equal shares when every weight underflowed to 0."""
+    whole = sum(weights)
+    if whole <= 0:
+        weights, whole = [1.0] * len(weights), float(len(weights))
+    quotas = [total * w / whole for w in weights]
+    parts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
 
 def video_rows(inputs, row: int) -> tuple[int, int] | None:
@@ -60,3 +76,27 @@ def nearest(dist: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Each token's nearest centre (ties to the lower slot), from the distances dist [n, n'] of the tokens to the
     tokens ``centres`` [k] index: a slot in ``centres`` per token."""
     return dist[:, centres].argmin(-1)
+
+
+def merge_into_peaks(dist: torch.Tensor, pools: list, k: int, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastVID's and HoliTom's merging: each pool (an ascending index tensor into the n tokens of dist [n, n]) gets
+    its ``shares`` of ``k`` by size, keeps its ``density_peaks`` and joins its other tokens to the nearest; a pool
+    whose share is 0 joins the nearest peak of all. Returns (kept [k] ascending when the pools are in order, target
+    [n]: each token's slot in kept, -1 for tokens in no pool)."""
+    n, device = dist.shape[0], dist.device
+    target = torch.full((n,), -1, dtype=torch.long, device=device)
+    kept: list[int] = []
+    for pool, budget in zip(pools, shares(k, [len(p) for p in pools])):
+        if budget == 0:
+            continue
+        block = dist[pool][:, pool]
+        centres = density_peaks(block, budget, neighbours)
+        target[pool] = len(kept) + nearest(block, centres)
+        target[pool[centres]] = len(kept) + torch.arange(budget, device=device)  # each peak its own slot
+        kept += pool[centres].tolist()
+    kept_t = torch.tensor(kept, dtype=torch.long, device=device)
+    pooled = torch.cat(list(pools)) if pools else target[:0]
+    orphans = pooled[target[pooled] < 0]
+    if orphans.numel():
+        target[orphans] = nearest(dist[orphans], kept_t)
+    return kept_t, target

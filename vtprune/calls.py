@@ -46,7 +46,6 @@ class CallState:
     encoded: dict | None = None  # the call's own mm_encoder_outputs, put back into the body's output
     decode_attention: torch.Tensor | None = None  # [B, cache] this decode step's last-token attention at K-1
     decode_mask: torch.Tensor | None = None  # [B, cache] this step's 2D mask from the decode stage's layer on
-    decode_kept: list | None = None  # per row, the visual tokens the last decode step attended to from layer K
 
     @property
     def pruned(self) -> bool:

@@ -116,6 +116,9 @@ class DecodeSteps:
         vis = state.flags.vis & output.kept_mask.bool()  # [B, P]: the cache's visual entries, as prefill left them
         n = vis.sum(1)
         keep = torch.tensor([ratio_keep(ratio, int(c)) for c in n], device=n.device)
+        steps = next((st.decode_steps for st in state.stats if st.decode_steps is not None), None)
+        if steps is not None:
+            steps.append(torch.minimum(keep, n).tolist())
         if bool((keep >= n).all()):
             return None
         score = probs[:, : vis.shape[1]].float().masked_fill(~vis, float("-inf"))
@@ -124,7 +127,6 @@ class DecodeSteps:
         rank = torch.empty_like(order).scatter_(1, order, places)
         dropped = vis & (rank >= keep[:, None])
         prompt = output.kept_mask * (~dropped).long()
-        state.decode_kept = (vis & ~dropped).sum(1).tolist()
         return torch.cat([prompt, state.new_cols], dim=1)
 
 

@@ -270,6 +270,7 @@ def _stats(
         budget=stage.options["budget"],
         merged=merged,
         backend=backends,
+        decode_steps=[] if stage.options.get("decode_keep_ratio") is not None else None,
     )
 
 

@@ -68,3 +68,6 @@ class StageStats(_Record):
     merged: bool
     backend: dict
     tower_layer: int | None = None  # the tower layer a tower-scored stage chose after / read
+    # The stage that carries the decode stage (decode_keep_ratio): per decoding step so far, per row, the visual
+    # tokens that step attended to from decode_layer on ([] before the first step); None on other stages.
+    decode_steps: list | None = None

@@ -72,8 +72,9 @@ def test_decode_stage_equals_the_stock_model_with_narrowed_masks(family):
     # Every prompt token kept at prefill, so only the decode stage acts.
     vtprune.apply_pruner(model, method="random", keep_ratio=1.0, decode_keep_ratio=0.4, decode_layer=2)
     got = model.generate(**batch, max_new_tokens=4, **GEN)
-    kept = vtprune.get_pruner(model).state.decode_kept
-    assert kept == [ratio_keep(0.4, int(n)) for n in get_adapter(model).visual_mask(batch["input_ids"]).sum(1)]
+    steps = vtprune.get_stats(model)[0].decode_steps  # 3 decoding steps after the prefill's token
+    counts = get_adapter(model).visual_mask(batch["input_ids"]).sum(1)
+    assert steps == [[ratio_keep(0.4, int(n)) for n in counts]] * 3
     full = vtprune.apply_pruner(model, method="random", keep_ratio=1.0, replace=True).generate(
         **batch, max_new_tokens=4, **GEN
     )

@@ -220,7 +220,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str):
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     legend_below(fig, axes.flat, ncol, legend_rows, top=0.93)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend of long names may be wider than the panels
     plt.close(fig)
     return fig
 

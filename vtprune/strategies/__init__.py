@@ -19,6 +19,26 @@ from . import (  # noqa: F401  (registration)
     vispruner,
     zoo,
 )
-from .base import Method, Range, ScoringShape, SelectionInputs, get_method, list_methods, register, unregister
+from .base import (
+    Merged,
+    Method,
+    Range,
+    ScoringShape,
+    SelectionInputs,
+    get_method,
+    list_methods,
+    register,
+    unregister,
+)
 
-__all__ = ["Method", "Range", "ScoringShape", "SelectionInputs", "get_method", "list_methods", "register", "unregister"]
+__all__ = [
+    "Merged",
+    "Method",
+    "Range",
+    "ScoringShape",
+    "SelectionInputs",
+    "get_method",
+    "list_methods",
+    "register",
+    "unregister",
+]

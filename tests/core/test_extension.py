@@ -411,3 +411,43 @@ def test_readme_add_your_own_method_runs():
     finally:
         vtprune.unregister("l2")
     assert stats["method"] == "l2" and stats["tokens_after"] == [4]
+
+
+@torch.no_grad()
+def test_a_method_of_your_own_may_return_a_merge_plan():
+    """A method registered from outside with ``merges=True`` returns ``strategies.Merged``: the language model gets,
+    at each kept token's place, the mean of the tokens the plan joins to it (here: pairs of neighbours)."""
+    from vtprune.patches import get_adapter
+    from vtprune.strategies import Merged
+
+    @vtprune.register("test_pairs", merges=True)
+    def pairs(inputs: SelectionInputs, k: int) -> Merged:
+        """Tokens 0, 2, 4, ... each with its right neighbour merged in; the rest dropped. -> Merged plan."""
+        b, n = inputs.batch, inputs.num_tokens
+        idx = torch.arange(min(2 * k, n), device=inputs.features.device)
+        target = torch.full((b, n), -1, dtype=torch.long, device=idx.device)
+        target[:, idx] = idx // 2
+        return Merged((torch.arange(k, device=idx.device) * 2).expand(b, -1), target, rule="mean")
+
+    model = cached_model("llava", "sdpa")
+    batch = make_batch("llava", 1)
+    lm, seen = model.model.language_model, {}
+    handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(full=k["inputs_embeds"]), with_kwargs=True)
+    model(**batch)
+    handle.remove()
+    try:
+        vtprune.apply_pruner(model, method="test_pairs", keep_ratio=0.25)
+        handle = lm.register_forward_pre_hook(lambda m, a, k: seen.update(pruned=k["inputs_embeds"]), with_kwargs=True)
+        model(**batch)
+        handle.remove()
+        stats = vtprune.get_stats(model)[0]
+    finally:
+        vtprune.remove_pruner(model)
+        vtprune.unregister("test_pairs")
+    vis = get_adapter(model).visual_mask(batch["input_ids"])[0]
+    at = vis.nonzero().flatten()
+    k = stats.tokens_after[0]
+    assert stats.merged and k == int(len(at) * 0.25 + 0.5)
+    want = seen["full"][0, at[: 2 * k]].view(k, 2, -1).mean(1)
+    first = int(at[0])  # the text before the image is unchanged, so the kept tokens start at the same place
+    torch.testing.assert_close(seen["pruned"][0, first : first + k], want, rtol=0, atol=1e-6)

@@ -70,6 +70,12 @@ def _spread(count: int, length: int) -> np.ndarray:
     return ((np.arange(count, dtype=f32) + f32(0.5)) * f32(length) / f32(count)).astype(np.int64)
 
 
+def spread(count: int, length: int, device=None) -> torch.Tensor:
+    """``count`` evenly spaced positions along ``length`` tokens (the centres of equal bins, truncated): [count]
+    ascending long. The sequence counterpart of ``grid_subsample``."""
+    return ((torch.arange(count, device=device) + 0.5) * length / count).long()
+
+
 @register("pool", needs=("grid",), description="uniform spatial subsampling of the token grid")
 def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     """Uniform spatial subsampling. Uses each row's (height, width) grid when it covers all ``N`` tokens (a
@@ -83,7 +89,7 @@ def pool_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
         if hw is not None and t * hw[0] * hw[1] == n:
             out.append(grid_subsample(t * hw[0], hw[1], k))
         else:
-            out.append(((torch.arange(k) + 0.5) * n / k).long())
+            out.append(spread(k, n))
     return torch.stack(out).to(inputs.features.device)
 
 

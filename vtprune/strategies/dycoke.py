@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ScoringShape, SelectionInputs, register
+from .baselines import spread
 from .video import shares, video_rows
 
 WINDOW = 4
@@ -39,7 +40,7 @@ def frame_picks(frames: torch.Tensor, k: int) -> list[torch.Tensor]:
     if k < len(firsts) * p:
         picks = [whole[:0]] * t
         for f, m in zip(firsts, shares(k, [1.0] * len(firsts))):
-            picks[f] = ((torch.arange(m, device=frames.device) + 0.5) * p / max(m, 1)).long()
+            picks[f] = spread(m, p, frames.device)
         return picks
     picks = [whole] * t
     pruned = sorted(refs)
@@ -69,7 +70,7 @@ def dycoke_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
     for row in range(inputs.batch):
         shape = video_rows(inputs, row)
         if shape is None:
-            out.append(((torch.arange(k, device=inputs.features.device) + 0.5) * n / k).long())
+            out.append(spread(k, n, inputs.features.device))
             continue
         t, per = shape
         picks = frame_picks(inputs.features[row].view(t, per, -1), k)

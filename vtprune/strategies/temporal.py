@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .base import SelectionInputs, register
-from .baselines import grid_subsample
+from .baselines import grid_subsample, spread
 
 
 def temporal_change(features: torch.Tensor, frames: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ def temporal_select(inputs: SelectionInputs, k: int) -> torch.Tensor:
         hw = inputs.grid[row] if inputs.grid is not None else None
         t = inputs.frames[row] if inputs.frames is not None else 1
         if hw is None or t * hw[0] * hw[1] != n:
-            out.append(((torch.arange(k, device=inputs.features.device) + 0.5) * n / k).long())
+            out.append(spread(k, n, inputs.features.device))
         elif t > 1 and k > hw[0] * hw[1]:
             score = temporal_change(inputs.features[row : row + 1], t)[0]
             out.append(torch.sort(score, descending=True, stable=True).indices[:k].sort().values)

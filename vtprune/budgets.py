@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .strategies.base import ENGINE_OPTIONS
+from .strategies.base import ENGINE_OPTIONS, shares
 
 if TYPE_CHECKING:  # annotations only
     from .config import StageConfig
@@ -46,13 +46,7 @@ def largest_remainder(total: int, sizes: list[int]) -> list[int]:
     whole = sum(sizes)
     if whole == 0:
         return [0] * len(sizes)
-    total = min(total, whole)
-    quotas = [total * n / whole for n in sizes]
-    parts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(sizes)), key=lambda i: (-(quotas[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
+    return shares(min(total, whole), sizes)
 
 
 def ratio_keep(ratio: float, n: int) -> int:

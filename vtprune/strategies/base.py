@@ -251,6 +251,22 @@ class Method:
         return checked_indices(self.name, out, inputs.batch, n, k, inputs.features.device)
 
 
+def shares(total: int, weights: list[float]) -> list[int]:
+    """``total`` split by ``weights`` (positive): floors of the quotas, then one more to the largest remainders
+    (ties to the earlier part); equal shares when every weight underflowed to 0. The one apportionment: the
+    engine's unit budgets (``budgets.largest_remainder``, which caps each part at its size) and the video methods'
+    frame and segment budgets."""
+    whole = sum(weights)
+    if whole <= 0:
+        weights, whole = [1.0] * len(weights), float(len(weights))
+    quotas = [total * w / whole for w in weights]
+    parts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
 def checked_plan(name: str, plan: Merged, rows: int, n: int, k: int, device=None) -> Merged:
     """``checked_indices`` for a merge plan's ``keep`` (then sorted, and ``target``'s slots renumbered to match), and
     ``target``: an integer tensor [rows, N] with values in [-1, k), each kept token in its own slot; ``rule`` known."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ScoringShape, SelectionInputs, register
+from .base import ScoringShape, SelectionInputs, register, shares
 from .baselines import spread
-from .video import shares, video_rows
+from .video import video_rows
 
 WINDOW = 4
 

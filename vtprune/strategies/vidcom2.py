@@ -8,8 +8,8 @@ from typing import Annotated
 import torch
 import torch.nn.functional as F
 
-from .base import Range, ScoringShape, SelectionInputs, register
-from .video import shares, video_rows
+from .base import Range, ScoringShape, SelectionInputs, register, shares
+from .video import video_rows
 
 
 def frame_budgets(frames: torch.Tensor, k: int, per_frame: int, temperature: float) -> list[int]:

@@ -3,24 +3,10 @@ joining tokens to their nearest kept one."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-
-def shares(total: int, weights: list[float]) -> list[int]:
-    """``total`` split by ``weights`` (positive): floors of the quotas, then one more to the largest remainders
-    (ties to the earlier part); equal shares when every weight underflowed to 0."""
-    whole = sum(weights)
-    if whole <= 0:
-        weights, whole = [1.0] * len(weights), float(len(weights))
-    quotas = [total * w / whole for w in weights]
-    parts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
+from .base import shares
 
 
 def video_rows(inputs, row: int) -> tuple[int, int] | None:

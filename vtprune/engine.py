@@ -184,14 +184,14 @@ class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
         return copy.deepcopy(module, memo={id(self): self}).float()
 
     # ---------------------------------------------------------------- capture callbacks
-    def wants_attention(self, module=None) -> bool:
+    def wants_attention(self, module) -> bool:
         """Whether ``module`` (a captured attention) computes its last-query row now: at prefill for the stages
         that score with it, on decode steps for the decode stage."""
         state = self._live()
         if state is None:
             return False
         if state.phase == "prefill":
-            return module is None or id(module) in self._prefill_capture
+            return id(module) in self._prefill_capture
         return (
             state.phase == "decode"
             and self.decode_stage is not None
@@ -321,7 +321,7 @@ class Pruner(TowerSteps, PrefillSteps, DecodeSteps):
         return output
 
     def _layer_hook_for(self, layer_idx: int):
-        stage_i = next((i for i, s in enumerate(self.stages) if s.layer == layer_idx), None)
+        stage_i = self._stage_at(layer_idx)
         # A partial of a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy's Pruner.
         return functools.partial(self._layer_hook, layer_idx, stage_i)
 

@@ -46,6 +46,7 @@ class CallState:
     encoded: dict | None = None  # the call's own mm_encoder_outputs, put back into the body's output
     decode_attention: torch.Tensor | None = None  # [B, cache] this decode step's last-token attention at K-1
     decode_mask: torch.Tensor | None = None  # [B, cache] this step's 2D mask from the decode stage's layer on
+    decode_layer_masks: dict = field(default_factory=dict)  # this step's layer masks built from it, by layer kind
 
     @property
     def pruned(self) -> bool:

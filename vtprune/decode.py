@@ -12,7 +12,7 @@ import torch
 
 from .budgets import ratio_keep
 from .calls import CallState, max_position
-from .masks import layer_mask
+from .masks import layer_kind, layer_mask
 
 
 class DecodeSteps:
@@ -95,13 +95,17 @@ class DecodeSteps:
         ratio, first = self.decode_stage
         hidden = args[0] if args else kwargs["hidden_states"]
         if layer_idx == first:
-            state.decode_mask = self._decode_choice(state, ratio)
+            state.decode_mask, state.decode_layer_masks = self._decode_choice(state, ratio), {}
         if state.decode_mask is None:  # every visual token kept: the step's own mask, untouched
             return None
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = layer_mask(
-            self.adapter.text_config, layer_idx, hidden, state.decode_mask, kwargs, state.flags.segment
-        )
+        # Layers K.. hold one sequence (no prefill stage after K-1): each kind's mask is built once per step.
+        kind = layer_kind(self.adapter.text_config, layer_idx)
+        if kind not in state.decode_layer_masks:
+            state.decode_layer_masks[kind] = layer_mask(
+                self.adapter.text_config, layer_idx, hidden, state.decode_mask, kwargs, state.flags.segment
+            )
+        kwargs["attention_mask"] = state.decode_layer_masks[kind]
         kwargs.pop("hidden_states", None)
         return (hidden,), kwargs
 

@@ -53,9 +53,14 @@ def layer_mask(text_config, layer: int, hidden, mask2d, kwargs, segment=None):
         # The model found the full sequence needs no mask (sdpa's or flash's causal skip: no padding, and no past
         # or a single query); a subsequence without padding at the same query length needs none either.
         return None
+    return causal_mask(text_config, layer_kind(text_config, layer), hidden, mask2d, cache_of(kwargs), segment, layer)
+
+
+def layer_kind(text_config, layer: int) -> str:
+    """The attention kind of decoder layer ``layer`` ("full_attention", "sliding_attention", ...): layers of one
+    kind over one cache get the same mask."""
     types = getattr(text_config, "layer_types", None)
-    kind = types[layer] if types is not None else "full_attention"
-    return causal_mask(text_config, kind, hidden, mask2d, cache_of(kwargs), segment, layer)
+    return types[layer] if types is not None else "full_attention"
 
 
 def packed_segments(text_positions, kwargs: dict, batch: int) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 
-from .base import Range, ScoringShape, SelectionInputs, register
+from .base import Range, ScoringShape, SelectionInputs, register, shares
 
 
 def pivots(keys: torch.Tensor, count: int, norm: str) -> torch.Tensor:
@@ -16,11 +16,6 @@ def pivots(keys: torch.Tensor, count: int, norm: str) -> torch.Tensor:
     the lower index)."""
     score = keys.float().abs().sum(-1) if norm == "l1" else keys.float().norm(dim=-1)
     return torch.sort(score, descending=True, stable=True).indices[:count].sort().values
-
-
-def shares(total: int, parts: int) -> list[int]:
-    """``total`` split over ``parts`` as evenly as integers allow, the larger shares first."""
-    return [total // parts + (1 if p < total % parts else 0) for p in range(parts)]
 
 
 def least_duplicated(visual: torch.Tensor, pivot_rows: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,7 +29,8 @@ def least_duplicated(visual: torch.Tensor, pivot_rows: torch.Tensor, kept: torch
     taken = torch.zeros(visual.shape[0], dtype=torch.bool, device=visual.device)
     taken[kept] = True
     chosen = [kept]
-    for p, share in enumerate(shares(k - kept.numel(), pivot_rows.shape[0])):
+    # as evenly as integers allow, the larger shares first
+    for p, share in enumerate(shares(k - kept.numel(), [1.0] * pivot_rows.shape[0])):
         if share == 0:
             continue
         order = torch.sort(sim[p].masked_fill(taken, float("inf")), stable=True).indices[:share]

@@ -100,6 +100,9 @@ def test_scoring_costs_match_flop_counter():
         "random": (SelectionInputs(features=torch.randn(1, n, d)), {}),
         "pool": (SelectionInputs(features=torch.randn(1, n, d), grid=[(8, 12)]), {}),
     }
+    # The video methods on one clip of 4 frames of 24 tokens (their Gram matrices and cosines to the means).
+    clip = dict(features=torch.randn(1, n, d), grid=[(4, 6)], frames=[4], kinds=["video"])
+    cases.update({name: (SelectionInputs(**clip), {}) for name in ("vidcom2", "fastvid", "holitom", "dycoke")})
     for name, (inputs, opts) in cases.items():
         with FlopCounterMode(display=False) as fc:
             get_method(name).fn(inputs, k, **opts)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ScoringShape, SelectionInputs, register, shares
+from .base import SelectionInputs, register, shares
 from .baselines import spread
 from .video import video_rows
 
@@ -50,15 +50,9 @@ def frame_picks(frames: torch.Tensor, k: int) -> list[torch.Tensor]:
     return picks
 
 
-def _flops(shape: ScoringShape, **_) -> int:
-    # At most one cosine per token with its reference (elementwise, as temporal's).
-    return 2 * shape.n * shape.d
-
-
 @register(
     "dycoke",
-    needs=("grid",),
-    flops=_flops,
+    needs=("grid",),  # its one cosine per token is elementwise: no scoring FLOPs declared, as FlopCounterMode counts
     decode=(0.3, None),  # DyCoke's dynamic pruning: each step attends to 30 % of the visual tokens from layer 3 on
     description="video: in windows of 4 frames, tokens like the previous frame's dropped (+ KV pruning while decoding)",
 )
